@@ -1,0 +1,80 @@
+"""The engine's validated settings: one object per process, built from flags in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from server.errors import ConfigError
+
+QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class BaseModelConfig:
+    """Which base to load and how; shared by the server and the trainer so an adapter trained
+    on a base is served on the identical base."""
+
+    model: str
+    """A local model directory or a hub id (e.g. deepseek-ai/deepseek-llm-7b-chat)."""
+    quantization: str = "nf4"
+    """nf4 | fp4 | int8 | none, through bitsandbytes (NF4 + double quantization as in QLoRA)."""
+    dtype: str = "auto"
+    """Compute dtype: auto = bfloat16 on CUDA, float32 on CPU."""
+    device_map: str = "auto"
+    """auto = accelerate spreads the model over all visible GPUs, or CPU when there is none."""
+    trust_remote_code: bool = False
+    """Never on by default: remote code in a checkpoint would run inside the server."""
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ConfigError("model must name a model directory or hub id")
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"quantization {self.quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits and sizes of the multi-LoRA engine."""
+
+    base: BaseModelConfig
+    max_loras: int = 4
+    """Adapter slots on the accelerator: the most distinct adapters in one running batch."""
+    max_cpu_loras: int = 16
+    """Adapters kept decoded in host memory (LRU) behind the slots."""
+    max_lora_rank: int = 64
+    """Highest adapter rank accepted; slot buffers are padded to it."""
+    max_batch_size: int = 32
+    """Most sequences decoding together."""
+    max_queue: int = 256
+    """Most requests waiting for a place in the batch; beyond it submissions are refused."""
+    max_input_tokens: int = 4096
+    """Longest prompt accepted, in tokens."""
+    max_new_tokens_limit: int = 2048
+    """Largest max_new_tokens a request may ask for."""
+    max_prefill_tokens: int = 4096
+    """Prompt tokens prefilled between two decode steps: bounds the stall running sequences see
+    when new requests join."""
+    max_slot_wait_steps: int = 64
+    """Decode steps the oldest request may wait for an adapter slot before newer requests stop
+    overtaking it (starvation guard)."""
+    target_modules: tuple[str, ...] | None = None
+    """Module names (last path component) that get LoRA slots; None = every supported linear."""
+
+    def __post_init__(self) -> None:
+        positive = ("max_loras", "max_cpu_loras", "max_lora_rank", "max_batch_size", "max_queue",
+                    "max_input_tokens", "max_new_tokens_limit", "max_prefill_tokens", "max_slot_wait_steps")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_cpu_loras < self.max_loras:
+            raise ConfigError(
+                f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras ({self.max_loras}): "
+                "every adapter in a slot is also held in host memory")
+        if self.max_prefill_tokens < self.max_input_tokens:
+            raise ConfigError(
+                f"max_prefill_tokens ({self.max_prefill_tokens}) must be at least max_input_tokens "
+                f"({self.max_input_tokens}), or the longest prompt could never be prefilled")

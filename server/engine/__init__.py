@@ -1,0 +1,1 @@
+"""The engine: continuous batching scheduler, model runner, sampling and streaming."""

@@ -1,0 +1,90 @@
+"""Turns a stream of token ids into text deltas that never split a UTF-8 character and never
+show text that a stop sequence will later cut off.
+
+Byte-level tokenizers spread one Chinese character over several tokens; decoding a window that
+ends inside a character yields U+FFFD, so such a tail is held until the character completes.
+Decoding works on a short window of recent tokens (prefix/read offsets, as vLLM and TGI do) so
+each step costs the same however long the output is, and tokenizers that strip a leading space
+at the start of a decode still produce the right delta.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerBase
+
+_REPLACEMENT = "\ufffd"
+# A held tail this many tokens long is not an incomplete character any more (UTF-8 needs at
+# most 4 bytes): the model produced invalid bytes, and U+FFFD is the honest text for them.
+_MAX_HELD_TOKENS = 6
+
+
+class IncrementalDetokenizer:
+    """Per-request state; `add` is called once per generated token."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...] = ()) -> None:
+        self._tokenizer = tokenizer
+        self._stop = stop
+        self._ids: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+        self._emitted = ""  # text already handed to the client
+        self._held = ""  # decoded text withheld because it may start a stop sequence
+        self.stopped = False
+
+    @property
+    def text(self) -> str:
+        return self._emitted
+
+    def add(self, token_id: int) -> str:
+        """Feed one token; returns the new text to show (possibly ""). Sets `stopped` when a
+        stop sequence appeared: the output ends just before it."""
+        self._ids.append(token_id)
+        prefix = self._decode(self._ids[self._prefix_offset:self._read_offset])
+        full = self._decode(self._ids[self._prefix_offset:])
+        pending = len(self._ids) - self._read_offset
+        if len(full) <= len(prefix) or (full.endswith(_REPLACEMENT) and pending < _MAX_HELD_TOKENS):
+            return ""
+        new_text = full[len(prefix):]
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        return self._release(self._held + new_text)
+
+    def flush(self) -> str:
+        """At the end of generation: whatever was held back is final text now."""
+        if self.stopped:
+            return ""
+        tail = self._decode(self._ids[self._prefix_offset:])[len(self._decode(self._ids[self._prefix_offset:self._read_offset])):]
+        out = self._held + tail
+        self._held = ""
+        self._emitted += out
+        return out
+
+    def _release(self, candidate: str) -> str:
+        if not self._stop:
+            self._emitted += candidate
+            return candidate
+        # A stop sequence can start inside text already emitted only if it began in the held
+        # part, which is why the held part is searched together with the new text.
+        cut = min((i for i in (candidate.find(s) for s in self._stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self._held = ""
+            self._emitted += candidate[:cut]
+            return candidate[:cut]
+        keep = _longest_stop_prefix_suffix(candidate, self._stop)
+        out, self._held = candidate[:len(candidate) - keep], candidate[len(candidate) - keep:]
+        self._emitted += out
+        return out
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def _longest_stop_prefix_suffix(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that is the beginning of some stop sequence."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:n]):
+                best = n
+                break
+    return best

@@ -1,0 +1,317 @@
+"""The engine thread: continuous batching over many adapters.
+
+Each iteration: apply messages from other threads (new requests, loaded adapters, admin
+calls), drop cancelled and expired sequences, admit waiting requests (prefill, first token)
+while the batch, the adapter slots and the prefill budget allow, then run one decode step for
+the whole batch. A request joins at any step and leaves the step it finishes, releasing its
+KV rows and its slot hold at once. Only this thread touches the model, the slots and the host
+cache, so none of them needs a lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from server.config import EngineConfig
+from server.engine.request import ErrorEvent
+from server.engine.runner import ModelRunner
+from server.engine.sampling import sample_batch
+from server.engine.sequence import Sequence
+from server.errors import AdapterNotFound, Cancelled, DeadlineExceeded, LoraserveError
+from server.lora.adapter import LoraWeights
+from server.lora.slots import AdapterSlots, HostCache
+
+log = logging.getLogger(__name__)
+
+WeightsLoader = Callable[[str], LoraWeights]
+"""Reads and decodes the adapter version `key` from the store (runs on a loader thread)."""
+
+
+@dataclass
+class TierCounters:
+    """Where adapter lookups were served from, and loads between tiers."""
+
+    gpu_hits: int = 0
+    cpu_hits: int = 0
+    disk_loads: int = 0
+    disk_load_seconds: float = 0.0
+
+
+class BatchScheduler:
+    """Owns the engine thread. Other threads talk to it only through `post` and `call`."""
+
+    def __init__(self, config: EngineConfig, runner: ModelRunner, slots: AdapterSlots,
+                 loader: WeightsLoader, eos_ids: set[int], vocab_size: int) -> None:
+        self.config = config
+        self.runner = runner
+        self.slots = slots
+        self.host = HostCache(config.max_cpu_loras)
+        self.tiers = TierCounters()
+        self._loader = loader
+        self._eos_ids = eos_ids
+        self._vocab_size = vocab_size
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []
+        self._loading: set[str] = set()
+        self._load_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
+        self._steps = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self.last_batch_size = 0
+
+    # ---- used from other threads -------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def post(self, sequence: Sequence) -> None:
+        self._inbox.put(("submit", sequence))
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run `fn` on the engine thread between two steps; the future carries its result."""
+        future: Future = Future()
+        self._inbox.put(("call", (fn, future)))
+        return future
+
+    def wake(self) -> None:
+        self._inbox.put(("wake", None))
+
+    def shutdown(self) -> None:
+        """Fail everything still queued or running and end the thread."""
+        self._inbox.put(("stop", None))
+        self._thread.join()
+        self._load_pool.shutdown(wait=True)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def running_adapters(self) -> list[str]:
+        return sorted({s.request.adapter for s in list(self._running) if s.request.adapter})
+
+    def waiting_adapters(self) -> list[str]:
+        return sorted({s.request.adapter for s in list(self._waiting) if s.request.adapter})
+
+    # ---- the engine thread -------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop:
+            idle = not self._running and not self._ready_to_admit()
+            self._drain_inbox(block=idle)
+            if self._stop:
+                break
+            try:
+                self._drop_finished_early()
+                self._admit()
+                if self._running:
+                    self._step()
+            except Exception as exc:  # a server fault: fail every request, keep the thread alive
+                log.exception("engine step failed; failing %d running requests", len(self._running))
+                self._fail_running(LoraserveError(f"internal engine error ({type(exc).__name__})"))
+        self._fail_all(Cancelled("the engine shut down before the request finished"))
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            message = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(*message)
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, kind: str, payload) -> None:
+        if kind == "submit":
+            self._waiting.append(payload)
+        elif kind == "call":
+            fn, future = payload
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # handed to the caller, who re-raises it
+                    future.set_exception(exc)
+        elif kind == "loaded":
+            key, weights, error, seconds = payload
+            self._loading.discard(key)
+            if error is not None:
+                self._fail_waiting(lambda s: s.adapter_key == key, error)
+            else:
+                self.tiers.disk_loads += 1
+                self.tiers.disk_load_seconds += seconds
+                self.host.put(key, weights, keep=self.slots.pinned())
+        elif kind == "stop":
+            self._stop = True
+
+    def _ready_to_admit(self) -> bool:
+        return any(s.adapter_key is None or self.host.get(s.adapter_key) is not None
+                   or self.slots.slot_of(s.adapter_key) is not None for s in self._waiting)
+
+    def _drop_finished_early(self) -> None:
+        """Cancelled or expired sequences leave before this step runs."""
+        now = time.monotonic()
+        for seq in list(self._waiting):
+            error = _early_end(seq, now)
+            if error is not None:
+                self._waiting.remove(seq)
+                seq.stream.push(ErrorEvent(error))
+        ended = [(i, _early_end(s, now)) for i, s in enumerate(self._running)]
+        ended = [(i, e) for i, e in ended if e is not None]
+        if ended:
+            gone = {i for i, _ in ended}
+            for i, error in ended:
+                seq = self._running[i]
+                if isinstance(error, Cancelled):
+                    seq.finish("cancelled")
+                else:
+                    seq.stream.push(ErrorEvent(error))
+            self._remove_rows(gone)
+
+    def _admit(self) -> None:
+        budget = self.config.max_prefill_tokens
+        guard = self._starving()
+        for seq in list(self._waiting):
+            if len(self._running) >= self.config.max_batch_size:
+                return
+            if guard is not None and seq is not guard:
+                continue
+            weights = None
+            key = seq.adapter_key
+            if key is not None and self.slots.slot_of(key) is None:
+                weights = self.host.get(key)
+                if weights is None:
+                    self._start_load(key)
+                    continue
+                if not self.slots.has_room_for(key):
+                    if seq.blocked_since_step is None:
+                        seq.blocked_since_step = self._steps
+                    continue
+                self.tiers.cpu_hits += 1
+            elif key is not None:
+                self.tiers.gpu_hits += 1
+            prompt = seq.request.prompt_token_ids
+            if len(prompt) > budget:
+                return  # prefill it at the next step; running sequences must not stall longer
+            budget -= len(prompt)
+            self._waiting.remove(seq)
+            seq.slot = self.slots.acquire(key, weights) if key is not None else 0
+            seq.admitted_at = time.monotonic()
+            try:
+                logits = self.runner.prefill(prompt, seq.slot)
+            except Exception:  # e.g. out of memory on one long prompt: only this request fails
+                log.exception("prefill failed for request %s", seq.request.request_id)
+                if key is not None:
+                    self.slots.release(key)
+                seq.stream.push(ErrorEvent(LoraserveError("internal engine error during prefill")))
+                continue  # the batch's cache is untouched: prefill adds the row only on success
+            self._running.append(seq)
+            if seq.request.sampling.repetition_penalty != 1.0:
+                seq.seen = torch.zeros(self._vocab_size, dtype=torch.bool, device=logits.device)
+                seq.seen[torch.tensor(prompt, device=logits.device)] = True
+            token = sample_batch(logits[None], [seq.request.sampling], [seq.generator],
+                                 [seq.seen] if seq.seen is not None else None)[0]
+            reason = seq.append(token, self._eos_ids)
+            if reason is not None:
+                seq.finish(reason)
+                self._remove_rows({len(self._running) - 1})
+
+    def _starving(self) -> Sequence | None:
+        """The oldest request kept from a slot for too long, once newer ones must wait for it."""
+        for seq in self._waiting:
+            if seq.blocked_since_step is not None and \
+                    self._steps - seq.blocked_since_step >= self.config.max_slot_wait_steps:
+                return seq
+        return None
+
+    def _step(self) -> None:
+        running = self._running
+        self.last_batch_size = len(running)
+        logits = self.runner.decode([s.last_token for s in running], [s.slot for s in running])
+        seen = [s.seen if s.seen is not None else torch.zeros_like(logits[0], dtype=torch.bool) for s in running] \
+            if any(s.seen is not None for s in running) else None
+        tokens = sample_batch(logits, [s.request.sampling for s in running], [s.generator for s in running], seen)
+        self._steps += 1
+        done = set()
+        for i, (seq, token) in enumerate(zip(running, tokens)):
+            reason = seq.append(token, self._eos_ids)
+            if reason is not None:
+                seq.finish(reason)
+                done.add(i)
+        if done:
+            self._remove_rows(done)
+
+    def _remove_rows(self, rows: set[int]) -> None:
+        for i in rows:
+            seq = self._running[i]
+            if seq.adapter_key is not None:
+                self.slots.release(seq.adapter_key)
+        keep = [i for i in range(len(self._running)) if i not in rows]
+        self._running = [self._running[i] for i in keep]
+        self.runner.keep_rows(keep)
+
+    def _start_load(self, key: str) -> None:
+        if key in self._loading:
+            return
+        self._loading.add(key)
+
+        def work() -> None:
+            started = time.monotonic()
+            try:
+                weights, error = self._loader(key), None
+            except LoraserveError as exc:
+                weights, error = None, exc
+            except Exception as exc:  # a server fault while reading: log it, fail those requests
+                log.exception("loading adapter %s failed", key)
+                weights, error = None, LoraserveError(f"could not load the adapter ({type(exc).__name__})")
+            self._inbox.put(("loaded", (key, weights, error, time.monotonic() - started)))
+
+        self._load_pool.submit(work)
+
+    def _fail_waiting(self, match: Callable[[Sequence], bool], error: LoraserveError) -> None:
+        for seq in [s for s in self._waiting if match(s)]:
+            self._waiting.remove(seq)
+            seq.stream.push(ErrorEvent(error))
+
+    def fail_waiting_for(self, key: str, message: str) -> None:
+        """Engine thread only: queued requests for a removed adapter version end NOT_FOUND."""
+        self._fail_waiting(lambda s: s.adapter_key == key, AdapterNotFound(message))
+
+    def _fail_running(self, error: LoraserveError) -> None:
+        for seq in self._running:
+            seq.stream.push(ErrorEvent(error))
+        self._remove_rows(set(range(len(self._running))))
+
+    def _fail_all(self, error: LoraserveError) -> None:
+        self._fail_running(error)
+        self._fail_waiting(lambda s: True, error)
+        while True:  # requests posted after the stop message
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "submit":
+                payload.stream.push(ErrorEvent(error))
+            elif kind == "call":
+                payload[1].set_exception(error)
+
+
+def _early_end(seq: Sequence, now: float) -> LoraserveError | None:
+    if seq.stream.cancelled.is_set():
+        return Cancelled("the request was cancelled")
+    deadline = seq.request.deadline
+    if deadline is not None and now > deadline:
+        return DeadlineExceeded("the request's deadline passed before it finished")
+    return None

@@ -1,0 +1,70 @@
+"""Typed domain errors. Each knows the gRPC status it maps to, by name, so the engine, LoRA
+and store layers never import grpc; the API layer maps `code` to a `grpc.StatusCode` in one
+place. Messages are written for a person and never carry server paths."""
+
+from __future__ import annotations
+
+
+class LoraserveError(Exception):
+    """Base of every error a client can cause or must be told about."""
+
+    code = "INTERNAL"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(LoraserveError):
+    """The request itself is malformed (bad sampling values, empty input, bad name...)."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class AdapterNotFound(LoraserveError):
+    """The named adapter is not registered (never silently replaced by the base)."""
+
+    code = "NOT_FOUND"
+
+
+class AdapterAlreadyExists(LoraserveError):
+    """An adapter with that name and different content is already registered."""
+
+    code = "ALREADY_EXISTS"
+
+
+class AdapterIncompatible(LoraserveError):
+    """The adapter cannot run on this base: unsupported kind, wrong shapes, rank over the limit,
+    modules the base lacks, or built for another base."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(LoraserveError):
+    """A bounded resource is full (queue, pins, store quota); retrying later may succeed."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(LoraserveError):
+    """The engine is not accepting work (warming up, draining, stopped)."""
+
+    code = "UNAVAILABLE"
+
+
+class ConfigError(LoraserveError):
+    """A setting given to the process is invalid; names the setting and the value."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class DeadlineExceeded(LoraserveError):
+    """The request's deadline passed before it finished; the engine dropped it."""
+
+    code = "DEADLINE_EXCEEDED"
+
+
+class Cancelled(LoraserveError):
+    """The client cancelled the request."""
+
+    code = "CANCELLED"

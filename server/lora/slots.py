@@ -1,0 +1,167 @@
+"""Adapter slots on the accelerator and the host-memory cache behind them.
+
+Both are used from the engine thread only, so they hold no locks. Adapters are identified by
+a key that changes when an adapter is replaced, so an old and a new version of one name can be
+resident at once (running sequences finish on the weights they started with).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from server.errors import ResourceExhausted
+from server.lora.adapter import LoraWeights
+from server.lora.layers import MultiLoraLinear
+
+
+class AdapterSlots:
+    """`max_loras` slots (1..max_loras; slot 0 is "no adapter") in every wrapped layer.
+
+    An adapter in a slot is held by each running sequence that uses it (`refs`) and by an
+    operator pin; only an adapter held by neither can be evicted, least recently used first.
+    """
+
+    def __init__(self, layers: dict[str, MultiLoraLinear], max_loras: int) -> None:
+        self._layers = layers
+        self.max_loras = max_loras
+        self._slot_of: OrderedDict[str, int] = OrderedDict()  # LRU order, oldest first
+        self._refs: dict[str, int] = {}
+        self._pinned: set[str] = set()
+        self._doomed: set[str] = set()  # dropped while held: freed when the last holder ends
+        self.loads_total = 0
+        self.evictions_total = 0
+
+    def slot_of(self, key: str) -> int | None:
+        return self._slot_of.get(key)
+
+    def resident(self) -> list[str]:
+        return list(self._slot_of)
+
+    def in_use(self) -> list[str]:
+        return [k for k, n in self._refs.items() if n > 0]
+
+    def has_room_for(self, key: str) -> bool:
+        """True when `key` is resident or a slot is free or evictable."""
+        return key in self._slot_of or len(self._slot_of) < self.max_loras or self._victim() is not None
+
+    def acquire(self, key: str, weights: LoraWeights | None) -> int:
+        """Hold `key` for one sequence and return its slot, loading `weights` into a free or
+        evicted slot when it is not resident (`weights` may be None only when it is)."""
+        slot = self._slot_of.get(key)
+        if slot is None:
+            slot = self._place(key, weights)
+        self._slot_of.move_to_end(key)
+        self._refs[key] = self._refs.get(key, 0) + 1
+        return slot
+
+    def release(self, key: str) -> None:
+        """A sequence that held `key` ended."""
+        self._refs[key] -= 1
+        if self._refs[key] == 0:
+            del self._refs[key]
+            if key in self._doomed:
+                self._doomed.discard(key)
+                self._free(key)
+
+    def pin(self, key: str, weights: LoraWeights | None) -> None:
+        """Keep `key` resident until unpinned; at least one slot stays free for everyone else."""
+        if key in self._pinned:
+            return
+        if len(self._pinned) + 1 >= self.max_loras:
+            raise ResourceExhausted(
+                f"cannot pin more than {self.max_loras - 1} adapters with max_loras {self.max_loras}: "
+                "one slot must stay available to unpinned adapters")
+        if key not in self._slot_of:
+            if not self.has_room_for(key):
+                raise ResourceExhausted("every adapter slot is in use by running requests; retry the pin shortly")
+            self._place(key, weights)
+        self._pinned.add(key)
+
+    def unpin(self, key: str) -> None:
+        self._pinned.discard(key)
+
+    def pinned(self) -> set[str]:
+        return set(self._pinned)
+
+    def drop(self, key: str) -> None:
+        """Forget `key` (its adapter was removed or replaced) as soon as no sequence holds it."""
+        self._pinned.discard(key)
+        if key not in self._slot_of:
+            return
+        if self._refs.get(key):
+            self._doomed.add(key)
+        else:
+            self._free(key)
+
+    def _place(self, key: str, weights: LoraWeights | None) -> int:
+        if weights is None:
+            raise KeyError(f"adapter {key} is not resident and no weights were given")
+        used = set(self._slot_of.values())
+        free = [s for s in range(1, self.max_loras + 1) if s not in used]
+        if free:
+            slot = free[0]
+        else:
+            victim = self._victim()
+            if victim is None:
+                raise ResourceExhausted("no adapter slot is free")
+            slot = self._free(victim)
+            self.evictions_total += 1
+        for name, layer in self._layers.items():
+            module = weights.modules.get(name)
+            if module is None:
+                layer.load_slot(slot, None, None, 0.0)
+            else:
+                layer.load_slot(slot, module.a, module.b, module.scaling)
+        self._slot_of[key] = slot
+        self.loads_total += 1
+        return slot
+
+    def _victim(self) -> str | None:
+        for key in self._slot_of:  # oldest first
+            if not self._refs.get(key) and key not in self._pinned:
+                return key
+        return None
+
+    def _free(self, key: str) -> int:
+        # The slot's tensors are left as they are: nothing reads a slot no sequence holds, and
+        # the next `_place` overwrites every layer's copy of it.
+        return self._slot_of.pop(key)
+
+
+class HostCache:
+    """Decoded adapters in host memory, least recently used evicted past `capacity`; keys in
+    `keep` (pinned adapters) are never evicted."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, LoraWeights] = OrderedDict()
+        self.evictions_total = 0
+
+    def get(self, key: str) -> LoraWeights | None:
+        weights = self._items.get(key)
+        if weights is not None:
+            self._items.move_to_end(key)
+        return weights
+
+    def put(self, key: str, weights: LoraWeights, keep: set[str]) -> None:
+        self._items[key] = weights
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            victim = next((k for k in self._items if k not in keep and k != key), None)
+            if victim is None:
+                break
+            del self._items[victim]
+            self.evictions_total += 1
+
+    def discard(self, key: str) -> None:
+        self._items.pop(key, None)
+
+    def keys(self) -> list[str]:
+        return list(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes for w in self._items.values())

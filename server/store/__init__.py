@@ -1,0 +1,1 @@
+"""The adapter store on disk: PEFT layout, safetensors only, validation before use."""

@@ -1,0 +1,1 @@
+"""LoRA / QLoRA trainer producing store-ready adapters (issue 4)."""
