@@ -1,0 +1,195 @@
+"""Every adapter the batched layers cannot serve exactly is refused with a message that names
+the adapter, the field and the values; nothing is ever unpickled."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from server.base.synthetic import init_model
+from server.config import BaseModelConfig, EngineConfig
+from server.engine.engine import Engine
+from server.errors import AdapterAlreadyExists, AdapterIncompatible, AdapterNotFound, InvalidArgument
+from server.lora.synthetic import make_random_adapter
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    return init_model(tmp_path_factory.mktemp("v3") / "base", "deepseek-v3", "tiny", seed=3)
+
+
+@pytest.fixture(scope="module")
+def good_adapter(base_dir, tmp_path_factory) -> Path:
+    return make_random_adapter(base_dir, tmp_path_factory.mktemp("good") / "a", r=8, target="all-linear", seed=1)
+
+
+@pytest.fixture(scope="module")
+def engine(base_dir) -> Engine:
+    # Not started: validation runs on the caller's thread and needs no engine thread.
+    return Engine.load(EngineConfig(base=BaseModelConfig(str(base_dir), quantization="none"), max_lora_rank=16))
+
+
+def _variant(src: Path, dst: Path, config_update: dict | None = None, tensors_update=None) -> Path:
+    shutil.copytree(src, dst)
+    if config_update is not None:
+        config = json.loads((dst / "adapter_config.json").read_text())
+        config.update(config_update)
+        (dst / "adapter_config.json").write_text(json.dumps(config))
+    if tensors_update is not None:
+        tensors = load_file(dst / "adapter_model.safetensors")
+        tensors = tensors_update(tensors)
+        save_file(tensors, dst / "adapter_model.safetensors")
+    return dst
+
+
+def test_good_adapter_is_accepted(engine, good_adapter):
+    weights, digest = engine.check_adapter("good", good_adapter)
+    assert weights.rank == 8 and digest.startswith("sha256:")
+    assert any("shared_experts" in m for m in weights.modules) and any("kv_b_proj" in m for m in weights.modules)
+
+
+@pytest.mark.parametrize("update, words", [
+    ({"use_dora": True}, ["'bad'", "DoRA", "use_dora=True"]),
+    ({"modules_to_save": ["lm_head"]}, ["'bad'", "modules_to_save"]),
+    ({"bias": "lora_only"}, ["'bad'", "bias='lora_only'"]),
+    ({"target_parameters": ["gate_up_proj"]}, ["'bad'", "routed MoE expert", "target_parameters"]),
+    ({"r": 32}, ["'bad'", "rank 32", "max_lora_rank 16"]),
+    ({"peft_type": "IA3"}, ["'bad'", "peft_type", "IA3"]),
+    ({"lora_alpha": "x"}, ["'bad'", "lora_alpha"]),
+])
+def test_unsupported_config_is_refused(engine, good_adapter, tmp_path, update, words):
+    path = _variant(good_adapter, tmp_path / "bad", config_update=update)
+    with pytest.raises(AdapterIncompatible) as info:
+        engine.check_adapter("bad", path)
+    for word in words:
+        assert word in info.value.message, info.value.message
+    assert str(tmp_path) not in info.value.message
+
+
+def _rename_first(old_part: str, new_part: str):
+    def update(tensors):
+        out = {}
+        for key, value in tensors.items():
+            out[key.replace(old_part, new_part, 1) if old_part in key else key] = value
+        return out
+    return update
+
+
+def test_lm_head_target_is_refused(engine, good_adapter, tmp_path):
+    def add_head(tensors):
+        tensors["base_model.model.lm_head.lora_A.weight"] = torch.zeros(8, 64)
+        tensors["base_model.model.lm_head.lora_B.weight"] = torch.zeros(512, 8)
+        return tensors
+    path = _variant(good_adapter, tmp_path / "bad", tensors_update=add_head)
+    with pytest.raises(AdapterIncompatible, match="lm_head"):
+        engine.check_adapter("bad", path)
+
+
+def test_embedding_lora_is_refused(engine, good_adapter, tmp_path):
+    def add_embedding(tensors):
+        tensors["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(8, 512)
+        return tensors
+    path = _variant(good_adapter, tmp_path / "bad", tensors_update=add_embedding)
+    with pytest.raises(AdapterIncompatible, match="embedding"):
+        engine.check_adapter("bad", path)
+
+
+def test_routed_expert_weights_are_refused(engine, good_adapter, tmp_path):
+    def add_expert(tensors):
+        tensors["base_model.model.model.layers.1.mlp.experts.0.gate_proj.lora_A.weight"] = torch.zeros(8, 64)
+        tensors["base_model.model.model.layers.1.mlp.experts.0.gate_proj.lora_B.weight"] = torch.zeros(64, 8)
+        return tensors
+    path = _variant(good_adapter, tmp_path / "bad", tensors_update=add_expert)
+    with pytest.raises(AdapterIncompatible, match="routed MoE experts"):
+        engine.check_adapter("bad", path)
+
+
+def test_module_the_base_lacks_is_refused(engine, good_adapter, tmp_path):
+    path = _variant(good_adapter, tmp_path / "bad", tensors_update=_rename_first("layers.0.", "layers.9."))
+    with pytest.raises(AdapterIncompatible, match=r"layers\.9\..*does not have"):
+        engine.check_adapter("bad", path)
+
+
+def test_shape_mismatch_is_refused(engine, good_adapter, tmp_path):
+    def widen(tensors):
+        key = next(k for k in tensors if k.endswith("o_proj.lora_A.weight"))
+        tensors[key] = torch.zeros(8, 65)
+        return tensors
+    path = _variant(good_adapter, tmp_path / "bad", tensors_update=widen)
+    with pytest.raises(AdapterIncompatible, match=r"o_proj has lora_A \(8, 65\).*expected \(8, 64\)"):
+        engine.check_adapter("bad", path)
+
+
+def test_lora_bias_tensor_is_refused(engine, good_adapter, tmp_path):
+    def add_bias(tensors):
+        key = next(k for k in tensors if k.endswith("o_proj.lora_B.weight"))
+        tensors[key.replace(".weight", ".bias")] = torch.zeros(64)
+        return tensors
+    path = _variant(good_adapter, tmp_path / "bad", tensors_update=add_bias)
+    with pytest.raises(AdapterIncompatible, match="LoRA bias"):
+        engine.check_adapter("bad", path)
+
+
+def test_pickle_is_refused_and_never_opened(engine, good_adapter, tmp_path):
+    path = tmp_path / "pickled"
+    path.mkdir()
+    shutil.copy(good_adapter / "adapter_config.json", path)
+    # Not a valid pickle at all: if anything tried to unpickle it, it would fail differently.
+    (path / "adapter_model.bin").write_bytes(b"\x80\x04 definitely not loaded")
+    with pytest.raises(AdapterIncompatible, match="adapter_model.bin.*pickle"):
+        engine.check_adapter("pickled", path)
+
+
+def test_corrupt_files_are_refused(engine, good_adapter, tmp_path):
+    path = _variant(good_adapter, tmp_path / "trunc")
+    data = (path / "adapter_model.safetensors").read_bytes()
+    (path / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(AdapterIncompatible, match="not a valid safetensors"):
+        engine.check_adapter("trunc", path)
+    path = _variant(good_adapter, tmp_path / "json")
+    (path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterIncompatible, match="not valid JSON"):
+        engine.check_adapter("json", path)
+
+
+def test_rank_and_alpha_patterns_follow_peft(engine, base_dir, tmp_path):
+    # PEFT's rank_pattern/alpha_pattern give per-module r and alpha; the scaling must follow.
+    from peft import LoraConfig, get_peft_model
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj", "q_a_proj"], init_lora_weights=False,
+                        rank_pattern={"o_proj": 8}, alpha_pattern={"o_proj": 32}, use_rslora=True)
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(tmp_path / "pat")
+    weights, _ = engine.check_adapter("pat", tmp_path / "pat")
+    o_proj = weights.modules["model.layers.0.self_attn.o_proj"]
+    q_a = weights.modules["model.layers.0.self_attn.q_a_proj"]
+    assert o_proj.a.shape[0] == 8 and q_a.a.shape[0] == 4
+    peft_o = peft_model.base_model.model.model.layers[0].self_attn.o_proj.scaling["default"]
+    peft_q = peft_model.base_model.model.model.layers[0].self_attn.q_a_proj.scaling["default"]
+    assert o_proj.scaling == pytest.approx(peft_o) and q_a.scaling == pytest.approx(peft_q)
+    assert o_proj.scaling == pytest.approx(32 / 8 ** 0.5)
+
+
+def test_registry_names_and_idempotence(base_dir, good_adapter, tmp_path):
+    engine = Engine.load(EngineConfig(base=BaseModelConfig(str(base_dir), quantization="none"), max_lora_rank=16))
+    for bad in ["", "-x", "a/b", "../up", "x" * 129, "名字"]:
+        with pytest.raises(InvalidArgument, match="invalid adapter name"):
+            engine.add_adapter(bad, good_adapter)
+    first = engine.add_adapter("a", good_adapter)
+    assert engine.add_adapter("a", good_adapter) == first  # same content: no-op
+    other = make_random_adapter(base_dir, tmp_path / "other", r=4, seed=9)
+    with pytest.raises(AdapterAlreadyExists):
+        engine.add_adapter("a", other)
+    replaced = engine.add_adapter("a", other, replace=True)
+    assert replaced.key != first.key and replaced.rank == 4
+    engine.remove_adapter("a")
+    with pytest.raises(AdapterNotFound):
+        engine.remove_adapter("a")
+    assert engine.adapters() == []
