@@ -79,7 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return int(args.func(args) or 0)
+    from server.errors import LoraserveError
+
+    try:
+        return int(args.func(args) or 0)
+    except (LoraserveError, ValueError, OSError) as exc:
+        # A user's mistake (bad value, existing directory, missing file): say what, no traceback.
+        print(f"loraserve: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
