@@ -11,7 +11,6 @@ import asyncio
 import itertools
 import re
 import threading
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,9 +108,8 @@ class Engine:
         """Refuse new requests, let running ones finish for up to `drain_timeout` seconds,
         then end the rest (cancelled) and the engine thread."""
         self._accepting = False
-        deadline = time.monotonic() + drain_timeout
-        while time.monotonic() < deadline and (self._scheduler.num_running or self._scheduler.num_waiting):
-            time.sleep(0.01)
+        if self._started and drain_timeout > 0:
+            self._scheduler.idle.wait(drain_timeout)
         if self._started:
             self._scheduler.shutdown()
             self._started = False
@@ -144,12 +142,11 @@ class Engine:
             if entry is None:
                 raise AdapterNotFound(f"adapter {request.adapter!r} is not registered")
             key = entry.key
-        if self._scheduler.num_waiting >= self.config.max_queue:
-            raise ResourceExhausted(f"the queue is full ({self.config.max_queue} requests waiting); retry later")
         request.request_id = request.request_id or uuid.uuid4().hex
         stream = RequestStream(request.request_id, loop)
         detok = IncrementalDetokenizer(self.tokenizer, tuple(request.sampling.stop))
-        self._scheduler.post(Sequence.create(request, stream, key, detok))
+        if not self._scheduler.post(Sequence.create(request, stream, key, detok), self.config.max_queue):
+            raise ResourceExhausted(f"the queue is full ({self.config.max_queue} requests waiting); retry later")
         return stream
 
     def generate(self, prompt: str, adapter: str | None = None, **sampling) -> str:

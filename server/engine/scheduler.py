@@ -61,6 +61,12 @@ class BatchScheduler:
         self._vocab_size = vocab_size
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: deque[Sequence] = deque()
+        # Requests accepted but not yet in the batch, counted from the moment `post` returns
+        # (the inbox included), so the queue bound holds under a burst of submissions.
+        self._queued = 0
+        self._queued_lock = threading.Lock()
+        self.idle = threading.Event()  # set while nothing is queued or running
+        self.idle.set()
         self._running: list[Sequence] = []
         self._loading: set[str] = set()
         self._load_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
@@ -73,8 +79,20 @@ class BatchScheduler:
     def start(self) -> None:
         self._thread.start()
 
-    def post(self, sequence: Sequence) -> None:
+    def post(self, sequence: Sequence, max_queue: int) -> bool:
+        """Queue a sequence unless `max_queue` are already waiting; False when full."""
+        with self._queued_lock:
+            if self._queued >= max_queue:
+                return False
+            self._queued += 1
+            self.idle.clear()
         self._inbox.put(("submit", sequence))
+        return True
+
+    def _unqueue(self, seq: Sequence) -> None:
+        self._waiting.remove(seq)
+        with self._queued_lock:
+            self._queued -= 1
 
     def call(self, fn: Callable[[], object]) -> Future:
         """Run `fn` on the engine thread between two steps; the future carries its result."""
@@ -93,7 +111,7 @@ class BatchScheduler:
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        return self._queued
 
     @property
     def num_running(self) -> int:
@@ -120,6 +138,8 @@ class BatchScheduler:
             except Exception as exc:  # a server fault: fail every request, keep the thread alive
                 log.exception("engine step failed; failing %d running requests", len(self._running))
                 self._fail_running(LoraserveError(f"internal engine error ({type(exc).__name__})"))
+            if not self._running and self.num_waiting == 0:
+                self.idle.set()
         self._fail_all(Cancelled("the engine shut down before the request finished"))
 
     def _drain_inbox(self, block: bool) -> None:
@@ -166,7 +186,7 @@ class BatchScheduler:
         for seq in list(self._waiting):
             error = _early_end(seq, now)
             if error is not None:
-                self._waiting.remove(seq)
+                self._unqueue(seq)
                 seq.stream.push(ErrorEvent(error))
         ended = [(i, _early_end(s, now)) for i, s in enumerate(self._running)]
         ended = [(i, e) for i, e in ended if e is not None]
@@ -206,7 +226,7 @@ class BatchScheduler:
             if len(prompt) > budget:
                 return  # prefill it at the next step; running sequences must not stall longer
             budget -= len(prompt)
-            self._waiting.remove(seq)
+            self._unqueue(seq)
             seq.slot = self.slots.acquire(key, weights) if key is not None else 0
             seq.admitted_at = time.monotonic()
             try:
@@ -282,7 +302,7 @@ class BatchScheduler:
 
     def _fail_waiting(self, match: Callable[[Sequence], bool], error: LoraserveError) -> None:
         for seq in [s for s in self._waiting if match(s)]:
-            self._waiting.remove(seq)
+            self._unqueue(seq)
             seq.stream.push(ErrorEvent(error))
 
     def fail_waiting_for(self, key: str, message: str) -> None:
