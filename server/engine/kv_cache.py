@@ -81,26 +81,31 @@ class BatchKVCache(Cache):
     def batch_size(self) -> int:
         return len(self.left_pad)
 
-    def append(self, single: Cache) -> None:
-        """Add one prefilled sequence (a batch-1 cache, no padding) as the last row."""
-        seq_len = single.layers[0].get_seq_length()
-        total = max(self.length, seq_len)
+    def append(self, prefilled: Cache, left_pads: list[int]) -> None:
+        """Add the rows of a prefill batch (left-padded, `left_pads[i]` pad columns in row i) as
+        the last rows. Pad columns are zeroed: a pad position's keys/values are never attended
+        to, but must be finite, or 0 * NaN would leak into the attention sum."""
+        new_len = prefilled.layers[0].get_seq_length()
+        total = max(self.length, new_len)
         shift = total - self.length  # extra padding every existing row needs on the left
-        for mine, theirs in zip(self.layers, single.layers):
-            k_new, v_new = theirs.keys[:, :, :seq_len], theirs.values[:, :, :seq_len]
-            if mine.length == 0 and not self.left_pad:
-                mine.set_rows(k_new.contiguous(), v_new.contiguous())
-                continue
-            k_old, v_old = mine.keys, mine.values  # [B, H, T, D]
-            b = k_old.shape[0]
-            k = k_old.new_zeros(b + 1, k_old.shape[1], total, k_old.shape[3])
-            v = v_old.new_zeros(b + 1, v_old.shape[1], total, v_old.shape[3])
-            k[:b, :, shift:] = k_old
-            v[:b, :, shift:] = v_old
-            k[b, :, total - seq_len :] = k_new[0]
-            v[b, :, total - seq_len :] = v_new[0]
+        offset = total - new_len  # extra padding every new row needs on the left
+        n_new = len(left_pads)
+        for mine, theirs in zip(self.layers, prefilled.layers):
+            k_new, v_new = theirs.keys[:, :, :new_len], theirs.values[:, :, :new_len]
+            b = mine.keys.shape[0] if self.left_pad else 0
+            k = k_new.new_zeros(b + n_new, k_new.shape[1], total, k_new.shape[3])
+            v = v_new.new_zeros(b + n_new, v_new.shape[1], total, v_new.shape[3])
+            if b:
+                k[:b, :, shift:] = mine.keys
+                v[:b, :, shift:] = mine.values
+            k[b:, :, offset:] = k_new
+            v[b:, :, offset:] = v_new
+            for i, pad in enumerate(left_pads):
+                if pad:
+                    k[b + i, :, offset:offset + pad] = 0
+                    v[b + i, :, offset:offset + pad] = 0
             mine.set_rows(k, v)
-        self.left_pad = [p + shift for p in self.left_pad] + [total - seq_len]
+        self.left_pad = [p + shift for p in self.left_pad] + [offset + pad for pad in left_pads]
 
     def keep_rows(self, keep: list[int]) -> None:
         """Keep only the rows in `keep` (in that order), freeing the others' memory, then drop

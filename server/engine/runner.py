@@ -27,15 +27,23 @@ class ModelRunner:
         return self.cache.batch_size
 
     @torch.inference_mode()
-    def prefill(self, token_ids: list[int], slot: int) -> torch.Tensor:
-        """Run one prompt alone (no padding, so its cache is exact) and add it as the last
-        row of the batch; returns the logits of its next token, [V] float32."""
-        self.context.set([slot])
-        single = DynamicCache(config=self.model.config)
-        input_ids = torch.tensor([token_ids], device=self.device)  # [1, L]
-        out = self.model(input_ids=input_ids, past_key_values=single, use_cache=True, logits_to_keep=1)
-        self.cache.append(single)
-        return out.logits[0, -1].float()
+    def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+        """Run the prompts of joining sequences in one left-padded forward and add them as the
+        last rows of the batch; returns the logits of each one's next token, [n, V] float32."""
+        self.context.set(slots)
+        longest = max(len(p) for p in prompts)
+        pads = [longest - len(p) for p in prompts]
+        pad_id = 0  # any valid id: pad positions are masked and their cache entries zeroed
+        input_ids = torch.tensor([[pad_id] * pad + p for pad, p in zip(pads, prompts)], device=self.device)  # [n, L]
+        attention_mask = (torch.arange(longest, device=self.device)[None, :]
+                          >= torch.tensor(pads, device=self.device)[:, None]).long()  # [n, L]
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp_(min=0)  # real positions start at 0
+        prefilled = DynamicCache(config=self.model.config)
+        kwargs = {} if not any(pads) else {"attention_mask": attention_mask}
+        out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=prefilled,
+                         use_cache=True, logits_to_keep=1, **kwargs)
+        self.cache.append(prefilled, pads)
+        return out.logits[:, -1].float()
 
     @torch.inference_mode()
     def decode(self, last_tokens: list[int], slots: list[int]) -> torch.Tensor:

@@ -201,52 +201,69 @@ class BatchScheduler:
             self._remove_rows(gone)
 
     def _admit(self) -> None:
-        budget = self.config.max_prefill_tokens
+        """Move waiting requests into the batch (one padded prefill for all of them) while the
+        batch, the slots and the prefill budget allow; oldest first, skipping those whose
+        adapter is still loading or cannot get a slot."""
+        joining: list[Sequence] = []
+        longest = 0
         guard = self._starving()
         for seq in list(self._waiting):
-            if len(self._running) >= self.config.max_batch_size:
-                return
+            if len(self._running) + len(joining) >= self.config.max_batch_size:
+                break
             if guard is not None and seq is not guard:
                 continue
-            weights = None
-            key = seq.adapter_key
-            if key is not None and self.slots.slot_of(key) is None:
-                weights = self.host.get(key)
-                if weights is None:
-                    self._start_load(key)
-                    continue
-                if not self.slots.has_room_for(key):
-                    if seq.blocked_since_step is None:
-                        seq.blocked_since_step = self._steps
-                    continue
-                self.tiers.cpu_hits += 1
-            elif key is not None:
-                self.tiers.gpu_hits += 1
-            prompt = seq.request.prompt_token_ids
-            if len(prompt) > budget:
-                return  # prefill it at the next step; running sequences must not stall longer
-            budget -= len(prompt)
+            if not self._adapter_ready(seq):
+                continue
+            prompt_len = len(seq.request.prompt_token_ids)
+            # Padded prefill cost: every joining prompt is padded to the longest.
+            if joining and max(longest, prompt_len) * (len(joining) + 1) > self.config.max_prefill_tokens:
+                break  # the rest join at the next step; running sequences must not stall longer
+            longest = max(longest, prompt_len)
             self._unqueue(seq)
-            seq.slot = self.slots.acquire(key, weights) if key is not None else 0
+            key = seq.adapter_key
+            seq.slot = self.slots.acquire(key, self.host.get(key)) if key is not None else 0
             seq.admitted_at = time.monotonic()
-            try:
-                logits = self.runner.prefill(prompt, seq.slot)
-            except Exception:  # e.g. out of memory on one long prompt: only this request fails
-                log.exception("prefill failed for request %s", seq.request.request_id)
-                if key is not None:
-                    self.slots.release(key)
+            joining.append(seq)
+        if joining:
+            self._prefill(joining)
+
+    def _adapter_ready(self, seq: Sequence) -> bool:
+        """True when the sequence's adapter is in a slot or can be put in one now; otherwise
+        starts loading it from disk or notes that the sequence is waiting for a slot."""
+        key = seq.adapter_key
+        if key is None:
+            return True
+        if self.slots.slot_of(key) is not None:
+            self.tiers.gpu_hits += 1
+            return True
+        if self.host.get(key) is None:
+            self._start_load(key)
+            return False
+        if not self.slots.has_room_for(key):
+            if seq.blocked_since_step is None:
+                seq.blocked_since_step = self._steps
+            return False
+        self.tiers.cpu_hits += 1
+        return True
+
+    def _prefill(self, joining: list[Sequence]) -> None:
+        prompts = [s.request.prompt_token_ids for s in joining]
+        try:
+            logits = self.runner.prefill(prompts, [s.slot for s in joining])  # [n, V]
+        except Exception:  # e.g. out of memory on long prompts: only these requests fail
+            log.exception("prefill failed for %d requests", len(joining))
+            for seq in joining:
+                if seq.adapter_key is not None:
+                    self.slots.release(seq.adapter_key)
                 seq.stream.push(ErrorEvent(LoraserveError("internal engine error during prefill")))
-                continue  # the batch's cache is untouched: prefill adds the row only on success
-            self._running.append(seq)
+            return  # the batch's cache is untouched: prefill adds rows only on success
+        first_row = len(self._running)
+        self._running.extend(joining)
+        for seq, prompt in zip(joining, prompts):
             if seq.request.sampling.repetition_penalty != 1.0:
                 seq.seen = torch.zeros(self._vocab_size, dtype=torch.bool, device=logits.device)
                 seq.seen[torch.tensor(prompt, device=logits.device)] = True
-            token = sample_batch(logits[None], [seq.request.sampling], [seq.generator],
-                                 [seq.seen] if seq.seen is not None else None)[0]
-            reason = seq.append(token, self._eos_ids)
-            if reason is not None:
-                seq.finish(reason)
-                self._remove_rows({len(self._running) - 1})
+        self._sample_and_emit(joining, logits, first_row)
 
     def _starving(self) -> Sequence | None:
         """The oldest request kept from a slot for too long, once newer ones must wait for it."""
@@ -260,16 +277,22 @@ class BatchScheduler:
         running = self._running
         self.last_batch_size = len(running)
         logits = self.runner.decode([s.last_token for s in running], [s.slot for s in running])
-        seen = [s.seen if s.seen is not None else torch.zeros_like(logits[0], dtype=torch.bool) for s in running] \
-            if any(s.seen is not None for s in running) else None
-        tokens = sample_batch(logits, [s.request.sampling for s in running], [s.generator for s in running], seen)
         self._steps += 1
+        self._sample_and_emit(running, logits, 0)
+
+    def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor, first_row: int) -> None:
+        """Choose each sequence's next token (`seqs` are batch rows first_row...), stream it,
+        and remove the sequences that finished."""
+        seen = None
+        if any(s.seen is not None for s in seqs):
+            seen = [s.seen if s.seen is not None else torch.zeros_like(logits[0], dtype=torch.bool) for s in seqs]
+        tokens = sample_batch(logits, [s.request.sampling for s in seqs], [s.generator for s in seqs], seen)
         done = set()
-        for i, (seq, token) in enumerate(zip(running, tokens)):
+        for i, (seq, token) in enumerate(zip(seqs, tokens)):
             reason = seq.append(token, self._eos_ids)
             if reason is not None:
                 seq.finish(reason)
-                done.add(i)
+                done.add(first_row + i)
         if done:
             self._remove_rows(done)
 

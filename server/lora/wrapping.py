@@ -37,6 +37,7 @@ def wrap_model(model: nn.Module, num_slots: int, max_rank: int, context: LoraBat
     """Replace every supported linear (or those whose last name component is in
     `target_modules`) with a `MultiLoraLinear` holding `num_slots` slots; returns them by name."""
     wrapped: dict[str, MultiLoraLinear] = {}
+    context.num_slots = num_slots
     for name, module in supported_linear_names(model).items():
         if target_modules is not None and name.rsplit(".", 1)[-1] not in target_modules:
             continue
