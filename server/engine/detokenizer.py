@@ -2,7 +2,9 @@
 show text that a stop sequence will later cut off.
 
 Byte-level tokenizers spread one Chinese character over several tokens; decoding a window that
-ends inside a character yields U+FFFD, so such a tail is held until the character completes.
+ends inside a character yields U+FFFD, so such a tail is held until the text ends cleanly again
+(invalid bytes the model produced stay U+FFFD and are released with the next clean text or at
+the end; a hold never cuts a character that follows them).
 Decoding works on a short window of recent tokens (prefix/read offsets, as vLLM and TGI do) so
 each step costs the same however long the output is, and tokenizers that strip a leading space
 at the start of a decode still produce the right delta.
@@ -13,9 +15,6 @@ from __future__ import annotations
 from transformers import PreTrainedTokenizerBase
 
 _REPLACEMENT = "\ufffd"
-# A held tail this many tokens long is not an incomplete character any more (UTF-8 needs at
-# most 4 bytes): the model produced invalid bytes, and U+FFFD is the honest text for them.
-_MAX_HELD_TOKENS = 6
 
 
 class IncrementalDetokenizer:
@@ -41,8 +40,7 @@ class IncrementalDetokenizer:
         self._ids.append(token_id)
         prefix = self._decode(self._ids[self._prefix_offset:self._read_offset])
         full = self._decode(self._ids[self._prefix_offset:])
-        pending = len(self._ids) - self._read_offset
-        if len(full) <= len(prefix) or (full.endswith(_REPLACEMENT) and pending < _MAX_HELD_TOKENS):
+        if len(full) <= len(prefix) or full.endswith(_REPLACEMENT):
             return ""
         new_text = full[len(prefix):]
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
@@ -52,13 +50,16 @@ class IncrementalDetokenizer:
         """At the end of generation: whatever was held back is final text now."""
         if self.stopped:
             return ""
-        tail = self._decode(self._ids[self._prefix_offset:])[len(self._decode(self._ids[self._prefix_offset:self._read_offset])):]
-        out = self._held + tail
-        self._held = ""
-        self._emitted += out
+        prefix = self._decode(self._ids[self._prefix_offset:self._read_offset])
+        tail = self._decode(self._ids[self._prefix_offset:])[len(prefix):]
+        self._prefix_offset = self._read_offset = len(self._ids)
+        held, self._held = self._held, ""
+        # The stop check still applies: the last token may complete a stop sequence while
+        # ending inside a character.
+        out = self._release(held + tail, final=True)
         return out
 
-    def _release(self, candidate: str) -> str:
+    def _release(self, candidate: str, final: bool = False) -> str:
         if not self._stop:
             self._emitted += candidate
             return candidate
@@ -70,7 +71,7 @@ class IncrementalDetokenizer:
             self._held = ""
             self._emitted += candidate[:cut]
             return candidate[:cut]
-        keep = _longest_stop_prefix_suffix(candidate, self._stop)
+        keep = 0 if final else _longest_stop_prefix_suffix(candidate, self._stop)
         out, self._held = candidate[:len(candidate) - keep], candidate[len(candidate) - keep:]
         self._emitted += out
         return out

@@ -40,7 +40,7 @@ def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators:
     device = logits.device
     vocab = logits.shape[-1]
     temperature = torch.tensor([p.temperature for p in params], device=device)[:, None]
-    sorted_logits, order = (logits / temperature).sort(dim=-1, descending=True)  # [b, V]
+    sorted_logits, order = (logits / temperature).sort(dim=-1, descending=True)  # [b, V], for the filters
     positions = torch.arange(vocab, device=device)[None, :]
     top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)[:, None]
     sorted_logits = sorted_logits.masked_fill(positions >= top_k, float("-inf"))
@@ -48,8 +48,15 @@ def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators:
     top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
     before = probs.cumsum(dim=-1) - probs  # mass strictly before each token
     probs = probs.masked_fill(before >= top_p, 0.0)  # the first token always survives
+    # Draw in vocabulary order, not probability order: two nearly tied tokens swap places in
+    # the sorted order under float noise (a row alone vs in a batch), and the same uniform
+    # number would then pick the other one. In id order such noise moves the CDF by ~1e-6.
+    probs = torch.zeros_like(probs).scatter_(1, order, probs)  # [b, V] in id order
     cdf = probs.cumsum(dim=-1)  # [b, V]
     # One draw per row from that row's own generator (generators live on the CPU).
     uniform = torch.cat([torch.rand(1, generator=g) for g in generators]).to(device)[:, None]
     index = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).clamp_(max=vocab - 1)  # [b, 1]
-    return order.gather(1, index).squeeze(1)
+    # A uniform draw can land on a zero-probability id only through rounding at a boundary:
+    # step back to the nearest kept token.
+    index = torch.where(probs.gather(1, index) > 0, index, (cdf < cdf.gather(1, index)).sum(-1, keepdim=True) - 1)
+    return index.clamp_(min=0).squeeze(1)

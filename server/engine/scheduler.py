@@ -172,9 +172,12 @@ class BatchScheduler:
             else:
                 self.tiers.disk_loads += 1
                 self.tiers.disk_load_seconds += seconds
-                self.host.put(key, weights, keep=self.slots.pinned())
+                self.host.put(key, weights, keep=self.slots.pinned() | self._waiting_keys())
         elif kind == "stop":
             self._stop = True
+
+    def _waiting_keys(self) -> set[str]:
+        return {s.adapter_key for s in self._waiting if s.adapter_key is not None}
 
     def _ready_to_admit(self) -> bool:
         return any(s.adapter_key is None or self.host.get(s.adapter_key) is not None
@@ -210,8 +213,8 @@ class BatchScheduler:
         for seq in list(self._waiting):
             if len(self._running) + len(joining) >= self.config.max_batch_size:
                 break
-            if guard is not None and seq is not guard:
-                continue
+            if guard is not None and seq is not guard and seq.adapter_key is not None:
+                continue  # base-only requests take no slot, so they may still pass
             if not self._adapter_ready(seq):
                 continue
             prompt_len = len(seq.request.prompt_token_ids)
@@ -237,7 +240,11 @@ class BatchScheduler:
             self.tiers.gpu_hits += 1
             return True
         if self.host.get(key) is None:
-            self._start_load(key)
+            # Read from disk only when the weights could be used soon or fit without evicting
+            # another waiting adapter's; otherwise loads would evict each other while every
+            # slot is busy and the loader would re-read the same files over and over.
+            if self.slots.has_room_for(key) or len(self.host) < self.host.capacity:
+                self._start_load(key)
             return False
         if not self.slots.has_room_for(key):
             if seq.blocked_since_step is None:

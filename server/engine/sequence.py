@@ -67,6 +67,8 @@ class Sequence:
         tail = self.detokenizer.flush()
         if tail:
             self.stream.push(TokenEvent([], tail))
+        if self.detokenizer.stopped and reason in ("length", "eos"):
+            reason = "stop"  # the last token completed a stop sequence inside a held character
         now = time.monotonic()
         arrival = self.request.arrival
         first = self.first_token_at or now
