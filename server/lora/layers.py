@@ -13,12 +13,15 @@ base-only sequences get exactly the base output whatever their batch mates use.
 Two paths, both without a Python loop over requests or adapters:
 - one adapter among the active rows (every prefill, single-adapter batches): two plain matmuls
   with that slot's A and B;
-- several adapters: `h = x @ A.view(in, S*R)` computes every slot's projection in one GEMM, a
-  one-hot mask keeps each row's own slot block, and `h @ B.view(S*R, out)` finishes in a second
-  GEMM. Nothing is gathered per row: gathering A/B per row ([B, in, R] copies per layer, per
-  step) measured ~25% of a CPU decode step. The extra work is S*R columns, small next to the
-  base layer while S*R is small; `MAX_DENSE_COLUMNS` bounds it, and past it the layer gathers
-  per row and uses `bmm` instead.
+- several adapters, one token per sequence (a decode step): `h = x @ A.view(in, S*R)` computes
+  every slot's projection in one GEMM, a one-hot mask keeps each row's own slot block, and
+  `h @ B.view(S*R, out)` finishes in a second GEMM. Nothing is gathered per row: gathering A/B
+  per row ([B, in, R] copies per layer, per step) measured ~25% of a CPU decode step. The extra
+  work is S*R columns for one token, small next to the base layer; `MAX_DENSE_COLUMNS` bounds it;
+- several adapters, many tokens per sequence (a prefill, or MLA's kv_b_proj, which transformers
+  applies to the whole latent cache every step): each sequence's A and B are gathered once
+  and two `bmm`s run; the gather is paid once for all of the sequence's tokens, while the
+  one-hot path would multiply its S-fold extra work by every token.
 
 This is our own code, not PEFT's: PEFT's mixed-batch path loops over adapters and masks rows,
 which measured 0.46x of a single-adapter batch.
@@ -131,7 +134,7 @@ class MultiLoraLinear(nn.Module):
         if ctx.single_slot is not None:
             slot = ctx.single_slot
             delta = (flat @ self.lora_a[:, slot]) @ self.lora_b[slot]  # [b*N, R] -> [b*N, out]
-        elif self.num_slots * self.max_rank <= MAX_DENSE_COLUMNS:
+        elif n == 1 and self.num_slots * self.max_rank <= MAX_DENSE_COLUMNS:
             h = flat @ self.lora_a.view(self.in_features, -1)  # [b*N, S*R]: every slot at once
             h = h.view(b, n, self.num_slots, self.max_rank) * index["onehot"][:, None, :, None]
             delta = h.view(b * n, -1) @ self.lora_b.view(-1, self.out_features)  # [b*N, out]
