@@ -80,9 +80,10 @@ def test_mixed_batch_matches_peft_token_for_token(base_dirs, adapter_dirs, arch:
         assert finish.token_ids == expected, f"{arch}/{quantization} adapter={adapter} prompt={prompt[:6]}..."
 
 
-# 3 slots give a small slots x rank product; 32 slots x rank 64 a large one (2,112 columns), as
-# a many-adapter deployment has: the batched layers may use different kernels for the two.
-@pytest.mark.parametrize("max_loras", [3, 32])
+# 3 slots give a small slots x rank product; 33 slots x rank 64 a large one (2,112 columns, over
+# the layers' dense limit of 2,048), as a many-adapter deployment has: the batched layers use a
+# different path for each.
+@pytest.mark.parametrize("max_loras", [3, 33])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_mixed_batch_logits_match_peft_unquantized(base_dirs, adapter_dirs, arch: str, max_loras: int) -> None:
     """Logits of the batched LoRA layers equal PEFT's per row: a padded prefill mixing slot 0

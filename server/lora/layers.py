@@ -5,7 +5,9 @@ Semantics of `MultiLoraLinear.forward` for a batch of B sequences, slot index s[
 
     y = base(x) + (x @ A[s[i]]) @ (B[s[i]] * scaling[s[i]])      (only where s[i] != 0)
 
-A is stored as [in, S, R] and B as [S, R, out], R = max_lora_rank: an adapter of rank r < R
+A is stored as [in, S, R] and B as [S, R, out] for the S = max_loras real slots (slot 0 has
+no storage: its rows are skipped, and the dense path below reads every stored slot, so an
+all-zero slot would only cost bandwidth), R = max_lora_rank: an adapter of rank r < R
 fills the first r columns/rows and leaves zeros, so one matmul serves every rank, and the
 scaling is folded into B when a slot is loaded. Rows with slot 0 are never touched, so
 base-only sequences get exactly the base output whatever their batch mates use.
@@ -71,10 +73,11 @@ class LoraBatchContext:
         if cached is None:
             all_active = len(self._active) == self.batch_size
             rows = None if all_active else torch.tensor(self._active, dtype=torch.long, device=device)
-            slots = torch.tensor([self._slots[i] for i in self._active], dtype=torch.long, device=device)
+            # Storage index of each active row's slot (slot 0 has no storage, so slot s is s - 1).
+            slots = torch.tensor([self._slots[i] - 1 for i in self._active], dtype=torch.long, device=device)
             onehot = None
             if self.single_slot is None:
-                onehot = torch.zeros(len(self._active), self.num_slots, device=device, dtype=dtype)
+                onehot = torch.zeros(len(self._active), self.num_slots - 1, device=device, dtype=dtype)
                 onehot[torch.arange(len(self._active), device=device), slots] = 1.0
             cached = {"rows": rows, "slots": slots, "onehot": onehot}
             self._per_device[(device, dtype)] = cached
@@ -91,26 +94,26 @@ class MultiLoraLinear(nn.Module):
         self.base_layer = base_layer
         self.in_features = int(base_layer.in_features)
         self.out_features = int(base_layer.out_features)
-        self.num_slots = num_slots
+        self.stored = num_slots - 1  # slots 1..num_slots-1 have storage; slot 0 is "no adapter"
         self.max_rank = max_rank
         self.context = context
         device = _device_of(base_layer)
-        # Slot 0 stays all zeros: "no adapter".
-        self.register_buffer("lora_a", torch.zeros(self.in_features, num_slots, max_rank, dtype=dtype, device=device),
+        self.register_buffer("lora_a", torch.zeros(self.in_features, self.stored, max_rank, dtype=dtype, device=device),
                              persistent=False)  # [in, S, R]
-        self.register_buffer("lora_b", torch.zeros(num_slots, max_rank, self.out_features, dtype=dtype, device=device),
+        self.register_buffer("lora_b", torch.zeros(self.stored, max_rank, self.out_features, dtype=dtype, device=device),
                              persistent=False)  # [S, R, out], scaling folded in
 
     def load_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scaling: float) -> None:
         """Write one adapter's A ([r, in], PEFT layout) and B ([out, r]) into `slot`; None clears it
-        (the adapter does not target this module)."""
-        self.lora_a[:, slot].zero_()
-        self.lora_b[slot].zero_()
+        (the adapter does not target this module). Slots are numbered from 1."""
+        index = slot - 1
+        self.lora_a[:, index].zero_()
+        self.lora_b[index].zero_()
         if a is None:
             return
         r = a.shape[0]
-        self.lora_a[:, slot, :r].copy_(a.t())
-        self.lora_b[slot, :r, :].copy_(b.t() * scaling)
+        self.lora_a[:, index, :r].copy_(a.t())
+        self.lora_b[index, :r, :].copy_(b.t() * scaling)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
@@ -132,11 +135,11 @@ class MultiLoraLinear(nn.Module):
         b, n = xs.shape[0], xs.shape[1]
         flat = xs.reshape(b * n, self.in_features)  # 2-D: one GEMM, not b GEMMs of n rows
         if ctx.single_slot is not None:
-            slot = ctx.single_slot
-            delta = (flat @ self.lora_a[:, slot]) @ self.lora_b[slot]  # [b*N, R] -> [b*N, out]
-        elif n == 1 and self.num_slots * self.max_rank <= MAX_DENSE_COLUMNS:
+            index_of_slot = ctx.single_slot - 1
+            delta = (flat @ self.lora_a[:, index_of_slot]) @ self.lora_b[index_of_slot]  # [b*N, R] -> [b*N, out]
+        elif n == 1 and self.stored * self.max_rank <= MAX_DENSE_COLUMNS:
             h = flat @ self.lora_a.view(self.in_features, -1)  # [b*N, S*R]: every slot at once
-            h = h.view(b, n, self.num_slots, self.max_rank) * index["onehot"][:, None, :, None]
+            h = h.view(b, n, self.stored, self.max_rank) * index["onehot"][:, None, :, None]
             delta = h.view(b * n, -1) @ self.lora_b.view(-1, self.out_features)  # [b*N, out]
         else:
             slots = index["slots"]
