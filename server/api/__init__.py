@@ -1,0 +1,1 @@
+"""The gRPC API: protobuf <-> domain translation, status codes, the server process."""
