@@ -24,6 +24,13 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.workdir, arch=args.arch, quantization=args.quantization, num_adapters=args.adapters)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from server.api.app import run
+    from server.settings import resolve
+
+    return run(resolve(args))
+
+
 def _bench_engine(args: argparse.Namespace) -> int:
     from server.bench.engine_bench import run_engine_bench
 
@@ -40,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"loraserve {__version__}")
     parser.add_argument("--log-level", default="WARNING", help="Python logging level")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    from server.settings import add_flags
+
+    p = sub.add_parser("serve", help="run the gRPC server (settings: flags > LORASERVE_* env > --config YAML)")
+    add_flags(p)
+    p.set_defaults(func=_serve)
 
     p = sub.add_parser("init-model", help="write a small random DeepSeek-architecture model directory",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -104,12 +104,27 @@ class Engine:
             ids = self.tokenizer("warm up", add_special_tokens=True).input_ids
             self.submit(GenerationRequest(ids, SamplingParams(max_new_tokens=2))).result()
 
+    @property
+    def ready(self) -> bool:
+        """True once warmed up and accepting requests."""
+        return self._accepting
+
+    def drain(self, timeout: float) -> bool:
+        """Refuse new requests (UNAVAILABLE) and wait up to `timeout` seconds for queued and
+        running ones to finish; True when everything finished."""
+        self._accepting = False
+        if not self._started:
+            return True
+        return self._scheduler.idle.wait(timeout)
+
+    def add_load_observer(self, observe) -> None:
+        """`observe(seconds)` is called on the engine thread after each adapter disk load."""
+        self._scheduler.load_observers.append(observe)
+
     def stop(self, drain_timeout: float = 0.0) -> None:
         """Refuse new requests, let running ones finish for up to `drain_timeout` seconds,
         then end the rest (cancelled) and the engine thread."""
-        self._accepting = False
-        if self._started and drain_timeout > 0:
-            self._scheduler.idle.wait(drain_timeout)
+        self.drain(drain_timeout)
         if self._started:
             self._scheduler.shutdown()
             self._started = False
@@ -240,6 +255,20 @@ class Engine:
     def unpin_adapter(self, name: str) -> None:
         entry = self._entry(name)
         self._on_engine(lambda: self._scheduler.slots.unpin(entry.key))
+
+    def lora_module_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of every module that has LoRA slots."""
+        return dict(self._base_shapes)
+
+    def preload_adapter(self, name: str) -> None:
+        """Decode an adapter into host memory now, so its first request skips the disk."""
+        entry = self._entry(name)
+        weights, _ = self.check_adapter(name, entry.path)
+        self._on_engine(lambda: self._scheduler.host.put(entry.key, weights, keep=self._scheduler.slots.pinned()))
+
+    def has_adapter(self, name: str) -> bool:
+        with self._lock:
+            return name in self._adapters
 
     def adapters(self) -> list[AdapterEntry]:
         with self._lock:

@@ -74,6 +74,8 @@ class BatchScheduler:
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.last_batch_size = 0
+        self.load_observers: list[Callable[[float], None]] = []
+        """Called (on the engine thread) with the seconds each disk load took."""
 
     # ---- used from other threads -------------------------------------------------------
     def start(self) -> None:
@@ -172,6 +174,8 @@ class BatchScheduler:
             else:
                 self.tiers.disk_loads += 1
                 self.tiers.disk_load_seconds += seconds
+                for observe in self.load_observers:
+                    observe(seconds)
                 self.host.put(key, weights, keep=self.slots.pinned() | self._waiting_keys())
         elif kind == "stop":
             self._stop = True

@@ -1,0 +1,101 @@
+"""The server process: gRPC services, health, reflection, metrics, and a graceful drain.
+
+Start-up: the gRPC port opens at once with health NOT_SERVING (probes get an answer while a
+large model loads), inference answers UNAVAILABLE until the engine has warmed up, then health
+turns SERVING. SIGTERM/SIGINT: health NOT_SERVING, new RPCs UNAVAILABLE, running requests get
+`drain_timeout` seconds to finish, then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from server.api.gen.loraserve.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
+from server.api.gen.loraserve.v1 import server_info_pb2, server_info_pb2_grpc
+from server.api.inference import InferenceServicer
+from server.api.metrics import ServerMetrics
+from server.api.server_info import ServerInfoServicer
+from server.engine.engine import Engine
+from server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
+    adapters_pb2.DESCRIPTOR.services_by_name["AdapterService"].full_name,
+    server_info_pb2.DESCRIPTOR.services_by_name["ServerInfoService"].full_name,
+)
+# Uploads arrive in chunks, but one message may still carry a few MB.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+async def _set_health(health: HealthServicer, status: int) -> None:
+    for name in ("", *SERVICE_NAMES):
+        await health.set(name, status)
+
+
+async def serve(settings: ServerSettings) -> int:
+    """Run the server until SIGTERM/SIGINT; returns the exit code."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    engine = await asyncio.to_thread(Engine.load, settings.engine_config())
+    metrics = ServerMetrics(engine)
+    engine.add_load_observer(metrics.adapter_load.observe)
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+    health = HealthServicer()
+    await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(engine, metrics), server)
+    server_info_pb2_grpc.add_ServerInfoServiceServicer_to_server(ServerInfoServicer(engine), server)
+    registry = _adapter_service(settings, engine, server)
+    reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, health_pb2.DESCRIPTOR
+                                         .services_by_name["Health"].full_name), server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    await server.start()
+    log.warning("loraserve listening on port %d (health NOT_SERVING until warmed up)", port)
+    if settings.metrics_port:
+        metrics.serve_http(settings.metrics_port)
+
+    await asyncio.to_thread(engine.start)
+    if registry is not None:
+        await asyncio.to_thread(registry.load_store, settings.preload, settings.pin)
+    await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
+    log.warning("loraserve ready: %s (%s), %d adapters", engine.base.model_type, settings.quantization,
+                len(engine.adapters()))
+
+    await stop.wait()
+    log.warning("draining: health NOT_SERVING, new requests refused, up to %.0fs for running ones",
+                settings.drain_timeout)
+    await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
+    finished = await asyncio.to_thread(engine.drain, settings.drain_timeout)
+    if not finished:
+        log.warning("drain timeout: cancelling what is still running")
+    await server.stop(grace=1.0)
+    await asyncio.to_thread(engine.stop)
+    return 0
+
+
+def _adapter_service(settings: ServerSettings, engine: Engine, server: grpc.aio.Server):
+    """The AdapterService and its registry over the on-disk store."""
+    from server.api.adapters import AdapterServicer
+    from server.engine.registry import AdapterRegistry
+
+    registry = AdapterRegistry(engine, settings)
+    adapters_pb2_grpc.add_AdapterServiceServicer_to_server(AdapterServicer(registry), server)
+    return registry
+
+
+def run(settings: ServerSettings) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(serve(settings))

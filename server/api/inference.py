@@ -1,0 +1,100 @@
+"""InferenceService: translates Generate / GenerateStream to engine requests. Validation and
+tokenization happen before queueing; a client that goes away or whose deadline passes has its
+request dropped by the engine within one step."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+
+import grpc
+
+from server.api.convert import input_from_proto, sampling_from_proto, summary_to_proto
+from server.api.gen.loraserve.v1 import inference_pb2 as pb
+from server.api.gen.loraserve.v1 import inference_pb2_grpc
+from server.api.metrics import ServerMetrics
+from server.api.status import abort, status_of
+from server.engine.engine import Engine
+from server.engine.request import FinishEvent, GenerationRequest, TokenEvent
+
+log = logging.getLogger("loraserve.requests")
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, engine: Engine, metrics: ServerMetrics) -> None:
+        self._engine = engine
+        self._metrics = metrics
+
+    def _request(self, msg: pb.GenerationInput, context: grpc.aio.ServicerContext) -> GenerationRequest:
+        prompt, messages = input_from_proto(msg)
+        ids = self._engine.encode(prompt=prompt, messages=messages)
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        return GenerationRequest(ids, sampling_from_proto(msg.sampling), msg.adapter or None,
+                                 request_id=msg.request_id or uuid.uuid4().hex, deadline=deadline)
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        finish, request_id = None, ""
+        async for request_id, event in self._run(request.input, context):
+            if isinstance(event, FinishEvent):
+                finish = event
+        return pb.GenerateResponse(summary=summary_to_proto(request_id, finish))
+
+    async def GenerateStream(self, request: pb.GenerateStreamRequest, context: grpc.aio.ServicerContext):
+        async for request_id, event in self._run(request.input, context):
+            if isinstance(event, TokenEvent):
+                if event.text or event.token_ids:
+                    yield pb.GenerateStreamResponse(delta=pb.TextDelta(text=event.text, token_ids=event.token_ids))
+            else:
+                yield pb.GenerateStreamResponse(summary=summary_to_proto(request_id, event))
+
+    async def _run(self, msg: pb.GenerationInput, context: grpc.aio.ServicerContext):
+        adapter = msg.adapter
+        request_id = msg.request_id
+        started = time.monotonic()
+        code = "OK"
+        finish = None
+        stream = None
+        try:
+            request = self._request(msg, context)
+            request_id = request.request_id
+            stream = self._engine.submit(request, loop=asyncio.get_running_loop())
+            last = None
+            async for event in stream:
+                now = time.monotonic()
+                if isinstance(event, TokenEvent) and event.token_ids:
+                    if last is not None:
+                        self._metrics.itl.observe(now - last)
+                    last = now
+                if isinstance(event, FinishEvent):
+                    finish = event
+                yield request_id, event
+        except asyncio.CancelledError:  # the client went away or the deadline passed
+            code = "CANCELLED"
+            if stream is not None:
+                self._engine.cancel(stream)
+            raise
+        except Exception as exc:  # mapped to a status in one place; nothing is swallowed
+            code = status_of(exc)[0].name
+            await abort(context, exc, request_id)
+        finally:
+            if stream is not None and finish is None:
+                self._engine.cancel(stream)
+            # Only registered names become label values: the label set stays bounded.
+            label = adapter if adapter and self._engine.has_adapter(adapter) else ""
+            self._metrics.requests.labels(adapter=label, code=code).inc()
+            if finish is not None:
+                t = finish.timings
+                self._metrics.observe_finish(adapter, finish.prompt_tokens, finish.completion_tokens,
+                                             t.queue_s, t.first_token_s, t.total_s)
+            log.info(json.dumps({
+                "request_id": request_id, "adapter": adapter, "status": code,
+                "prompt_tokens": finish.prompt_tokens if finish else None,
+                "completion_tokens": finish.completion_tokens if finish else None,
+                "finish_reason": finish.finish_reason if finish else None,
+                "queue_s": round(finish.timings.queue_s, 4) if finish else None,
+                "first_token_s": round(finish.timings.first_token_s, 4) if finish else None,
+                "total_s": round(time.monotonic() - started, 4)}))

@@ -1,0 +1,94 @@
+"""Every Prometheus metric loraserve exports, defined here and only here.
+
+Base units (seconds, tokens), `_total` on counters, bounded labels: `adapter` takes registered
+adapter names (bounded by the registry) or "" for the base, `code` a gRPC status name, `tier`
+gpu|cpu|disk. Engine state (queue, slots, tiers) is read from `Engine.stats()` at scrape time.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class ServerMetrics:
+    """The server's metrics in their own registry (so several servers can live in one test process)."""
+
+    def __init__(self, engine) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("loraserve_requests", "Finished RPCs by adapter and gRPC status code",
+                                ["adapter", "code"], registry=r)
+        self.ttft = Histogram("loraserve_time_to_first_token_seconds", "Time from arrival to the first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("loraserve_inter_token_latency_seconds", "Time between two streamed tokens",
+                             buckets=TOKEN_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("loraserve_request_duration_seconds", "Time from arrival to the last token",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram("loraserve_queue_time_seconds", "Time waiting before joining the batch",
+                               buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("loraserve_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter("loraserve_generation_tokens", "Generated tokens", registry=r)
+        self.adapter_load = Histogram("loraserve_adapter_load_seconds", "Reading and decoding an adapter from disk",
+                                      buckets=LATENCY_BUCKETS, registry=r)
+        r.register(_EngineCollector(engine))
+
+    def observe_finish(self, adapter: str, prompt_tokens: int, completion_tokens: int,
+                       queue_s: float, first_token_s: float, total_s: float) -> None:
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(completion_tokens)
+        self.queue.observe(queue_s)
+        self.ttft.observe(first_token_s)
+        self.e2e.observe(total_s)
+
+    def serve_http(self, port: int, host: str = "0.0.0.0") -> None:
+        """Expose /metrics on `port` (a daemon thread)."""
+        start_http_server(port, addr=host, registry=self.registry)
+
+
+class _EngineCollector:
+    """Engine state at scrape time, and the vLLM-compatible LoRA info series."""
+
+    def __init__(self, engine) -> None:
+        self._engine = engine
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        try:
+            s = self._engine.stats()
+        except Exception:  # engine not started or shutting down: export nothing rather than fail
+            return
+        yield GaugeMetricFamily("loraserve_requests_running", "Sequences in the running batch", value=s.running)
+        yield GaugeMetricFamily("loraserve_requests_waiting", "Requests queued for the batch", value=s.waiting)
+        yield GaugeMetricFamily("loraserve_batch_size", "Sequences in the last decode step", value=s.batch_size)
+        resident = GaugeMetricFamily("loraserve_adapters_resident", "Adapters held per tier", labels=["tier"])
+        resident.add_metric(["gpu"], len(s.slots_resident))
+        resident.add_metric(["cpu"], len(s.host_cached))
+        yield resident
+        loads = CounterMetricFamily("loraserve_adapter_loads", "Adapter loads into a tier", labels=["tier"])
+        loads.add_metric(["gpu"], s.slot_loads_total)
+        loads.add_metric(["cpu"], s.disk_loads_total)
+        yield loads
+        evictions = CounterMetricFamily("loraserve_adapter_evictions", "Adapters evicted from a tier", labels=["tier"])
+        evictions.add_metric(["gpu"], s.slot_evictions_total)
+        evictions.add_metric(["cpu"], s.host_evictions_total)
+        yield evictions
+        hits = CounterMetricFamily("loraserve_adapter_hits", "Requests whose adapter was found in a tier",
+                                   labels=["tier"])
+        hits.add_metric(["gpu"], s.gpu_hits_total)
+        hits.add_metric(["cpu"], s.cpu_hits_total)
+        hits.add_metric(["disk"], s.disk_loads_total)
+        yield hits
+        # vLLM's series, read by LoRA-aware routers (e.g. the Gateway API inference extension).
+        info = GaugeMetricFamily("vllm:lora_requests_info", "Running and waiting adapters (vLLM-compatible)",
+                                 labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
+        info.add_metric([",".join(s.running_adapters), ",".join(s.waiting_adapters),
+                         str(self._engine.config.max_loras)], time.time())
+        yield info

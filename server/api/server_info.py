@@ -1,0 +1,30 @@
+"""ServerInfoService: what is served and its limits. Never reveals server paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+
+from server import __version__
+from server.api.gen.loraserve.v1 import server_info_pb2 as pb
+from server.api.gen.loraserve.v1 import server_info_pb2_grpc
+from server.engine.engine import Engine
+
+
+class ServerInfoServicer(server_info_pb2_grpc.ServerInfoServiceServicer):
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    async def GetServerInfo(self, request: pb.GetServerInfoRequest,
+                            context: grpc.aio.ServicerContext) -> pb.GetServerInfoResponse:
+        c = self._engine.config
+        model = c.base.model
+        # A local directory is named by its last component only; a hub id as it is.
+        name = Path(model).name if Path(model).expanduser().is_dir() else model
+        return pb.GetServerInfoResponse(
+            base_model=name, base_fingerprint=self._engine.base.fingerprint, quantization=c.base.quantization,
+            architecture=self._engine.base.model_type, version=__version__,
+            limits=pb.Limits(max_lora_rank=c.max_lora_rank, max_loras=c.max_loras, max_cpu_loras=c.max_cpu_loras,
+                             max_batch_size=c.max_batch_size, max_queue=c.max_queue,
+                             max_input_tokens=c.max_input_tokens, max_new_tokens=c.max_new_tokens_limit))

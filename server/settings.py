@@ -1,0 +1,124 @@
+"""The server's settings: defaults < YAML config file < LORASERVE_* environment < flags.
+
+Every setting is declared once in `SETTINGS` (name, type, default, help); the `serve` flags,
+the YAML keys (the same names with underscores) and the environment variables
+(LORASERVE_<NAME>) all come from that table, so the three can never drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from server.config import QUANTIZATIONS, BaseModelConfig, EngineConfig
+from server.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    type: type
+    default: object
+    help: str
+    many: bool = False  # a list: repeat the flag, a YAML list, or a comma-separated env value
+
+
+SETTINGS = (
+    Setting("model", str, None, "base model: a local model directory or a hub id"),
+    Setting("adapters_dir", str, "adapters", "the adapter store (source of truth, survives restarts)"),
+    Setting("host", str, "[::]", "address the gRPC server binds"),
+    Setting("port", int, 50051, "gRPC port"),
+    Setting("metrics_port", int, 9400, "Prometheus /metrics port (0 = off)"),
+    Setting("quantization", str, "nf4", f"base quantization: {', '.join(QUANTIZATIONS)}"),
+    Setting("dtype", str, "auto", "compute dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32"),
+    Setting("max_loras", int, 4, "adapter slots on the accelerator (most distinct adapters per batch)"),
+    Setting("max_cpu_loras", int, 16, "adapters kept decoded in host memory"),
+    Setting("max_lora_rank", int, 64, "highest adapter rank accepted"),
+    Setting("max_batch_size", int, 32, "most sequences decoding together"),
+    Setting("max_queue", int, 256, "most waiting requests; beyond it RESOURCE_EXHAUSTED"),
+    Setting("max_input_tokens", int, 4096, "longest prompt in tokens"),
+    Setting("max_new_tokens", int, 2048, "largest max_new_tokens a request may ask for"),
+    Setting("max_adapter_bytes", int, 2 * 1024**3, "largest adapter accepted (bytes)"),
+    Setting("max_store_bytes", int, 0, "total size of the adapter store (bytes; 0 = unlimited)"),
+    Setting("import_roots", str, [], "directories RegisterAdapter may read from (default: none)", many=True),
+    Setting("preload", str, [], "adapters to load into host memory at start", many=True),
+    Setting("pin", str, [], "adapters to pin in accelerator slots at start", many=True),
+    Setting("drain_timeout", float, 30.0, "seconds running requests get to finish after SIGTERM"),
+)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Validated settings of one server process."""
+
+    values: dict
+
+    def __getattr__(self, name: str):
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def engine_config(self) -> EngineConfig:
+        v = self.values
+        return EngineConfig(
+            base=BaseModelConfig(model=v["model"], quantization=v["quantization"], dtype=v["dtype"]),
+            max_loras=v["max_loras"], max_cpu_loras=v["max_cpu_loras"], max_lora_rank=v["max_lora_rank"],
+            max_batch_size=v["max_batch_size"], max_queue=v["max_queue"], max_input_tokens=v["max_input_tokens"],
+            max_new_tokens_limit=v["max_new_tokens"], max_prefill_tokens=max(4096, v["max_input_tokens"]))
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="YAML file with any of the settings below")
+    for s in SETTINGS:
+        flag = "--" + s.name.replace("_", "-")
+        help_text = f"{s.help} [env LORASERVE_{s.name.upper()}] (default: {s.default!r})"
+        if s.many:
+            parser.add_argument(flag, action="append", default=None, help=help_text + "; repeatable")
+        else:
+            parser.add_argument(flag, type=s.type, default=None, help=help_text)
+
+
+def resolve(args: argparse.Namespace, environ: dict[str, str] | None = None) -> ServerSettings:
+    """Merge defaults, the YAML file, the environment and flags; validate."""
+    environ = os.environ if environ is None else environ
+    values = {s.name: s.default for s in SETTINGS}
+    if args.config:
+        data = yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {args.config} must hold a mapping of settings")
+        unknown = set(data) - set(values)
+        if unknown:
+            raise ConfigError(f"unknown settings in {args.config}: {', '.join(sorted(unknown))}")
+        values.update({k: _coerce(_setting(k), v, f"{args.config}:{k}") for k, v in data.items()})
+    for s in SETTINGS:
+        raw = environ.get(f"LORASERVE_{s.name.upper()}")
+        if raw is not None:
+            values[s.name] = _coerce(s, raw.split(",") if s.many else raw, f"LORASERVE_{s.name.upper()}")
+    for s in SETTINGS:
+        given = getattr(args, s.name, None)
+        if given is not None:
+            values[s.name] = _coerce(s, given, "--" + s.name.replace("_", "-"))
+    if not values["model"]:
+        raise ConfigError("no base model: give --model, LORASERVE_MODEL or `model:` in the config file")
+    settings = ServerSettings(values)
+    settings.engine_config()  # validates the engine's part now, naming the setting
+    return settings
+
+
+def _setting(name: str) -> Setting:
+    return next(s for s in SETTINGS if s.name == name)
+
+
+def _coerce(s: Setting, value, where: str):
+    try:
+        if s.many:
+            items = value if isinstance(value, list) else [value]
+            return [s.type(v) for v in items if str(v) != ""]
+        return s.type(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {value!r} is not a valid {s.type.__name__}") from None
