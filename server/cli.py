@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from collections.abc import Callable
 
 from server import __version__
 
@@ -37,9 +39,82 @@ def _bench_engine(args: argparse.Namespace) -> int:
     return run_engine_bench(args)
 
 
+def _client_command(name: str) -> Callable[[argparse.Namespace], int]:
+    """A handler that runs server.client_cli.<name>, imported only when that command runs."""
+    def handler(args: argparse.Namespace) -> int:
+        from server import client_cli
+
+        return getattr(client_cli, name)(args)
+    return handler
+
+
+def _client_flags() -> argparse.ArgumentParser:
+    """Flags every client command takes, after its own name (a parent parser)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--server", default=os.environ.get("LORASERVE_SERVER", "127.0.0.1:50051"),
+                   help="HOST:PORT of the server [env LORASERVE_SERVER]")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.add_argument("--timeout", type=float, default=None, help="deadline of each call in seconds (default: none)")
+    return p
+
+
+def _sampling_flags() -> argparse.ArgumentParser:
+    """Generation flags shared by generate and chat (unset: the server's documented defaults)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--adapter", default="", help="adapter name (default: the base model alone)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default 64 (server side)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=None, help="in (0, 1]; unset = 1")
+    p.add_argument("--top-k", type=int, default=0, help="0 = no limit")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats; unset = 1")
+    p.add_argument("--seed", type=int, default=None, help="same request + same seed = same tokens")
+    p.add_argument("--stop", action="append", default=None, metavar="STR", help="stop string; repeatable")
+    return p
+
+
+def _add_client_commands(sub: argparse._SubParsersAction) -> None:
+    """generate, chat, adapters, health, info: clients of a running server (server.client_cli)."""
+    common, sampling = _client_flags(), _sampling_flags()
+    p = sub.add_parser("generate", parents=[common, sampling], help="generate from a prompt (streamed by default)")
+    p.add_argument("prompt", help="the prompt text; - reads it from stdin")
+    p.add_argument("--no-stream", action="store_true", help="print the whole output at the end")
+    p.add_argument("--request-id", default="", help="echoed in server logs and the result (default: generated)")
+    p.set_defaults(func=_client_command("generate"))
+
+    p = sub.add_parser("chat", parents=[common, sampling],
+                       help="interactive chat on stdin (the server applies the chat template); /reset, /exit")
+    p.add_argument("--system", default="", help="a system message opening the conversation")
+    p.set_defaults(func=_client_command("chat"))
+
+    p = sub.add_parser("adapters", help="list and manage the server's adapters")
+    actions = p.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", parents=[common], help="every registered adapter, its tier and pin")
+    for action, help_text in (("show", "one adapter's manifest and residency"), ("remove", "unregister"),
+                              ("pin", "keep in an accelerator slot"), ("unpin", "allow eviction again")):
+        actions.add_parser(action, parents=[common], help=help_text).add_argument("name")
+    a = actions.add_parser("register", parents=[common], help="register a directory under a server import root")
+    a.add_argument("name")
+    a.add_argument("path", help="a directory on the server, under one of its --import-roots")
+    a.add_argument("--replace", action="store_true", help="replace an adapter of that name with new content")
+    a = actions.add_parser("upload", parents=[common], help="upload a local PEFT adapter directory")
+    a.add_argument("name")
+    a.add_argument("directory", help="a local directory with adapter_config.json and adapter_model.safetensors")
+    a.add_argument("--replace", action="store_true", help="replace an adapter of that name with new content")
+    a = actions.add_parser("validate", parents=[common], help="check a server-side directory; register nothing")
+    a.add_argument("name")
+    a.add_argument("path", help="a directory on the server, under one of its --import-roots")
+    p.set_defaults(func=_client_command("adapters"))
+
+    p = sub.add_parser("health", parents=[common], help="health status; exit 0 only when SERVING")
+    p.add_argument("--service", default="", help="a service name (default: the whole server)")
+    p.set_defaults(func=_client_command("health"))
+
+    p = sub.add_parser("info", parents=[common], help="the served base model and the server's limits")
+    p.set_defaults(func=_client_command("info"))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from server.base.synthetic import ARCHS, SIZES
-    from server.config import QUANTIZATIONS
+    from server.config import ARCHS, QUANTIZATIONS, SIZES
 
     parser = argparse.ArgumentParser(prog="loraserve", description=(
         "Serve many LoRA adapters on one quantized DeepSeek base, chosen per request."),
@@ -86,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3, help="alternating rounds; medians are reported")
     b.add_argument("--workdir", default=None, help="where to build the base and adapters (default: a temp dir)")
     b.set_defaults(func=_bench_engine)
+
+    _add_client_commands(sub)
     return parser
 
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import grpc
-
 from server.api.gen.loraserve.v1 import adapters_pb2 as pb
 from server.api.gen.loraserve.v1 import adapters_pb2_grpc
 from server.api.status import abort
@@ -74,6 +72,7 @@ class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
         status, created = await self._call(context, self._registry.upload, header.name,
                                            {k: bytes(v) for k, v in files.items()}, header.replace)
         return pb.UploadAdapterResponse(adapter=status_to_proto(status), created=created)
+
 
     async def ValidateAdapter(self, request, context):
         manifest = await self._call(context, self._registry.validate, request.name, request.path)

@@ -17,8 +17,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from server.api.gen.loraserve.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
-from server.api.gen.loraserve.v1 import server_info_pb2, server_info_pb2_grpc
+from server.api.gen.loraserve.v1 import (
+    adapters_pb2,
+    adapters_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+    server_info_pb2,
+    server_info_pb2_grpc,
+)
 from server.api.inference import InferenceServicer
 from server.api.metrics import ServerMetrics
 from server.api.server_info import ServerInfoServicer

@@ -34,9 +34,7 @@ from transformers import (
 )
 
 from server.base.tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID, build_tokenizer
-
-ARCHS = ("deepseek-v3", "deepseek-v2", "deepseek-llm")
-SIZES = ("tiny", "small")
+from server.config import ARCHS, SIZES  # noqa: E402  (re-exported: the CLI lists them without torch)
 
 # A prompt plus generation comfortably fits; real DeepSeek configs say 4096 before RoPE scaling.
 MAX_POSITION_EMBEDDINGS = 4096

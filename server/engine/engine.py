@@ -187,14 +187,14 @@ class Engine:
             raise InvalidArgument(
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({request.sampling.max_new_tokens}) exceeds the "
                 f"model's context of {self.max_context} tokens")
-        if request.adapter and not ADAPTER_NAME.match(request.adapter):
+        if request.adapter and not ADAPTER_NAME.fullmatch(request.adapter):
             raise InvalidArgument(f"invalid adapter name {request.adapter!r}: use letters, digits, '.', '_', '-' "
                                   "(at most 128, starting with a letter or digit)")
 
     # ---- adapters ----------------------------------------------------------------------
     def check_adapter(self, name: str, path: str | Path) -> tuple[LoraWeights, str]:
         """Full validation of an adapter directory against this base, publishing nothing."""
-        if not ADAPTER_NAME.match(name):
+        if not ADAPTER_NAME.fullmatch(name):
             raise InvalidArgument(f"invalid adapter name {name!r}: use letters, digits, '.', '_', '-' "
                                   "(at most 128, starting with a letter or digit)")
         config, tensors, digest = read_adapter_dir(path, name)

@@ -1,27 +1,31 @@
 """Adapters by name for the API: the store on disk is the source of truth, the engine serves
-what the store holds. Every register/upload runs the full check — path inside an import root,
-safetensors header against the base before any tensor is allocated, the engine's LoRA checks —
-before anything is published. One lock orders publish and engine registration, so concurrent
-register/unregister of one name can never leave the store and the engine disagreeing."""
+what the store holds.
+
+Every register/upload stages the files inside the store first (size caps, config as plain
+data, safetensors header checked before any tensor is allocated), then validates that staged
+copy — header shapes against the base, code-loading config keys, the engine's LoRA checks —
+and only then commits it: what was checked is exactly what is published, with no window for
+the source to change in between. One lock orders commit and engine registration, so
+concurrent register/unregister of a name never leave the store and the engine disagreeing.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
-import shutil
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from server.engine.engine import ADAPTER_NAME, Engine
 from server.errors import AdapterIncompatible, AdapterNotFound, InvalidArgument
-from server.store.adapter_store import AdapterStore, Manifest
+from server.store.adapter_store import AdapterStore, StagedAdapter
 from server.store.import_roots import resolve_import_path
-from server.store.peft_files import CONFIG_FILE, WEIGHTS_FILE
+from server.store.layout import Manifest, now_rfc3339
+from server.store.peft_files import CONFIG_FILE, PICKLE_FILES, WEIGHTS_FILE
 from server.store.safetensors_check import check_safetensors_header
 
 log = logging.getLogger(__name__)
-MAX_CONFIG_BYTES = 1024 * 1024
 # Config keys that would make a loader import or run code (transformers' auto_map and friends).
 CODE_KEYS = ("auto_map", "custom_code", "trust_remote_code")
 
@@ -33,6 +37,15 @@ class AdapterStatus:
     pinned: bool
 
 
+@dataclass(frozen=True)
+class Checked:
+    """What validation learned about a staged adapter, for its manifest."""
+
+    r: int
+    lora_alpha: float
+    target_modules: tuple[str, ...]
+
+
 class AdapterRegistry:
     def __init__(self, engine: Engine, settings) -> None:
         self.engine = engine
@@ -42,19 +55,19 @@ class AdapterRegistry:
         self.max_adapter_bytes = settings.max_adapter_bytes
         self._lock = threading.Lock()
         for problem in self.store.problems:
-            log.error("adapter store: %s (not served)", problem)
+            log.error("adapter store: %s: %s (not served)", problem.name, problem.message)
 
     # ---- start-up ----------------------------------------------------------------------
     def load_store(self, preload: list[str], pin: list[str]) -> None:
-        """Serve every adapter of the store built for this base; warm and pin as configured."""
+        """Serve every stored adapter built for this base; warm and pin as configured."""
         for manifest in self.store.list():
-            if manifest.base_fingerprint and manifest.base_fingerprint != self.engine.base.fingerprint:
-                log.error("adapter %s was built for base %s, not the served %s: not served", manifest.name,
+            if manifest.base_fingerprint != self.engine.base.fingerprint:
+                log.error("adapter %s was built for base %s, not the served base %s: not served", manifest.name,
                           manifest.base_fingerprint[:19], self.engine.base.fingerprint[:19])
                 continue
             try:
                 self.engine.add_adapter(manifest.name, self.store.path_of(manifest.name))
-            except Exception as exc:  # a bad stored adapter must not keep the server from starting
+            except Exception as exc:  # one bad stored adapter must not keep the server from starting
                 log.error("adapter %s in the store cannot be served: %s", manifest.name, exc)
         for name in pin:
             self.engine.pin_adapter(name)
@@ -63,83 +76,66 @@ class AdapterRegistry:
                 self.engine.preload_adapter(name)
 
     # ---- checks ------------------------------------------------------------------------
-    def _check_files(self, name: str, folder: Path) -> tuple[dict, int]:
-        """Everything short of decoding tensors: config as plain data, size caps, header."""
-        if not ADAPTER_NAME.match(name):
+    def _source_files(self, name: str, path: str) -> dict[str, Path]:
+        if not ADAPTER_NAME.fullmatch(name):
             raise InvalidArgument(f"invalid adapter name {name!r}: use letters, digits, '.', '_', '-' "
                                   "(at most 128, starting with a letter or digit)")
-        config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-        if not weights_path.is_file() and any((folder / p).exists() for p in ("adapter_model.bin", "adapter_model.pt")):
-            raise AdapterIncompatible(f"adapter {name!r} has only a pickled adapter_model.bin; "
-                                      f"convert it to {WEIGHTS_FILE} (pickles are never loaded)")
-        if not config_path.is_file() or not weights_path.is_file():
-            raise AdapterIncompatible(f"adapter {name!r} needs {CONFIG_FILE} and {WEIGHTS_FILE}")
-        size = config_path.stat().st_size + weights_path.stat().st_size
-        if size > self.max_adapter_bytes:
-            from server.errors import ResourceExhausted
+        folder = resolve_import_path(path, self.roots)
+        if not (folder / WEIGHTS_FILE).is_file() and any((folder / p).exists() for p in PICKLE_FILES):
+            raise AdapterIncompatible(f"adapter {name!r} has only a pickled weights file; convert it to "
+                                      f"{WEIGHTS_FILE} (pickles are never loaded)")
+        return {CONFIG_FILE: folder / CONFIG_FILE, WEIGHTS_FILE: folder / WEIGHTS_FILE}
 
-            raise ResourceExhausted(f"adapter {name!r} is {size:,} bytes, over the per-adapter limit of "
-                                    f"{self.max_adapter_bytes:,}")
-        if config_path.stat().st_size > MAX_CONFIG_BYTES:
-            raise AdapterIncompatible(f"adapter {name!r}: {CONFIG_FILE} is over {MAX_CONFIG_BYTES:,} bytes")
-        import json
-
-        try:
-            config = json.loads(config_path.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise AdapterIncompatible(f"adapter {name!r}: {CONFIG_FILE} is not valid JSON ({exc})") from None
-        if not isinstance(config, dict):
-            raise AdapterIncompatible(f"adapter {name!r}: {CONFIG_FILE} must hold a JSON object")
+    def _check_staged(self, staged: StagedAdapter) -> Checked:
+        name = staged.name
+        config = json.loads((staged.path / CONFIG_FILE).read_bytes())
         for key in CODE_KEYS:
             if key in config:
-                raise AdapterIncompatible(f"adapter {name!r}: {CONFIG_FILE} has {key!r}, which would load code; "
-                                          "refused")
+                raise AdapterIncompatible(f"adapter {name!r}: {CONFIG_FILE} has {key!r}, which would load code")
         shapes = self.engine.lora_module_shapes()
         max_rank = self.engine.config.max_lora_rank
-        check_safetensors_header(weights_path, max_bytes=self.max_adapter_bytes,
-                                 expected_shapes=lambda key, shape: _expected(key, shape, shapes, max_rank, name))
-        return config, size
+        headers = check_safetensors_header(staged.path / WEIGHTS_FILE, self.max_adapter_bytes,
+                                           label=f"adapter {name!r}: {WEIGHTS_FILE}")
+        for key, header in headers.items():  # still nothing allocated: shapes come from the header
+            _check_shape(key, tuple(header.shape), shapes, max_rank, name)
+        weights, _ = self.engine.check_adapter(name, staged.path)
+        return Checked(weights.rank, float(config.get("lora_alpha", 0)), tuple(sorted(weights.modules)))
 
     def validate(self, name: str, path: str) -> Manifest:
-        """The manifest an adapter would get; publishes nothing."""
-        folder = resolve_import_path(path, self.roots)
-        return self._manifest_of(name, folder, "register")
-
-    def _manifest_of(self, name: str, folder: Path, source: str) -> Manifest:
-        config, _ = self._check_files(name, folder)
-        weights, digest = self.engine.check_adapter(name, folder)
-        return self.store.describe(name, folder, r=weights.rank, lora_alpha=float(config.get("lora_alpha", 0)),
-                                   target_modules=sorted(weights.modules), base_fingerprint=self.engine.base.fingerprint,
-                                   source=source)
+        """The manifest the adapter would get; publishes nothing."""
+        with self.store.stage(name, self._source_files(name, path)) as staged:
+            checked = self._check_staged(staged)
+            return Manifest(name=name, files=staged.files, r=checked.r, lora_alpha=checked.lora_alpha,
+                            target_modules=checked.target_modules, base_fingerprint=self.engine.base.fingerprint,
+                            size_bytes=staged.size_bytes, created_time=now_rfc3339(), source="register")
 
     # ---- changes -----------------------------------------------------------------------
     def register(self, name: str, path: str, replace: bool) -> tuple[AdapterStatus, bool]:
-        folder = resolve_import_path(path, self.roots)
-        return self._publish(name, folder, replace, "register")
+        return self._publish(name, self._source_files(name, path), replace, "register")
 
     def upload(self, name: str, files: dict[str, bytes], replace: bool) -> tuple[AdapterStatus, bool]:
-        """Publish uploaded file contents after the same checks as `register`."""
-        unknown = set(files) - {CONFIG_FILE, WEIGHTS_FILE}
-        if unknown:
-            raise InvalidArgument(f"only {CONFIG_FILE} and {WEIGHTS_FILE} may be uploaded, got {sorted(unknown)}")
-        with tempfile.TemporaryDirectory(prefix=".upload-", dir=self.store.scratch_dir()) as tmp:
-            for file_name, data in files.items():
-                (Path(tmp) / file_name).write_bytes(data)
-            return self._publish(name, Path(tmp), replace, "upload")
+        if not ADAPTER_NAME.fullmatch(name):
+            raise InvalidArgument(f"invalid adapter name {name!r}: use letters, digits, '.', '_', '-' "
+                                  "(at most 128, starting with a letter or digit)")
+        return self._publish(name, files, replace, "upload")
 
-    def _publish(self, name: str, folder: Path, replace: bool, source: str) -> tuple[AdapterStatus, bool]:
-        manifest = self._manifest_of(name, folder, source)
-        with self._lock:
-            stored, created = self.store.publish(name, folder, manifest, replace=replace)
-            self.engine.add_adapter(name, self.store.path_of(name), replace=True)
-        return self.status(name, stored), created
+    def _publish(self, name: str, files, replace: bool, source: str) -> tuple[AdapterStatus, bool]:
+        with self.store.stage(name, files) as staged:
+            checked = self._check_staged(staged)
+            with self._lock:
+                manifest, created = self.store.commit(
+                    staged, r=checked.r, lora_alpha=checked.lora_alpha, target_modules=checked.target_modules,
+                    base_fingerprint=self.engine.base.fingerprint, source=source, replace=replace)
+                if created or not self.engine.has_adapter(name):
+                    self.engine.add_adapter(name, self.store.path_of(name), replace=True)
+        return self.status(name, manifest), created
 
     def unregister(self, name: str) -> None:
         with self._lock:
             self.store.remove(name)
             try:
                 self.engine.remove_adapter(name)
-            except AdapterNotFound:  # in the store but never served (e.g. built for another base)
+            except AdapterNotFound:  # stored but never served (e.g. built for another base)
                 pass
 
     # ---- reads -------------------------------------------------------------------------
@@ -166,21 +162,25 @@ class AdapterRegistry:
         self.engine.unpin_adapter(name)
 
 
-def _expected(key: str, shape: list[int], shapes: dict[str, tuple[int, int]], max_rank: int, name: str) -> None:
-    """Header-level shape check of one tensor against the base (before anything is allocated)."""
-    prefix, suffix = "base_model.model.", (".lora_A.weight", ".lora_B.weight")
-    if not key.startswith(prefix) or not key.endswith(suffix):
-        return None  # the engine's parser names unexpected keys precisely
-    module = key[len(prefix):-len(suffix[0])]
+def _check_shape(key: str, shape: tuple[int, ...], shapes: dict[str, tuple[int, int]], max_rank: int,
+                 name: str) -> None:
+    """Header-level check of one tensor against the base, before anything is allocated. Keys
+    the engine's parser explains better (unexpected names, modules without slots) pass here."""
+    prefix = "base_model.model."
+    for suffix, is_a in ((".lora_A.weight", True), (".lora_B.weight", False)):
+        if key.startswith(prefix) and key.endswith(suffix):
+            module = key[len(prefix):-len(suffix)]
+            break
+    else:
+        return None
     if module not in shapes:
-        return None  # likewise: it explains why the module cannot be targeted
+        return None
     in_features, out_features = shapes[module]
     if len(shape) != 2:
         raise AdapterIncompatible(f"adapter {name!r}: {key} has {len(shape)} dimensions, expected 2")
-    r = shape[0] if key.endswith(suffix[0]) else shape[1]
-    other = shape[1] if key.endswith(suffix[0]) else shape[0]
-    expected_other = in_features if key.endswith(suffix[0]) else out_features
-    if other != expected_other or r > max_rank or r < 1:
-        raise AdapterIncompatible(f"adapter {name!r}: {key} has shape {tuple(shape)}, which does not fit this "
-                                  f"base (needs {expected_other} features and a rank of 1..{max_rank})")
+    rank, features = (shape[0], shape[1]) if is_a else (shape[1], shape[0])
+    needed = in_features if is_a else out_features
+    if features != needed or not 1 <= rank <= max_rank:
+        raise AdapterIncompatible(f"adapter {name!r}: {key} has shape {tuple(shape)}, which does not fit this base "
+                                  f"(needs {needed} features and a rank of 1..{max_rank})")
     return None

@@ -1,0 +1,496 @@
+"""Python clients for a loraserve server: `LoraserveClient` (blocking) and `AsyncLoraserveClient`
+(asyncio), with the same methods. Results are plain frozen dataclasses and every failure is a
+`LoraserveClientError` carrying the gRPC status name, so callers import neither grpc nor torch.
+
+    with LoraserveClient("127.0.0.1:50051") as client:
+        print(client.generate("Hello", adapter="support-v2", max_new_tokens=32).text)
+        for item in client.generate_stream("Hello"):
+            print(item.text, end="")  # StreamEvent deltas, then the final Generation
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Self
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from server.api.gen.loraserve.v1 import adapters_pb2 as apb
+from server.api.gen.loraserve.v1 import adapters_pb2_grpc, inference_pb2_grpc, server_info_pb2_grpc
+from server.api.gen.loraserve.v1 import inference_pb2 as ipb
+from server.api.gen.loraserve.v1 import server_info_pb2 as spb
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+# The files an upload carries, in the order they are sent (the server accepts exactly these).
+UPLOAD_FILES = ("adapter_config.json", "adapter_model.safetensors")
+_FINISH_REASONS = {ipb.FINISH_REASON_LENGTH: "length", ipb.FINISH_REASON_STOP: "stop",
+                   ipb.FINISH_REASON_EOS: "eos", ipb.FINISH_REASON_CANCELLED: "cancelled"}
+_TIERS = {apb.RESIDENCY_TIER_GPU: "gpu", apb.RESIDENCY_TIER_CPU: "cpu", apb.RESIDENCY_TIER_DISK: "disk"}
+
+
+class LoraserveClientError(Exception):
+    """A failed call. `code` is the gRPC status name (NOT_FOUND, UNAVAILABLE, ...); errors found
+    before anything is sent (bad arguments, a missing upload file) use INVALID_ARGUMENT."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One finished generation. finish_reason is length, stop, eos or cancelled; timings are
+    seconds from arrival on the server (queue_s: waiting, first_token_s and total_s: since arrival)."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    adapter: str  # empty for the base model
+    request_id: str
+    queue_s: float
+    first_token_s: float
+    total_s: float
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """New text from a streamed generation (never a split character) and the tokens behind it."""
+
+    text: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class AdapterFile:
+    name: str
+    sha256: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """An adapter's manifest (PEFT vocabulary) and where it lives now. tier is gpu, cpu or disk;
+    it is empty for the result of `validate_adapter`, which registers nothing."""
+
+    name: str
+    r: int
+    lora_alpha: float
+    target_modules: tuple[str, ...]
+    base_fingerprint: str
+    size_bytes: int
+    created_time: str  # RFC 3339, UTC
+    source: str  # register, upload or trainer
+    files: tuple[AdapterFile, ...]
+    tier: str = ""
+    pinned: bool = False
+
+
+@dataclass(frozen=True)
+class Registration:
+    """Result of register/upload: created is False when the same name and content already existed."""
+
+    adapter: Adapter
+    created: bool
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_lora_rank: int
+    max_loras: int
+    max_cpu_loras: int
+    max_batch_size: int
+    max_queue: int
+    max_input_tokens: int
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    base_model: str
+    base_fingerprint: str
+    quantization: str
+    architecture: str
+    version: str
+    limits: Limits
+
+
+def _client_error(exc: grpc.RpcError) -> LoraserveClientError:
+    code = exc.code() if callable(getattr(exc, "code", None)) else None
+    details = exc.details() if callable(getattr(exc, "details", None)) else None
+    return LoraserveClientError(code.name if code is not None else "UNKNOWN", details or str(exc))
+
+
+def _generation_input(prompt: str | None, messages: Sequence[Mapping[str, str]] | None, adapter: str,
+                      max_new_tokens: int | None, temperature: float, top_p: float | None, top_k: int,
+                      repetition_penalty: float | None, seed: int | None, stop: Sequence[str],
+                      request_id: str) -> ipb.GenerationInput:
+    if (prompt is None) == (messages is None):
+        raise LoraserveClientError("INVALID_ARGUMENT", "give exactly one of prompt and messages")
+    if isinstance(stop, str):  # a bare string would be split into single-character stops
+        stop = (stop,)
+    sampling = ipb.SamplingParams(temperature=temperature, top_k=top_k, stop=list(stop))
+    for field, value in (("max_new_tokens", max_new_tokens), ("top_p", top_p),
+                         ("repetition_penalty", repetition_penalty), ("seed", seed)):
+        if value is not None:  # unset optional fields get the server's documented defaults
+            setattr(sampling, field, value)
+    msg = ipb.GenerationInput(adapter=adapter or "", sampling=sampling, request_id=request_id)
+    if prompt is not None:
+        msg.prompt = prompt
+    else:
+        turns = [ipb.ChatMessage(role=m["role"], content=m["content"]) for m in messages]
+        msg.messages.CopyFrom(ipb.Messages(messages=turns))
+    return msg
+
+
+def _generation(s: ipb.GenerationSummary) -> Generation:
+    return Generation(text=s.text, token_ids=tuple(s.token_ids),
+                      finish_reason=_FINISH_REASONS.get(s.finish_reason, "unspecified"),
+                      prompt_tokens=s.usage.prompt_tokens, completion_tokens=s.usage.completion_tokens,
+                      adapter=s.adapter, request_id=s.request_id, queue_s=s.timings.queue_seconds,
+                      first_token_s=s.timings.first_token_seconds, total_s=s.timings.total_seconds)
+
+
+def _stream_item(msg: ipb.GenerateStreamResponse) -> StreamEvent | Generation:
+    if msg.WhichOneof("event") == "summary":
+        return _generation(msg.summary)
+    return StreamEvent(text=msg.delta.text, token_ids=tuple(msg.delta.token_ids))
+
+
+def _adapter(m: apb.AdapterManifest, tier: str = "", pinned: bool = False) -> Adapter:
+    return Adapter(name=m.name, r=m.r, lora_alpha=m.lora_alpha, target_modules=tuple(m.target_modules),
+                   base_fingerprint=m.base_fingerprint, size_bytes=m.size_bytes, created_time=m.created_time,
+                   source=m.source, files=tuple(AdapterFile(f.name, f.sha256, f.size_bytes) for f in m.files),
+                   tier=tier, pinned=pinned)
+
+
+def _status(s: apb.AdapterStatus) -> Adapter:
+    return _adapter(s.manifest, _TIERS.get(s.tier, "unspecified"), s.pinned)
+
+
+def _server_info(r: spb.GetServerInfoResponse) -> ServerInfo:
+    limits = Limits(**{name: getattr(r.limits, name) for name in Limits.__dataclass_fields__})
+    return ServerInfo(base_model=r.base_model, base_fingerprint=r.base_fingerprint, quantization=r.quantization,
+                      architecture=r.architecture, version=r.version, limits=limits)
+
+
+def _upload_files(directory: str | Path, chunk_bytes: int) -> list[Path]:
+    """The files to upload, checked before the RPC starts so a typo fails without a round trip."""
+    if chunk_bytes <= 0:
+        raise LoraserveClientError("INVALID_ARGUMENT", f"chunk_bytes must be positive, got {chunk_bytes}")
+    paths = [Path(directory) / name for name in UPLOAD_FILES]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise LoraserveClientError("INVALID_ARGUMENT", f"{directory} has no {' or '.join(missing)}")
+    return paths
+
+
+def _upload_messages(name: str, paths: list[Path], replace: bool,
+                     chunk_bytes: int) -> Iterator[apb.UploadAdapterRequest]:
+    """The header, then each file in chunks of at most chunk_bytes (at least one chunk per file,
+    so an empty file still reaches the server and is rejected there with its reason)."""
+    yield apb.UploadAdapterRequest(header=apb.UploadHeader(name=name, replace=replace))
+    for path in paths:
+        with path.open("rb") as f:
+            data = f.read(chunk_bytes)
+            while True:
+                yield apb.UploadAdapterRequest(chunk=apb.FileChunk(file_name=path.name, data=data))
+                data = f.read(chunk_bytes)
+                if not data:
+                    break
+
+
+class _Stubs:
+    """The service stubs of one channel (sync or asyncio: the generated stubs accept both)."""
+
+    def __init__(self, channel: Any) -> None:
+        self.inference = inference_pb2_grpc.InferenceServiceStub(channel)
+        self.adapters = adapters_pb2_grpc.AdapterServiceStub(channel)
+        self.info = server_info_pb2_grpc.ServerInfoServiceStub(channel)
+        self.health = health_pb2_grpc.HealthStub(channel)
+
+
+class GenerationStream:
+    """Iterator over one streamed generation: a StreamEvent per text delta, then the Generation as
+    the last item. Leaving early (break, an exception, close(), the `with` block) cancels the RPC,
+    so the server stops generating for it."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self._done = False
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> StreamEvent | Generation:
+        if self._done:
+            raise StopIteration
+        try:
+            item = _stream_item(next(self._call))
+        except StopIteration:
+            self._done = True
+            raise LoraserveClientError("INTERNAL", "the stream ended without a summary") from None
+        except grpc.RpcError as exc:
+            self._done = True
+            raise _client_error(exc) from None
+        self._done = isinstance(item, Generation)
+        return item
+
+    def close(self) -> None:
+        """Cancel the RPC unless it already finished."""
+        if not self._done:
+            self._done = True
+            self._call.cancel()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # breaking out of a `for` drops the last reference
+        self.close()
+
+
+class AsyncGenerationStream:
+    """The asyncio form of GenerationStream (`async for`, `async with`, `aclose()`)."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self._done = False
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> StreamEvent | Generation:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            msg = await self._call.read()
+        except grpc.RpcError as exc:
+            self._done = True
+            raise _client_error(exc) from None
+        if msg is grpc.aio.EOF:
+            self._done = True
+            raise LoraserveClientError("INTERNAL", "the stream ended without a summary")
+        item = _stream_item(msg)
+        self._done = isinstance(item, Generation)
+        return item
+
+    def cancel(self) -> None:
+        """Cancel the RPC unless it already finished (synchronous: safe from __del__)."""
+        if not self._done:
+            self._done = True
+            self._call.cancel()
+
+    async def aclose(self) -> None:
+        self.cancel()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.cancel()
+
+    def __del__(self) -> None:  # an async generator would only be closed later by the loop
+        self.cancel()
+
+
+class _Base:
+    def __init__(self, target: str, timeout: float | None, channel: Any) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._channel = channel
+        self._stubs = _Stubs(channel)
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+
+class LoraserveClient(_Base):
+    """Blocking client over one insecure channel. `timeout` (seconds) is the default deadline of
+    every call (None: no deadline); each method's own `timeout` overrides it."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, timeout: float | None = None) -> None:
+        super().__init__(target, timeout, grpc.insecure_channel(target))
+
+    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return method(request, timeout=self._deadline(timeout))
+        except grpc.RpcError as exc:
+            raise _client_error(exc) from None
+
+    def generate(self, prompt: str | None = None, messages: Sequence[Mapping[str, str]] | None = None,
+                 adapter: str = "", max_new_tokens: int | None = None, temperature: float = 0.0,
+                 top_p: float | None = None, top_k: int = 0, repetition_penalty: float | None = None,
+                 seed: int | None = None, stop: Sequence[str] = (), request_id: str = "",
+                 timeout: float | None = None) -> Generation:
+        """Generate on the base (adapter "") or a named adapter; give `prompt` (raw text) or
+        `messages` ([{"role", "content"}], formatted with the base's chat template on the server)."""
+        msg = _generation_input(prompt, messages, adapter, max_new_tokens, temperature, top_p, top_k,
+                                repetition_penalty, seed, stop, request_id)
+        return _generation(self._call(self._stubs.inference.Generate, ipb.GenerateRequest(input=msg), timeout).summary)
+
+    def generate_stream(self, prompt: str | None = None, messages: Sequence[Mapping[str, str]] | None = None,
+                        adapter: str = "", max_new_tokens: int | None = None, temperature: float = 0.0,
+                        top_p: float | None = None, top_k: int = 0, repetition_penalty: float | None = None,
+                        seed: int | None = None, stop: Sequence[str] = (), request_id: str = "",
+                        timeout: float | None = None) -> GenerationStream:
+        """As `generate`, streamed: StreamEvent deltas, then the Generation (see GenerationStream)."""
+        msg = _generation_input(prompt, messages, adapter, max_new_tokens, temperature, top_p, top_k,
+                                repetition_penalty, seed, stop, request_id)
+        call = self._stubs.inference.GenerateStream(ipb.GenerateStreamRequest(input=msg),
+                                                    timeout=self._deadline(timeout))
+        return GenerationStream(call)
+
+    def register_adapter(self, name: str, path: str, replace: bool = False,
+                         timeout: float | None = None) -> Registration:
+        """Register a directory under one of the server's import roots (a path on the server)."""
+        r = self._call(self._stubs.adapters.RegisterAdapter,
+                       apb.RegisterAdapterRequest(name=name, path=path, replace=replace), timeout)
+        return Registration(_status(r.adapter), r.created)
+
+    def upload_adapter(self, name: str, directory: str | Path, replace: bool = False, chunk_bytes: int = 1 << 20,
+                       timeout: float | None = None) -> Registration:
+        """Send a local PEFT adapter directory's config and weights to the server."""
+        messages = _upload_messages(name, _upload_files(directory, chunk_bytes), replace, chunk_bytes)
+        r = self._call(self._stubs.adapters.UploadAdapter, messages, timeout)
+        return Registration(_status(r.adapter), r.created)
+
+    def validate_adapter(self, name: str, path: str, timeout: float | None = None) -> Adapter:
+        """Every check of register on a server-side directory; the manifest it would get."""
+        r = self._call(self._stubs.adapters.ValidateAdapter, apb.ValidateAdapterRequest(name=name, path=path), timeout)
+        return _adapter(r.manifest)
+
+    def unregister_adapter(self, name: str, timeout: float | None = None) -> None:
+        self._call(self._stubs.adapters.UnregisterAdapter, apb.UnregisterAdapterRequest(name=name), timeout)
+
+    def list_adapters(self, timeout: float | None = None) -> list[Adapter]:
+        r = self._call(self._stubs.adapters.ListAdapters, apb.ListAdaptersRequest(), timeout)
+        return [_status(s) for s in r.adapters]
+
+    def get_adapter(self, name: str, timeout: float | None = None) -> Adapter:
+        return _status(self._call(self._stubs.adapters.GetAdapter, apb.GetAdapterRequest(name=name), timeout).adapter)
+
+    def pin_adapter(self, name: str, timeout: float | None = None) -> None:
+        self._call(self._stubs.adapters.PinAdapter, apb.PinAdapterRequest(name=name), timeout)
+
+    def unpin_adapter(self, name: str, timeout: float | None = None) -> None:
+        self._call(self._stubs.adapters.UnpinAdapter, apb.UnpinAdapterRequest(name=name), timeout)
+
+    def server_info(self, timeout: float | None = None) -> ServerInfo:
+        return _server_info(self._call(self._stubs.info.GetServerInfo, spb.GetServerInfoRequest(), timeout))
+
+    def health(self, service: str = "", timeout: float | None = None) -> str:
+        """The standard health status name: SERVING, NOT_SERVING, UNKNOWN or SERVICE_UNKNOWN."""
+        r = self._call(self._stubs.health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncLoraserveClient(_Base):
+    """The asyncio client: the same methods as LoraserveClient, awaited, except `generate_stream`,
+    which returns an AsyncGenerationStream at once. Create it inside the running event loop."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, timeout: float | None = None) -> None:
+        super().__init__(target, timeout, grpc.aio.insecure_channel(target))
+
+    async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return await method(request, timeout=self._deadline(timeout))
+        except grpc.RpcError as exc:
+            raise _client_error(exc) from None
+
+    async def generate(self, prompt: str | None = None, messages: Sequence[Mapping[str, str]] | None = None,
+                       adapter: str = "", max_new_tokens: int | None = None, temperature: float = 0.0,
+                       top_p: float | None = None, top_k: int = 0, repetition_penalty: float | None = None,
+                       seed: int | None = None, stop: Sequence[str] = (), request_id: str = "",
+                       timeout: float | None = None) -> Generation:
+        msg = _generation_input(prompt, messages, adapter, max_new_tokens, temperature, top_p, top_k,
+                                repetition_penalty, seed, stop, request_id)
+        r = await self._call(self._stubs.inference.Generate, ipb.GenerateRequest(input=msg), timeout)
+        return _generation(r.summary)
+
+    def generate_stream(self, prompt: str | None = None, messages: Sequence[Mapping[str, str]] | None = None,
+                        adapter: str = "", max_new_tokens: int | None = None, temperature: float = 0.0,
+                        top_p: float | None = None, top_k: int = 0, repetition_penalty: float | None = None,
+                        seed: int | None = None, stop: Sequence[str] = (), request_id: str = "",
+                        timeout: float | None = None) -> AsyncGenerationStream:
+        msg = _generation_input(prompt, messages, adapter, max_new_tokens, temperature, top_p, top_k,
+                                repetition_penalty, seed, stop, request_id)
+        call = self._stubs.inference.GenerateStream(ipb.GenerateStreamRequest(input=msg),
+                                                    timeout=self._deadline(timeout))
+        return AsyncGenerationStream(call)
+
+    async def register_adapter(self, name: str, path: str, replace: bool = False,
+                               timeout: float | None = None) -> Registration:
+        r = await self._call(self._stubs.adapters.RegisterAdapter,
+                             apb.RegisterAdapterRequest(name=name, path=path, replace=replace), timeout)
+        return Registration(_status(r.adapter), r.created)
+
+    async def upload_adapter(self, name: str, directory: str | Path, replace: bool = False,
+                             chunk_bytes: int = 1 << 20, timeout: float | None = None) -> Registration:
+        paths = _upload_files(directory, chunk_bytes)
+        # File reads happen in a worker thread, one chunk at a time: the loop is never blocked.
+        messages = _threaded(_upload_messages(name, paths, replace, chunk_bytes))
+        r = await self._call(self._stubs.adapters.UploadAdapter, messages, timeout)
+        return Registration(_status(r.adapter), r.created)
+
+    async def validate_adapter(self, name: str, path: str, timeout: float | None = None) -> Adapter:
+        r = await self._call(self._stubs.adapters.ValidateAdapter, apb.ValidateAdapterRequest(name=name, path=path),
+                             timeout)
+        return _adapter(r.manifest)
+
+    async def unregister_adapter(self, name: str, timeout: float | None = None) -> None:
+        await self._call(self._stubs.adapters.UnregisterAdapter, apb.UnregisterAdapterRequest(name=name), timeout)
+
+    async def list_adapters(self, timeout: float | None = None) -> list[Adapter]:
+        r = await self._call(self._stubs.adapters.ListAdapters, apb.ListAdaptersRequest(), timeout)
+        return [_status(s) for s in r.adapters]
+
+    async def get_adapter(self, name: str, timeout: float | None = None) -> Adapter:
+        r = await self._call(self._stubs.adapters.GetAdapter, apb.GetAdapterRequest(name=name), timeout)
+        return _status(r.adapter)
+
+    async def pin_adapter(self, name: str, timeout: float | None = None) -> None:
+        await self._call(self._stubs.adapters.PinAdapter, apb.PinAdapterRequest(name=name), timeout)
+
+    async def unpin_adapter(self, name: str, timeout: float | None = None) -> None:
+        await self._call(self._stubs.adapters.UnpinAdapter, apb.UnpinAdapterRequest(name=name), timeout)
+
+    async def server_info(self, timeout: float | None = None) -> ServerInfo:
+        return _server_info(await self._call(self._stubs.info.GetServerInfo, spb.GetServerInfoRequest(), timeout))
+
+    async def health(self, service: str = "", timeout: float | None = None) -> str:
+        r = await self._call(self._stubs.health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def _threaded(messages: Iterator[apb.UploadAdapterRequest]):
+    """Yield from a blocking iterator, each step in a worker thread."""
+    done = object()
+    while (msg := await asyncio.to_thread(next, messages, done)) is not done:
+        yield msg

@@ -1,0 +1,592 @@
+"""The adapter store on disk: publish/get/list/remove, persistence, crash safety (processes
+killed at every durable step and at random times), concurrency, quotas, start-up verification,
+and the two gates in front of it: import roots and the safetensors header check.
+
+Most adapters here are small hand-written safetensors files (fast, and the store never looks
+inside the tensors); one pair of real PEFT adapters on a tiny DeepSeek base checks that a
+published version is exactly what `read_adapter_dir` reads, digest included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from server.errors import (
+    AdapterAlreadyExists,
+    AdapterIncompatible,
+    AdapterNotFound,
+    ConfigError,
+    InvalidArgument,
+    ResourceExhausted,
+)
+from server.store.adapter_store import AdapterStore
+from server.store.import_roots import resolve_import_path
+from server.store.layout import CONFIG_FILE, CURRENT_LINK, MANIFEST_FILE, WEIGHTS_FILE, Manifest
+from server.store.safetensors_check import check_safetensors_header
+
+REPO = Path(__file__).resolve().parents[1]
+FIELDS = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "base_fingerprint": "sha256:base",
+          "source": "register"}
+MB = 1 << 20
+
+
+# ---- building adapters ---------------------------------------------------------------------
+def st_bytes(header: object, data: bytes = b"", header_len: int | None = None) -> bytes:
+    """A safetensors file written by hand: u64 header length, JSON header, data section."""
+    raw = json.dumps(header).encode() if not isinstance(header, bytes) else header
+    return struct.pack("<Q", len(raw) if header_len is None else header_len) + raw + data
+
+
+def adapter_files(seed: int, weights_bytes: int = 4096) -> dict[str, bytes]:
+    """A small valid adapter (one F32 tensor pair) whose content depends on `seed`."""
+    n = weights_bytes // 8  # two F32 tensors of n/... elements each
+    data = random.Random(seed).randbytes(8 * n)
+    header = {"base_model.model.layers.0.self_attn.q_proj.lora_A.weight": {
+                  "dtype": "F32", "shape": [n], "data_offsets": [0, 4 * n]},
+              "base_model.model.layers.0.self_attn.q_proj.lora_B.weight": {
+                  "dtype": "F32", "shape": [n], "data_offsets": [4 * n, 8 * n]}}
+    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "seed": seed}
+    return {CONFIG_FILE: json.dumps(config).encode(), WEIGHTS_FILE: st_bytes(header, data)}
+
+
+def write_dir(path: Path, files: dict[str, bytes]) -> Path:
+    path.mkdir(parents=True)
+    for name, data in files.items():
+        (path / name).write_bytes(data)
+    return path
+
+
+def assert_whole(store: AdapterStore) -> None:
+    """The on-disk state is exactly one current version per served adapter, no leftovers."""
+    assert not [p.name for p in store.root.iterdir() if p.name.startswith(".tmp-")]
+    for manifest in store.list():
+        name_dir = store.root / manifest.name
+        assert sorted(p.name for p in name_dir.iterdir()) == sorted([CURRENT_LINK, store.path_of(manifest.name).name])
+        assert (name_dir / CURRENT_LINK).resolve() == store.path_of(manifest.name)
+
+
+@pytest.fixture(scope="module")
+def peft_adapters(tmp_path_factory) -> list[Path]:
+    """Two real PEFT adapters (different seeds) on a tiny DeepSeek-V3 base."""
+    from transformers import AutoModelForCausalLM
+
+    from server.base.synthetic import init_model
+    from server.lora.synthetic import make_random_adapter
+    root = tmp_path_factory.mktemp("peft")
+    base = init_model(root / "base", "deepseek-v3", "tiny", seed=0)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    return [make_random_adapter(base, root / f"a{seed}", r=8, target="attention", seed=seed, model=model)
+            for seed in (0, 1)]
+
+
+@pytest.fixture
+def store(tmp_path) -> Iterator[AdapterStore]:
+    s = AdapterStore(tmp_path / "store", max_adapter_bytes=64 * MB)
+    yield s
+    s.close()
+
+
+# ---- the basic contract --------------------------------------------------------------------
+def test_publish_get_list_remove(store):
+    manifest, created = store.publish("alpha", adapter_files(1), **FIELDS)
+    assert created and manifest.name == "alpha" and manifest.r == 8 and manifest.lora_alpha == 16.0
+    assert manifest.target_modules == ("q_proj", "v_proj") and manifest.source == "register"
+    assert manifest.size_bytes == sum(len(b) for b in adapter_files(1).values())
+    assert manifest.created_time.endswith("Z") and manifest.digest.startswith("sha256:")
+    assert store.get("alpha") == manifest and store.list() == [manifest]
+    assert (store.path_of("alpha") / WEIGHTS_FILE).read_bytes() == adapter_files(1)[WEIGHTS_FILE]
+    assert store.total_bytes() == manifest.size_bytes
+    store.publish("beta", adapter_files(2), **FIELDS)
+    assert [m.name for m in store.list()] == ["alpha", "beta"]
+    store.remove("alpha")
+    assert [m.name for m in store.list()] == ["beta"]
+    assert not (store.root / "alpha").exists()
+    for call in (store.get, store.path_of, store.remove):
+        with pytest.raises(AdapterNotFound, match="'alpha'"):
+            call("alpha")
+    assert_whole(store)
+
+
+def test_real_peft_adapter_reads_back_with_the_same_digest(store, peft_adapters):
+    from server.store.peft_files import read_adapter_dir
+    src = peft_adapters[0]
+    manifest, _ = store.publish("real", {f: src / f for f in (CONFIG_FILE, WEIGHTS_FILE)}, **FIELDS)
+    config, tensors, digest = read_adapter_dir(store.path_of("real"), "real")
+    _, _, source_digest = read_adapter_dir(src, "real")
+    assert digest == manifest.digest == source_digest and config["r"] == 8 and tensors
+    header = check_safetensors_header(src / WEIGHTS_FILE, max_bytes=64 * MB)
+    assert {k: (str(t.dtype), list(t.shape)) for k, t in tensors.items()} == \
+        {k: ({"F32": "torch.float32"}[h.dtype], list(h.shape)) for k, h in header.items()}
+
+
+def test_same_content_is_a_no_op_and_different_content_needs_replace(store):
+    first, created = store.publish("a", adapter_files(1), **FIELDS)
+    path = store.path_of("a")
+    again, created_again = store.publish("a", adapter_files(1), **{**FIELDS, "source": "upload"}, replace=True)
+    assert created and not created_again and again == first and store.path_of("a") == path
+    with pytest.raises(AdapterAlreadyExists, match="'a'.*replace"):
+        store.publish("a", adapter_files(2), **FIELDS)
+    assert store.get("a") == first
+    replaced, created = store.publish("a", adapter_files(2), **FIELDS, replace=True)
+    assert created and replaced.digest != first.digest and store.get("a") == replaced
+    assert not path.exists()  # the superseded version is deleted
+    assert_whole(store)
+
+
+def test_published_adapters_survive_a_restart(tmp_path):
+    root = tmp_path / "store"
+    with AdapterStore(root, max_adapter_bytes=MB) as store:
+        before = [store.publish(n, adapter_files(i), **FIELDS)[0] for i, n in enumerate(["x", "y.v2", "Z_3"])]
+        store.remove("y.v2")
+        with pytest.raises(ConfigError, match="already open"):
+            AdapterStore(root, max_adapter_bytes=MB)  # one owner per directory
+    with AdapterStore(root, max_adapter_bytes=MB) as reopened:
+        assert reopened.list() == [before[2], before[0]] and reopened.problems == []
+        assert reopened.get("x").digest == before[0].digest
+        assert_whole(reopened)
+
+
+def test_stage_then_commit_and_discard(store):
+    with store.stage("s", adapter_files(1)) as staged:
+        assert (staged.path / CONFIG_FILE).is_file() and staged.size_bytes > 0
+        manifest, created = store.commit(staged, **FIELDS)
+    assert created and manifest.digest == staged.digest and store.get("s") == manifest
+    with store.stage("t", adapter_files(2)):
+        pass  # validation failed, say: nothing is published, nothing is left
+    with pytest.raises(AdapterNotFound):
+        store.get("t")
+    assert_whole(store)
+
+
+@pytest.mark.parametrize("name", ["", ".hidden", "..", "a/b", "../x", "-x", "x" * 129, "é", "a b", "a\x00", "a\n"])
+def test_invalid_names_are_refused(store, name):
+    with pytest.raises(InvalidArgument, match="invalid adapter name"):
+        store.publish(name, adapter_files(1), **FIELDS)
+    with pytest.raises(InvalidArgument):
+        store.get(name)
+
+
+@pytest.mark.parametrize("files, error, words", [
+    ({CONFIG_FILE: b"{}"}, AdapterIncompatible, "has no adapter_model.safetensors"),
+    ({**adapter_files(1), "adapter_model.bin": b"x"}, InvalidArgument, "unexpected file 'adapter_model.bin'"),
+    ({**adapter_files(1), CONFIG_FILE: b"not json"}, AdapterIncompatible, "not valid JSON"),
+    ({**adapter_files(1), CONFIG_FILE: b"[1]"}, AdapterIncompatible, "must hold a JSON object"),
+    ({**adapter_files(1), WEIGHTS_FILE: b"\x00" * 4}, AdapterIncompatible, "truncated"),
+])
+def test_bad_files_are_refused_and_leave_nothing(store, files, error, words):
+    with pytest.raises(error, match=words):
+        store.publish("bad", files, **FIELDS)
+    assert store.list() == [] and sorted(p.name for p in store.root.iterdir()) == [".lock"]
+
+
+def test_manifest_fields_are_validated(store):
+    with pytest.raises(InvalidArgument, match="source 'cli'"):
+        store.publish("a", adapter_files(1), **{**FIELDS, "source": "cli"})
+    with pytest.raises(InvalidArgument, match="r must be"):
+        store.publish("a", adapter_files(1), **{**FIELDS, "r": 0})
+    assert sorted(p.name for p in store.root.iterdir()) == [".lock"]
+
+
+# ---- quotas --------------------------------------------------------------------------------
+def test_per_adapter_limit(tmp_path):
+    files = adapter_files(1, weights_bytes=8192)
+    size = sum(len(b) for b in files.values())
+    words = f"adapter 'a' is {size:,} bytes, over the per-adapter limit of {size - 1:,}"
+    with AdapterStore(tmp_path, max_adapter_bytes=size - 1) as store, pytest.raises(ResourceExhausted, match=words):
+        store.publish("a", files, **FIELDS)
+    with AdapterStore(tmp_path, max_adapter_bytes=size) as store:
+        assert store.publish("a", files, **FIELDS)[1]
+
+
+def test_store_limit_counts_replaced_versions_once(tmp_path):
+    size = sum(len(b) for b in adapter_files(1).values())
+    with AdapterStore(tmp_path, max_adapter_bytes=MB, max_store_bytes=2 * size) as store:
+        store.publish("a", adapter_files(1), **FIELDS)
+        store.publish("b", adapter_files(2), **FIELDS)
+        with pytest.raises(ResourceExhausted, match=f"store to {3 * size:,} bytes, over its limit of {2 * size:,}"):
+            store.publish("c", adapter_files(3), **FIELDS)
+        store.publish("b", adapter_files(3), **FIELDS, replace=True)  # same size: fits
+        store.remove("a")
+        store.publish("c", adapter_files(4), **FIELDS)
+        assert store.total_bytes() == 2 * size and [m.name for m in store.list()] == ["b", "c"]
+        assert_whole(store)
+
+
+def test_bad_limits_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="max_adapter_bytes"):
+        AdapterStore(tmp_path, max_adapter_bytes=0)
+    with pytest.raises(ConfigError, match="max_store_bytes"):
+        AdapterStore(tmp_path, max_adapter_bytes=1, max_store_bytes=-5)
+
+
+# ---- start-up recovery and verification ----------------------------------------------------
+def test_leftovers_are_cleaned_at_start(tmp_path):
+    root = tmp_path / "store"
+    with AdapterStore(root, max_adapter_bytes=MB) as store:
+        good = store.publish("good", adapter_files(1), **FIELDS)[0]
+        current = store.path_of("good")
+    write_dir(root / ".tmp-stage-deadbeef", adapter_files(2))  # a staging dir from a crash
+    shutil.copytree(current, root / "good" / "v-0123456789abcdef-00000000")  # renamed in, never swapped
+    os.symlink("nowhere", root / "good" / ".tmp-link-1")  # a temporary link never renamed
+    write_dir(root / "half" / "v-0123456789abcdef-11111111", adapter_files(3))  # first publish, no current
+    (root / "lost").mkdir()
+    os.symlink("v-0123456789abcdef-22222222", root / "lost" / CURRENT_LINK)  # dangling
+    (root / "README").write_text("an operator's note")  # not ours: left alone
+    with AdapterStore(root, max_adapter_bytes=MB) as store:
+        assert store.list() == [good]
+        assert [(p.name, "missing" in p.message) for p in store.problems] == [("lost", True)]
+        assert sorted(p.name for p in root.iterdir()) == [".lock", "README", "good"]
+        assert_whole(store)
+        store.remove("lost")  # a reported problem can be cleared
+        assert store.problems == []
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda v: v.joinpath(WEIGHTS_FILE).write_bytes(_flip(v.joinpath(WEIGHTS_FILE).read_bytes())), "sha256"),
+    (lambda v: v.joinpath(WEIGHTS_FILE).write_bytes(v.joinpath(WEIGHTS_FILE).read_bytes()[:-1]), "bytes, its manifest"),
+    (lambda v: v.joinpath(CONFIG_FILE).unlink(), "adapter_config.json is missing"),
+    (lambda v: v.joinpath(MANIFEST_FILE).write_text("{"), "manifest.json is malformed"),
+    (lambda v: v.joinpath(MANIFEST_FILE).unlink(), "manifest.json is missing"),
+])
+def test_damaged_adapter_is_reported_and_not_served(tmp_path, damage, words):
+    root = tmp_path / "store"
+    with AdapterStore(root, max_adapter_bytes=MB) as store:
+        store.publish("ok", adapter_files(1), **FIELDS)
+        store.publish("hit", adapter_files(2), **FIELDS)
+        damage(store.path_of("hit"))
+    with AdapterStore(root, max_adapter_bytes=MB) as store:
+        assert [m.name for m in store.list()] == ["ok"]
+        assert len(store.problems) == 1 and store.problems[0].name == "hit"
+        assert words in store.problems[0].message and str(root) not in store.problems[0].message
+        with pytest.raises(AdapterNotFound):
+            store.path_of("hit")
+        assert store.publish("hit", adapter_files(2), **FIELDS)[1]  # publishing again repairs it
+        assert store.problems == [] and store.get("hit").digest
+        assert_whole(store)
+
+
+def _flip(data: bytes) -> bytes:
+    return data[:-1] + bytes([data[-1] ^ 0xFF])
+
+
+# ---- crashes -------------------------------------------------------------------------------
+CRASH_CHILD = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    from server.store.adapter_store import AdapterStore
+    root, action, crash_at, delay = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+    sources = [Path(p) for p in sys.argv[5:]]
+    FIELDS = dict(r=8, lora_alpha=16, target_modules=["q_proj"], base_fingerprint="sha256:b", source="upload")
+    store = AdapterStore(root, max_adapter_bytes=1 << 30)
+    count = 0
+    def crash_point(fn):
+        def wrapped(*args, **kwargs):
+            global count
+            count += 1
+            if count == crash_at:
+                os._exit(17)  # like SIGKILL: no cleanup runs
+            if delay and fn is fsync:
+                time.sleep(delay)
+            return fn(*args, **kwargs)
+        return wrapped
+    fsync = os.fsync
+    for op in ("fsync", "rename", "replace", "symlink", "mkdir", "unlink", "rmdir"):
+        setattr(os, op, crash_point(getattr(os, op)))
+    def publish(src):
+        store.publish("a", {f: src / f for f in ("adapter_config.json", "adapter_model.safetensors")},
+                      **FIELDS, replace=True)
+    print("ready", flush=True)
+    if action == "publish":
+        publish(sources[0])
+    elif action == "remove":
+        store.remove("a")
+    else:  # "loop": publish, replace, remove, forever, until killed; a line after each
+        while True:
+            for src in sources:
+                publish(src)
+                print("done", flush=True)
+            store.remove("a")
+            print("done", flush=True)
+    print(count, flush=True)
+""")
+
+
+def _child(root: Path, action: str, crash_at: int, sources: list[Path], delay: float = 0.0) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.Popen([sys.executable, "-c", CRASH_CHILD, str(root), action, str(crash_at), str(delay),
+                             *map(str, sources)], stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
+
+
+def _digest_of(files: dict[str, bytes]) -> str:
+    import hashlib
+    inner = hashlib.sha256(files[CONFIG_FILE]).digest() + hashlib.sha256(files[WEIGHTS_FILE]).digest()
+    return "sha256:" + hashlib.sha256(inner).hexdigest()
+
+
+def _state_after_crash(root: Path) -> str | None:
+    """Open the store as a restarted server would: the digest served under 'a', or None."""
+    with AdapterStore(root, max_adapter_bytes=1 << 30) as store:
+        assert store.problems == [], store.problems
+        assert_whole(store)
+        return store.get("a").digest if store.list() else None
+
+
+@pytest.mark.parametrize("action, before, allowed", [
+    ("publish", None, (None, "new")),      # first publish of a name
+    ("publish", "old", ("old", "new")),    # replace
+    ("remove", "old", ("old", None)),
+])
+def test_crash_at_every_durable_step_leaves_old_or_new(tmp_path, action, before, allowed):
+    """The child dies (os._exit, no cleanup) just before its k-th fsync/rename/replace/symlink/
+    mkdir/unlink/rmdir, for every k; the restarted store serves the old or the new adapter,
+    whole, and once the commit point has passed it is always the new one."""
+    old, new = adapter_files(1, 256 * 1024), adapter_files(2, 256 * 1024)
+    digests = {"old": _digest_of(old), "new": _digest_of(new), None: None}
+    new_dir = write_dir(tmp_path / "src-new", new)
+    template = tmp_path / "template"
+    with AdapterStore(template, max_adapter_bytes=MB) as store:
+        if before:
+            store.publish("a", old, **FIELDS)
+    dry = _child(template, action, 0, [new_dir])
+    steps = int(dry.communicate()[0].split()[-1])
+    shutil.rmtree(template)
+    with AdapterStore(template, max_adapter_bytes=MB) as store:
+        if before:
+            store.publish("a", old, **FIELDS)
+    seen = []
+    for k in range(1, steps + 1):
+        root = tmp_path / f"run{k}"
+        shutil.copytree(template, root, symlinks=True)
+        assert _child(root, action, k, [new_dir]).wait() == 17
+        state = _state_after_crash(root)
+        label = next(key for key, d in digests.items() if d == state)
+        assert label in allowed, f"crash before step {k} of {steps} left {label!r}"
+        seen.append(label)
+        shutil.rmtree(root)
+    assert steps >= 5 and allowed[1] in seen
+    first_new = seen.index(allowed[1])  # the commit point: before it old, after it new, no flip-flop
+    assert first_new > 0 and seen == [allowed[0]] * first_new + [allowed[1]] * (steps - first_new), seen
+
+
+def test_sigkill_at_random_points(tmp_path):
+    """A child publishes, replaces and removes in a loop; it is SIGKILLed at a random moment,
+    20 times on the same store. Each restart serves nothing, A or B, whole, and no problems."""
+    sources = [write_dir(tmp_path / f"src{i}", adapter_files(i, 2 * MB)) for i in (1, 2)]
+    digests = {None, *(_digest_of(adapter_files(i, 2 * MB)) for i in (1, 2))}
+    root = tmp_path / "store"
+    AdapterStore(root, max_adapter_bytes=64 * MB).close()
+    rng = random.Random(0)
+    states = set()
+    for _ in range(20):
+        child = _child(root, "loop", 0, sources, delay=0.002)
+        assert child.stdout.readline().strip() == "ready"
+        for _ in range(rng.randrange(3)):  # let 0-2 operations finish, however slow the machine
+            assert child.stdout.readline().strip() == "done"
+        time.sleep(rng.uniform(0.0, 0.05))  # then kill somewhere inside the next one
+        child.kill()
+        child.wait()
+        state = _state_after_crash(root)
+        assert state in digests
+        states.add(state)
+    assert len(states) >= 2  # the kills did land in different phases
+
+
+# ---- concurrency ---------------------------------------------------------------------------
+def test_concurrent_publish_and_remove_of_one_name(tmp_path):
+    root = tmp_path / "store"
+    contents = [adapter_files(i, 64 * 1024) for i in range(3)]
+    outcomes: list[str] = []
+    with AdapterStore(root, max_adapter_bytes=MB) as store:
+        def worker(seed: int) -> None:
+            rng = random.Random(seed)
+            for _ in range(25):
+                op = rng.choice(["publish", "replace", "remove", "get"])
+                try:
+                    if op == "remove":
+                        store.remove("same")
+                    elif op == "get":
+                        assert (store.path_of("same") / MANIFEST_FILE).parent.name.startswith("v-")
+                    else:
+                        store.publish("same", rng.choice(contents), **FIELDS, replace=op == "replace")
+                    outcomes.append("ok")
+                except (AdapterAlreadyExists, AdapterNotFound) as exc:
+                    outcomes.append(type(exc).__name__)
+                except BaseException as exc:  # noqa: BLE001 - anything else fails the test below
+                    outcomes.append(repr(exc))
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert set(outcomes) <= {"ok", "AdapterAlreadyExists", "AdapterNotFound"}, set(outcomes)
+        assert len(outcomes) == 200
+        listed = store.list()
+        assert_whole(store)
+    with AdapterStore(root, max_adapter_bytes=MB) as reopened:
+        assert reopened.list() == listed and reopened.problems == []
+
+
+# ---- import roots --------------------------------------------------------------------------
+@pytest.fixture
+def roots(tmp_path) -> tuple[Path, Path, Path]:
+    """(import root, a second import root, a directory outside both) with adapters in each."""
+    root, second, outside = tmp_path / "imports", tmp_path / "more", tmp_path / "secret"
+    write_dir(root / "team" / "good", adapter_files(1))
+    write_dir(second / "only-here", adapter_files(1))
+    write_dir(outside / "adapter", adapter_files(2))
+    return root, second, outside
+
+
+def test_import_paths_inside_the_roots_are_accepted(roots, tmp_path):
+    root, second, _ = roots
+    good = (root / "team" / "good").resolve()
+    assert resolve_import_path("team/good", [root, second]) == good
+    assert resolve_import_path(str(root / "team" / "good"), [root]) == good
+    assert resolve_import_path("only-here", [root, second]) == (second / "only-here").resolve()
+    os.symlink(root / "team" / "good", root / "alias")  # a symlink that stays inside is fine
+    assert resolve_import_path("alias", [root]) == good
+    os.symlink(root, tmp_path / "root-link")  # so is a root that is itself a symlink
+    assert resolve_import_path(str(tmp_path / "root-link" / "team" / "good"), [tmp_path / "root-link"]) == good
+
+
+@pytest.mark.parametrize("case, words", [
+    ("dotdot", "must not contain '..'"),
+    ("dotdot-inside", "must not contain '..'"),
+    ("absolute-elsewhere", "outside the import roots"),
+    ("absolute-elsewhere-missing", "outside the import roots"),
+    ("symlinked-dir", "outside the import roots"),
+    ("symlinked-file", "adapter_model.safetensors in 'leaky' is outside the import roots"),
+    ("zip", "archives are not accepted"),
+    ("tar.gz", "archives are not accepted"),
+    ("missing", "does not exist"),
+    ("file", "is not a directory"),
+    ("empty", "path is empty"),
+    ("loop", "symlink loop"),
+])
+def test_import_path_escapes_are_refused(roots, case, words):
+    root, _, outside = roots
+    path = {
+        "dotdot": "../secret/adapter",
+        "dotdot-inside": "team/../team/good",
+        "absolute-elsewhere": str(outside / "adapter"),
+        "absolute-elsewhere-missing": str(outside / "nothing-here"),
+        "symlinked-dir": "escape",
+        "symlinked-file": "leaky",
+        "zip": "adapter.zip",
+        "tar.gz": "adapter.tar.gz",
+        "missing": "nope",
+        "file": f"team/good/{CONFIG_FILE}",
+        "empty": "  ",
+        "loop": "loop",
+    }[case]
+    os.symlink(outside / "adapter", root / "escape")
+    leaky = write_dir(root / "leaky", {CONFIG_FILE: b"{}"})
+    os.symlink(outside / "adapter" / WEIGHTS_FILE, leaky / WEIGHTS_FILE)
+    (root / "adapter.zip").write_bytes(b"PK\x03\x04")
+    (root / "adapter.tar.gz").write_bytes(b"\x1f\x8b")
+    os.symlink(root / "loop", root / "loop")
+    with pytest.raises(InvalidArgument, match=words) as info:
+        resolve_import_path(path, [root])
+    told = info.value.message.replace(repr(path), "")  # echoing the client's own string is fine
+    for secret in (str(outside), str(root.resolve()), str(outside.resolve())):
+        assert secret not in told
+
+
+# ---- the safetensors header check ----------------------------------------------------------
+def _entry(dtype: str, shape: list, begin: int, end: int) -> dict:
+    return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+
+
+BAD_SAFETENSORS = {
+    "shorter than the length": (b"\x01\x02", "truncated: 2 bytes"),
+    "header length past the end": (struct.pack("<Q", 10**6) + b"{}", "truncated: header length is 1,000,000"),
+    "non-JSON header": (st_bytes(b"{not json"), "not valid JSON"),
+    "non-UTF-8 header": (st_bytes(b"\xff\xfe"), "not valid JSON"),
+    "header not an object": (st_bytes([1, 2]), "not a JSON object"),
+    "absurd shape": (st_bytes({"w": _entry("F32", [2**40, 2**40], 0, 16)}, bytes(16)),
+                     "needs 4,835,703,278,458,516,698,824,704 bytes"),
+    "negative dim": (st_bytes({"w": _entry("F32", [-4], 0, 16)}, bytes(16)), "non-negative integers"),
+    "float dim": (st_bytes({"w": _entry("F32", [1.5], 0, 4)}, bytes(4)), "non-negative integers"),
+    "bool dim": (st_bytes({"w": _entry("F32", [True], 0, 4)}, bytes(4)), "non-negative integers"),
+    "bad dtype": (st_bytes({"w": _entry("I64", [2], 0, 16)}, bytes(16)), "dtype 'I64'"),
+    "unknown dtype": (st_bytes({"w": _entry("F128", [1], 0, 16)}, bytes(16)), "dtype 'F128'"),
+    "overlap": (st_bytes({"a": _entry("F32", [4], 0, 16), "b": _entry("F32", [4], 8, 24)}, bytes(24)),
+                "'a' and 'b' overlap"),
+    "gap": (st_bytes({"a": _entry("F32", [1], 0, 4), "b": _entry("F32", [1], 8, 12)}, bytes(12)),
+            "bytes 4..8 of the data section belong to no tensor"),
+    "truncated data": (st_bytes({"a": _entry("F32", [4], 0, 16)}, bytes(6)),
+                       "is truncated: header says 16 bytes of tensors, file has 6"),
+    "trailing bytes": (st_bytes({"a": _entry("F32", [1], 0, 4)}, bytes(9)), "5 bytes after the last tensor"),
+    "reversed offsets": (st_bytes({"a": _entry("F32", [0], 4, 0)}, bytes(4)), "0 <= begin <= end"),
+    "missing key": (st_bytes({"a": {"dtype": "F32", "shape": [1]}}, bytes(4)), "exactly dtype, shape"),
+    "metadata not strings": (st_bytes({"__metadata__": {"x": 1}, "a": _entry("F32", [1], 0, 4)}, bytes(4)),
+                             "__metadata__"),
+    "duplicate key": (st_bytes(b'{"a": ' + json.dumps(_entry("F32", [1], 0, 4)).encode() + b', "a": '
+                               + json.dumps(_entry("F32", [1], 0, 4)).encode() + b"}", bytes(4)), "repeats the key"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SAFETENSORS))
+def test_malformed_safetensors_are_refused(case, tmp_path):
+    data, words = BAD_SAFETENSORS[case]
+    with pytest.raises(AdapterIncompatible, match=words) as info:
+        check_safetensors_header(data, max_bytes=MB)
+    assert info.value.message.startswith("adapter_model.safetensors")
+    path = tmp_path / "deep" / "dir" / WEIGHTS_FILE
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data)
+    with pytest.raises(AdapterIncompatible, match=words) as info:  # same verdict reading a file
+        check_safetensors_header(path, max_bytes=MB)
+    assert str(tmp_path) not in info.value.message
+
+
+def test_a_hundred_thousand_tensors_are_refused_quickly():
+    entry = json.dumps(_entry("F32", [0], 0, 0))
+    header = ("{" + ",".join(f'"t{i}": {entry}' for i in range(100_000)) + "}").encode()
+    data = st_bytes(header)
+    start = time.perf_counter()
+    with pytest.raises(AdapterIncompatible, match="more than 10,000 tensors"):
+        check_safetensors_header(data, max_bytes=64 * MB)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_good_safetensors_pass_with_metadata_and_shapes(tmp_path):
+    path = tmp_path / WEIGHTS_FILE
+    save_file({"a": torch.zeros(2, 3), "b": torch.zeros(4, dtype=torch.bfloat16), "e": torch.zeros(0)}, path,
+              metadata={"format": "pt"})
+    expected = {"a": ("F32", (2, 3)), "b": ("BF16", (4,)), "e": ("F32", (0,))}
+    assert check_safetensors_header(path, max_bytes=MB) == expected
+    assert check_safetensors_header(path.read_bytes(), max_bytes=MB, expected_shapes={"a": [2, 3]}) == expected
+    with pytest.raises(AdapterIncompatible, match=r"'a' has shape \[2, 3\], expected \[3, 2\]"):
+        check_safetensors_header(path, max_bytes=MB, expected_shapes=lambda n: [3, 2] if n == "a" else None)
+    with pytest.raises(ResourceExhausted, match="over the limit of 10"):
+        check_safetensors_header(path, max_bytes=10)
+    with pytest.raises(AdapterIncompatible, match="header is .* bytes, over the limit of 16"):
+        check_safetensors_header(path, max_bytes=MB, max_header_bytes=16)
+    with pytest.raises(AdapterIncompatible, match="more than 2 tensors"):
+        check_safetensors_header(path, max_bytes=MB, max_tensors=2)
+
+
+def test_manifest_json_round_trips(store):
+    manifest, _ = store.publish("m", adapter_files(1), **FIELDS)
+    on_disk = (store.path_of("m") / MANIFEST_FILE).read_bytes()
+    assert Manifest.from_json(on_disk) == manifest
+    body = json.loads(on_disk)
+    assert sorted(body) == sorted(["format_version", "name", "files", "r", "lora_alpha", "target_modules",
+                                   "base_fingerprint", "size_bytes", "created_time", "source"])
+    assert [f["name"] for f in body["files"]] == [CONFIG_FILE, WEIGHTS_FILE]
