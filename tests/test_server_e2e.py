@@ -300,12 +300,17 @@ def test_restart_keeps_adapters_and_sigterm_drains(world, tmp_path):
         assert generate(srv, PROMPTS[2], "keep", n=8).token_ids == before
         # SIGTERM while a long request runs: it finishes, new ones are refused, exit 0.
         req = ipb.GenerateStreamRequest(input=ipb.GenerationInput(prompt="hi", adapter="keep",
-                                                                 sampling=ipb.SamplingParams(max_new_tokens=64)))
+                                                                 sampling=ipb.SamplingParams(max_new_tokens=1500)))
         call = srv.inference.GenerateStream(req, timeout=60)
         next(call)
         srv.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        code, details = code_of(lambda: generate(srv, "hi", n=2))
+        assert code == grpc.StatusCode.UNAVAILABLE and "draining" in details  # refused by the draining server
+        health = srv.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+        assert health == health_pb2.HealthCheckResponse.NOT_SERVING
         events = list(call)
-        assert events[-1].HasField("summary") and events[-1].summary.usage.completion_tokens == 64
+        assert events[-1].HasField("summary") and events[-1].summary.usage.completion_tokens == 1500
         assert srv.process.wait(60) == 0
     # A base with other weights: the adapter is reported and not served.
     with running_server(tmp_path, world["other_base"], store, *args) as srv:
