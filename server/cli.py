@@ -39,6 +39,12 @@ def _bench_engine(args: argparse.Namespace) -> int:
     return run_engine_bench(args)
 
 
+def _bench_serve(args: argparse.Namespace) -> int:
+    from server.bench.serve_bench import run_serve_bench
+
+    return run_serve_bench(args)
+
+
 def _client_command(name: str) -> Callable[[argparse.Namespace], int]:
     """A handler that runs server.client_cli.<name>, imported only when that command runs."""
     def handler(args: argparse.Namespace) -> int:
@@ -161,6 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3, help="alternating rounds; medians are reported")
     b.add_argument("--workdir", default=None, help="where to build the base and adapters (default: a temp dir)")
     b.set_defaults(func=_bench_engine)
+    b = bench.add_parser("serve", help="a real gRPC server (concurrent streams) vs the same engine in-process",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON here")
+    b.add_argument("--arch", choices=ARCHS, default="deepseek-v3")
+    b.add_argument("--size", choices=SIZES, default="small")
+    b.add_argument("--quantization", choices=QUANTIZATIONS, default="nf4")
+    b.add_argument("--requests", type=int, default=16, help="concurrent streams")
+    b.add_argument("--new-tokens", type=int, default=32, help="max_new_tokens per request (greedy)")
+    b.add_argument("--adapters", type=int, default=8, help="distinct adapters, requests round-robin over them")
+    b.add_argument("--rank", type=int, default=16, help="LoRA rank of every adapter")
+    b.add_argument("--repeats", type=int, default=3, help="alternating rounds; medians are reported")
+    b.add_argument("--workdir", default=None, help="where to build the base, adapters and store (default: a temp dir)")
+    b.set_defaults(func=_bench_serve)
 
     _add_client_commands(sub)
     return parser

@@ -10,7 +10,7 @@ from server.api.gen.loraserve.v1 import adapters_pb2 as pb
 from server.api.gen.loraserve.v1 import adapters_pb2_grpc
 from server.api.status import abort
 from server.engine.registry import AdapterRegistry, AdapterStatus
-from server.errors import InvalidArgument, ResourceExhausted
+from server.errors import InvalidArgument, ResourceExhausted, Unavailable
 from server.store.peft_files import CONFIG_FILE, WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,8 @@ class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
 
     async def _call(self, context, fn, *args):
         try:
+            if not self._registry.engine.ready:
+                raise Unavailable("the server is starting up or draining; retry shortly")
             return await asyncio.to_thread(fn, *args)
         except Exception as exc:
             await abort(context, exc)
