@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import re
 import threading
 import uuid
 from dataclasses import dataclass
@@ -27,9 +26,8 @@ from server.lora.adapter import LoraWeights, parse_adapter
 from server.lora.layers import LoraBatchContext
 from server.lora.slots import AdapterSlots
 from server.lora.wrapping import wrap_model
+from server.store.layout import check_adapter_name
 from server.store.peft_files import read_adapter_dir
-
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 @dataclass(frozen=True)
@@ -187,16 +185,13 @@ class Engine:
             raise InvalidArgument(
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({request.sampling.max_new_tokens}) exceeds the "
                 f"model's context of {self.max_context} tokens")
-        if request.adapter and not ADAPTER_NAME.fullmatch(request.adapter):
-            raise InvalidArgument(f"invalid adapter name {request.adapter!r}: use letters, digits, '.', '_', '-' "
-                                  "(at most 128, starting with a letter or digit)")
+        if request.adapter:
+            check_adapter_name(request.adapter)
 
     # ---- adapters ----------------------------------------------------------------------
     def check_adapter(self, name: str, path: str | Path) -> tuple[LoraWeights, str]:
         """Full validation of an adapter directory against this base, publishing nothing."""
-        if not ADAPTER_NAME.fullmatch(name):
-            raise InvalidArgument(f"invalid adapter name {name!r}: use letters, digits, '.', '_', '-' "
-                                  "(at most 128, starting with a letter or digit)")
+        check_adapter_name(name)
         config, tensors, digest = read_adapter_dir(path, name)
         weights = parse_adapter(name, config, tensors, self._base_shapes, self.config.max_lora_rank, self.base.dtype)
         return weights, digest

@@ -17,11 +17,11 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.engine.engine import ADAPTER_NAME, Engine
-from server.errors import AdapterIncompatible, AdapterNotFound, InvalidArgument
+from server.engine.engine import Engine
+from server.errors import AdapterIncompatible, AdapterNotFound
 from server.store.adapter_store import AdapterStore, StagedAdapter
 from server.store.import_roots import resolve_import_path
-from server.store.layout import Manifest, now_rfc3339
+from server.store.layout import Manifest, check_adapter_name, now_rfc3339
 from server.store.peft_files import CONFIG_FILE, PICKLE_FILES, WEIGHTS_FILE
 from server.store.safetensors_check import check_safetensors_header
 
@@ -77,9 +77,7 @@ class AdapterRegistry:
 
     # ---- checks ------------------------------------------------------------------------
     def _source_files(self, name: str, path: str) -> dict[str, Path]:
-        if not ADAPTER_NAME.fullmatch(name):
-            raise InvalidArgument(f"invalid adapter name {name!r}: use letters, digits, '.', '_', '-' "
-                                  "(at most 128, starting with a letter or digit)")
+        check_adapter_name(name)
         folder = resolve_import_path(path, self.roots)
         if not (folder / WEIGHTS_FILE).is_file() and any((folder / p).exists() for p in PICKLE_FILES):
             raise AdapterIncompatible(f"adapter {name!r} has only a pickled weights file; convert it to "
@@ -114,9 +112,7 @@ class AdapterRegistry:
         return self._publish(name, self._source_files(name, path), replace, "register")
 
     def upload(self, name: str, files: dict[str, bytes], replace: bool) -> tuple[AdapterStatus, bool]:
-        if not ADAPTER_NAME.fullmatch(name):
-            raise InvalidArgument(f"invalid adapter name {name!r}: use letters, digits, '.', '_', '-' "
-                                  "(at most 128, starting with a letter or digit)")
+        check_adapter_name(name)
         return self._publish(name, files, replace, "upload")
 
     def _publish(self, name: str, files, replace: bool, source: str) -> tuple[AdapterStatus, bool]:

@@ -14,9 +14,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from server.errors import AdapterIncompatible
+from server.store.layout import CONFIG_FILE, WEIGHTS_FILE  # noqa: E402  (one definition, torch-free)
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 
 
