@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-serve clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/loraserve bench engine --json benchmarks/results/engine.json
+
+bench-serve: $(STAMP)
+	$(BIN)/loraserve bench serve --json benchmarks/results/serve.json
 
 clean:
 	rm -rf $(VENV)

@@ -156,33 +156,29 @@ def build_parser() -> argparse.ArgumentParser:
     bench = p.add_subparsers(dest="bench", required=True)
     b = bench.add_parser("engine", help="multi-LoRA engine vs single adapter, base, and PEFT",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    b.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON here")
-    b.add_argument("--arch", choices=ARCHS, default="deepseek-v3")
-    b.add_argument("--size", choices=SIZES, default="small")
-    b.add_argument("--quantization", choices=QUANTIZATIONS, default="nf4")
-    b.add_argument("--requests", type=int, default=16, help="concurrent requests")
-    b.add_argument("--new-tokens", type=int, default=32, help="new tokens per request")
-    b.add_argument("--adapters", type=int, default=8, help="distinct adapters in the mixed run")
-    b.add_argument("--rank", type=int, default=16, help="LoRA rank of every adapter")
-    b.add_argument("--repeats", type=int, default=3, help="alternating rounds; medians are reported")
-    b.add_argument("--workdir", default=None, help="where to build the base and adapters (default: a temp dir)")
+    _add_bench_args(b, ARCHS, SIZES, QUANTIZATIONS)
     b.set_defaults(func=_bench_engine)
     b = bench.add_parser("serve", help="a real gRPC server (concurrent streams) vs the same engine in-process",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    b.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON here")
-    b.add_argument("--arch", choices=ARCHS, default="deepseek-v3")
-    b.add_argument("--size", choices=SIZES, default="small")
-    b.add_argument("--quantization", choices=QUANTIZATIONS, default="nf4")
-    b.add_argument("--requests", type=int, default=16, help="concurrent streams")
-    b.add_argument("--new-tokens", type=int, default=32, help="max_new_tokens per request (greedy)")
-    b.add_argument("--adapters", type=int, default=8, help="distinct adapters, requests round-robin over them")
-    b.add_argument("--rank", type=int, default=16, help="LoRA rank of every adapter")
-    b.add_argument("--repeats", type=int, default=3, help="alternating rounds; medians are reported")
-    b.add_argument("--workdir", default=None, help="where to build the base, adapters and store (default: a temp dir)")
+    _add_bench_args(b, ARCHS, SIZES, QUANTIZATIONS)
     b.set_defaults(func=_bench_serve)
 
     _add_client_commands(sub)
     return parser
+
+
+def _add_bench_args(b: argparse.ArgumentParser, archs, sizes, quantizations) -> None:
+    """The workload flags both benchmarks share."""
+    b.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON here")
+    b.add_argument("--arch", choices=archs, default="deepseek-v3")
+    b.add_argument("--size", choices=sizes, default="small")
+    b.add_argument("--quantization", choices=quantizations, default="nf4")
+    b.add_argument("--requests", type=int, default=16, help="concurrent requests")
+    b.add_argument("--new-tokens", type=int, default=32, help="new tokens per request (greedy)")
+    b.add_argument("--adapters", type=int, default=8, help="distinct adapters, requests round-robin over them")
+    b.add_argument("--rank", type=int, default=16, help="LoRA rank of every adapter")
+    b.add_argument("--repeats", type=int, default=3, help="alternating rounds; medians are reported")
+    b.add_argument("--workdir", default=None, help="where to build the base and adapters (a temp dir when unset)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,29 +43,33 @@ def run_demo(workdir: str | None, arch: str = "deepseek-v3", quantization: str =
         heading("2. start the server")
         server = _DemoServer.start(root, base_dir, root / "imports", quantization)
         try:
-            print(f"$ {' '.join(server.args[2:])}\n  log: {server.log_path}")
-            started = time.monotonic()
-            server.wait_serving(START_TIMEOUT_S)
-            print(f"SERVING on {server.target} after {time.monotonic() - started:.1f}s "
-                  f"(metrics on :{server.metrics_port})")
-            with LoraserveClient(server.target, timeout=60) as client:
-                run_steps(client, adapters, server.metrics_port)
-        except (DemoFailure, LoraserveClientError) as exc:
-            server.kill()
-            print(f"\ndemo failed: {exc}\n--- {server.log_path} (last lines) ---\n{server.log_tail()}",
-                  file=sys.stderr)
-            return 1
-        except BaseException:
-            server.kill()
-            raise
-        heading("10. stop the server (SIGTERM: drain, then exit)")
-        code = server.stop(STOP_TIMEOUT_S)
-        print(f"server exited with code {code}")
-        if code != 0:
-            print(f"--- {server.log_path} (last lines) ---\n{server.log_tail()}", file=sys.stderr)
-            return 1
-        print("\ndemo finished: every step went through the real gRPC server and its metrics endpoint.")
-        return 0
+            return _drive(server, adapters)
+        finally:
+            server.kill()  # a no-op once it has exited; otherwise a failed demo leaves nothing behind
+
+
+def _drive(server: _DemoServer, adapters: dict[str, Path]) -> int:
+    """Wait for SERVING, run the client steps, then SIGTERM; returns the demo's exit code."""
+    try:
+        print(f"$ {' '.join(server.args[2:])}\n  log: {server.log_path}")
+        started = time.monotonic()
+        server.wait_serving(START_TIMEOUT_S)
+        print(f"SERVING on {server.target} after {time.monotonic() - started:.1f}s "
+              f"(metrics on :{server.metrics_port})")
+        with LoraserveClient(server.target, timeout=60) as client:
+            run_steps(client, adapters, server.metrics_port)
+    except (DemoFailure, LoraserveClientError) as exc:
+        print(f"\ndemo failed: {exc}\n--- {server.log_path} (last lines) ---\n{server.log_tail()}",
+              file=sys.stderr)
+        return 1
+    heading("10. stop the server (SIGTERM: drain, then exit)")
+    code = server.stop(STOP_TIMEOUT_S)
+    print(f"server exited with code {code}")
+    if code != 0:
+        print(f"--- {server.log_path} (last lines) ---\n{server.log_tail()}", file=sys.stderr)
+        return 1
+    print("\ndemo finished: every step went through the real gRPC server and its metrics endpoint.")
+    return 0
 
 
 def _build_world(root: Path, arch: str, num_adapters: int) -> tuple[Path, dict[str, Path]]:

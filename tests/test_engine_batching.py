@@ -190,6 +190,8 @@ def test_removal_and_eviction_under_load_keep_outputs_exact(base_dirs, adapter_d
     assert all(isinstance(outcomes[i], FinishEvent) for i in range(25, len(work)))
     assert sum(isinstance(o, FinishEvent) for o in outcomes.values()) >= len(outcomes) - 4
     assert stats.slot_evictions_total > 0 and stats.host_evictions_total > 0
-    # Every adapter came from disk, and waiting adapters' weights were not evicted by each
-    # other's loads (that thrash once re-read the same files 160 times for 27 requests).
-    assert len(NAMES) <= stats.disk_loads_total < 2 * len(NAMES)
+    # Registration reads each adapter from disk into the host tier (8 at start, 2 added later);
+    # beyond that, waiting adapters' weights were not evicted by each other's loads (that
+    # thrash once re-read the same files 160 times for 27 requests).
+    registrations = 8 + 2
+    assert registrations + len(NAMES) // 2 <= stats.disk_loads_total < registrations + 2 * len(NAMES)

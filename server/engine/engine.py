@@ -212,7 +212,7 @@ class Engine:
             self._adapters[name] = entry
             self._versions[entry.key] = entry
         pinned = old is not None and old.key in self._scheduler.slots.pinned()
-        self._on_engine(lambda: self._scheduler.host.put(entry.key, weights, keep=self._scheduler.slots.pinned()))
+        self._on_engine(lambda: self._warm_host(entry.key, weights))
         if old is not None:
             self._retire(old, f"adapter {name!r} was replaced before the request started; retry")
             if pinned:
@@ -259,7 +259,12 @@ class Engine:
         """Decode an adapter into host memory now, so its first request skips the disk."""
         entry = self._entry(name)
         weights, _ = self.check_adapter(name, entry.path)
-        self._on_engine(lambda: self._scheduler.host.put(entry.key, weights, keep=self._scheduler.slots.pinned()))
+        self._on_engine(lambda: self._warm_host(entry.key, weights))
+
+    def _warm_host(self, key: str, weights: LoraWeights) -> None:
+        """Engine thread: put weights read from disk by a caller into the host tier (a disk load)."""
+        self._scheduler.tiers.disk_loads += 1
+        self._scheduler.host.put(key, weights, keep=self._scheduler.slots.pinned())
 
     def has_adapter(self, name: str) -> bool:
         with self._lock:
