@@ -403,3 +403,22 @@ def test_kill_during_upload_leaves_the_store_whole(world, tmp_path):
     with running_server(tmp_path, world["base"], store, *args) as srv:
         assert generate(srv, PROMPTS[0], "victim", n=6).token_ids == before  # the old version, whole
         assert not [p for p in store.rglob("*") if ".tmp" in p.name or ".upload" in p.name]
+
+
+@pytest.mark.parametrize("name", ["", "-x", ".hidden", "a/b", "../up", "x" * 129, "名字", "a\nb", "a b"])
+def test_every_bad_name_is_invalid_argument(server, name):
+    code, details = code_of(lambda: server.adapters.RegisterAdapter(apb.RegisterAdapterRequest(name=name, path="a0")))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "invalid adapter name" in details
+    if name:
+        code, _ = code_of(lambda: generate(server, "hi", name, n=1))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_manifest_for_another_base_is_failed_precondition(server, world):
+    folder = world["imports"] / "foreign"
+    if not folder.exists():
+        shutil.copytree(world["imports"] / "a0", folder)
+        (folder / "manifest.json").write_text(json.dumps({"name": "foreign", "base_fingerprint": "sha256:" + "0" * 64}))
+    code, details = code_of(lambda: server.adapters.RegisterAdapter(apb.RegisterAdapterRequest(name="f", path="foreign")))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "built for base" in details
+    assert code_of(lambda: server.adapters.GetAdapter(apb.GetAdapterRequest(name="f")))[0] == grpc.StatusCode.NOT_FOUND

@@ -21,7 +21,7 @@ from server.engine.engine import Engine
 from server.errors import AdapterIncompatible, AdapterNotFound
 from server.store.adapter_store import AdapterStore, StagedAdapter
 from server.store.import_roots import resolve_import_path
-from server.store.layout import Manifest, check_adapter_name, now_rfc3339
+from server.store.layout import MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, check_adapter_name, now_rfc3339
 from server.store.peft_files import CONFIG_FILE, PICKLE_FILES, WEIGHTS_FILE
 from server.store.safetensors_check import check_safetensors_header
 
@@ -82,7 +82,22 @@ class AdapterRegistry:
         if not (folder / WEIGHTS_FILE).is_file() and any((folder / p).exists() for p in PICKLE_FILES):
             raise AdapterIncompatible(f"adapter {name!r} has only a pickled weights file; convert it to "
                                       f"{WEIGHTS_FILE} (pickles are never loaded)")
+        self._check_source_manifest(name, folder)
         return {CONFIG_FILE: folder / CONFIG_FILE, WEIGHTS_FILE: folder / WEIGHTS_FILE}
+
+    def _check_source_manifest(self, name: str, folder: Path) -> None:
+        """An adapter directory written by the trainer or another store carries manifest.json;
+        one built for a different base is refused before anything else is read."""
+        path = folder / MANIFEST_FILE
+        if not path.is_file():
+            return
+        try:
+            recorded = json.loads(path.read_bytes()[:MAX_MANIFEST_BYTES]).get("base_fingerprint", "")
+        except (ValueError, AttributeError):
+            raise AdapterIncompatible(f"adapter {name!r}: {MANIFEST_FILE} is not a valid manifest") from None
+        if recorded and recorded != self.engine.base.fingerprint:
+            raise AdapterIncompatible(f"adapter {name!r} was built for base {str(recorded)[:19]}..., not the served "
+                                      f"base {self.engine.base.fingerprint[:19]}...")
 
     def _check_staged(self, staged: StagedAdapter) -> Checked:
         name = staged.name
