@@ -1,6 +1,7 @@
 """The adapter store on disk: publish/get/list/remove, persistence, crash safety (processes
-killed at every durable step and at random times), concurrency, quotas, start-up verification,
-and the two gates in front of it: import roots and the safetensors header check.
+killed at every durable step and at random times), concurrency, quotas and start-up verification.
+Import roots are tested in test_import_roots.py, the safetensors header check in
+test_safetensors_check.py.
 
 Most adapters here are small hand-written safetensors files (fast, and the store never looks
 inside the tensors); one pair of real PEFT adapters on a tiny DeepSeek base checks that a
@@ -13,7 +14,6 @@ import json
 import os
 import random
 import shutil
-import struct
 import subprocess
 import sys
 import textwrap
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from store_helpers import MB, adapter_files, write_dir
 
 from server.errors import (
     AdapterAlreadyExists,
@@ -35,42 +35,15 @@ from server.errors import (
     ResourceExhausted,
 )
 from server.store.adapter_store import AdapterStore
-from server.store.import_roots import resolve_import_path
 from server.store.layout import CONFIG_FILE, CURRENT_LINK, MANIFEST_FILE, WEIGHTS_FILE, Manifest
 from server.store.safetensors_check import check_safetensors_header
 
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "base_fingerprint": "sha256:base",
           "source": "register"}
-MB = 1 << 20
 
 
-# ---- building adapters ---------------------------------------------------------------------
-def st_bytes(header: object, data: bytes = b"", header_len: int | None = None) -> bytes:
-    """A safetensors file written by hand: u64 header length, JSON header, data section."""
-    raw = json.dumps(header).encode() if not isinstance(header, bytes) else header
-    return struct.pack("<Q", len(raw) if header_len is None else header_len) + raw + data
-
-
-def adapter_files(seed: int, weights_bytes: int = 4096) -> dict[str, bytes]:
-    """A small valid adapter (one F32 tensor pair) whose content depends on `seed`."""
-    n = weights_bytes // 8  # two F32 tensors of n/... elements each
-    data = random.Random(seed).randbytes(8 * n)
-    header = {"base_model.model.layers.0.self_attn.q_proj.lora_A.weight": {
-                  "dtype": "F32", "shape": [n], "data_offsets": [0, 4 * n]},
-              "base_model.model.layers.0.self_attn.q_proj.lora_B.weight": {
-                  "dtype": "F32", "shape": [n], "data_offsets": [4 * n, 8 * n]}}
-    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "seed": seed}
-    return {CONFIG_FILE: json.dumps(config).encode(), WEIGHTS_FILE: st_bytes(header, data)}
-
-
-def write_dir(path: Path, files: dict[str, bytes]) -> Path:
-    path.mkdir(parents=True)
-    for name, data in files.items():
-        (path / name).write_bytes(data)
-    return path
-
-
+# ---- checks and fixtures -------------------------------------------------------------------
 def assert_whole(store: AdapterStore) -> None:
     """The on-disk state is exactly one current version per served adapter, no leftovers."""
     assert not [p.name for p in store.root.iterdir() if p.name.startswith(".tmp-")]
@@ -439,147 +412,6 @@ def test_concurrent_publish_and_remove_of_one_name(tmp_path):
         assert_whole(store)
     with AdapterStore(root, max_adapter_bytes=MB) as reopened:
         assert reopened.list() == listed and reopened.problems == []
-
-
-# ---- import roots --------------------------------------------------------------------------
-@pytest.fixture
-def roots(tmp_path) -> tuple[Path, Path, Path]:
-    """(import root, a second import root, a directory outside both) with adapters in each."""
-    root, second, outside = tmp_path / "imports", tmp_path / "more", tmp_path / "secret"
-    write_dir(root / "team" / "good", adapter_files(1))
-    write_dir(second / "only-here", adapter_files(1))
-    write_dir(outside / "adapter", adapter_files(2))
-    return root, second, outside
-
-
-def test_import_paths_inside_the_roots_are_accepted(roots, tmp_path):
-    root, second, _ = roots
-    good = (root / "team" / "good").resolve()
-    assert resolve_import_path("team/good", [root, second]) == good
-    assert resolve_import_path(str(root / "team" / "good"), [root]) == good
-    assert resolve_import_path("only-here", [root, second]) == (second / "only-here").resolve()
-    os.symlink(root / "team" / "good", root / "alias")  # a symlink that stays inside is fine
-    assert resolve_import_path("alias", [root]) == good
-    os.symlink(root, tmp_path / "root-link")  # so is a root that is itself a symlink
-    assert resolve_import_path(str(tmp_path / "root-link" / "team" / "good"), [tmp_path / "root-link"]) == good
-
-
-@pytest.mark.parametrize("case, words", [
-    ("dotdot", "must not contain '..'"),
-    ("dotdot-inside", "must not contain '..'"),
-    ("absolute-elsewhere", "outside the import roots"),
-    ("absolute-elsewhere-missing", "outside the import roots"),
-    ("symlinked-dir", "outside the import roots"),
-    ("symlinked-file", "adapter_model.safetensors in 'leaky' is outside the import roots"),
-    ("zip", "archives are not accepted"),
-    ("tar.gz", "archives are not accepted"),
-    ("missing", "does not exist"),
-    ("file", "is not a directory"),
-    ("empty", "path is empty"),
-    ("loop", "symlink loop"),
-])
-def test_import_path_escapes_are_refused(roots, case, words):
-    root, _, outside = roots
-    path = {
-        "dotdot": "../secret/adapter",
-        "dotdot-inside": "team/../team/good",
-        "absolute-elsewhere": str(outside / "adapter"),
-        "absolute-elsewhere-missing": str(outside / "nothing-here"),
-        "symlinked-dir": "escape",
-        "symlinked-file": "leaky",
-        "zip": "adapter.zip",
-        "tar.gz": "adapter.tar.gz",
-        "missing": "nope",
-        "file": f"team/good/{CONFIG_FILE}",
-        "empty": "  ",
-        "loop": "loop",
-    }[case]
-    os.symlink(outside / "adapter", root / "escape")
-    leaky = write_dir(root / "leaky", {CONFIG_FILE: b"{}"})
-    os.symlink(outside / "adapter" / WEIGHTS_FILE, leaky / WEIGHTS_FILE)
-    (root / "adapter.zip").write_bytes(b"PK\x03\x04")
-    (root / "adapter.tar.gz").write_bytes(b"\x1f\x8b")
-    os.symlink(root / "loop", root / "loop")
-    with pytest.raises(InvalidArgument, match=words) as info:
-        resolve_import_path(path, [root])
-    told = info.value.message.replace(repr(path), "")  # echoing the client's own string is fine
-    for secret in (str(outside), str(root.resolve()), str(outside.resolve())):
-        assert secret not in told
-
-
-# ---- the safetensors header check ----------------------------------------------------------
-def _entry(dtype: str, shape: list, begin: int, end: int) -> dict:
-    return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
-
-
-BAD_SAFETENSORS = {
-    "shorter than the length": (b"\x01\x02", "truncated: 2 bytes"),
-    "header length past the end": (struct.pack("<Q", 10**6) + b"{}", "truncated: header length is 1,000,000"),
-    "non-JSON header": (st_bytes(b"{not json"), "not valid JSON"),
-    "non-UTF-8 header": (st_bytes(b"\xff\xfe"), "not valid JSON"),
-    "header not an object": (st_bytes([1, 2]), "not a JSON object"),
-    "absurd shape": (st_bytes({"w": _entry("F32", [2**40, 2**40], 0, 16)}, bytes(16)),
-                     "needs 4,835,703,278,458,516,698,824,704 bytes"),
-    "negative dim": (st_bytes({"w": _entry("F32", [-4], 0, 16)}, bytes(16)), "non-negative integers"),
-    "float dim": (st_bytes({"w": _entry("F32", [1.5], 0, 4)}, bytes(4)), "non-negative integers"),
-    "bool dim": (st_bytes({"w": _entry("F32", [True], 0, 4)}, bytes(4)), "non-negative integers"),
-    "bad dtype": (st_bytes({"w": _entry("I64", [2], 0, 16)}, bytes(16)), "dtype 'I64'"),
-    "unknown dtype": (st_bytes({"w": _entry("F128", [1], 0, 16)}, bytes(16)), "dtype 'F128'"),
-    "overlap": (st_bytes({"a": _entry("F32", [4], 0, 16), "b": _entry("F32", [4], 8, 24)}, bytes(24)),
-                "'a' and 'b' overlap"),
-    "gap": (st_bytes({"a": _entry("F32", [1], 0, 4), "b": _entry("F32", [1], 8, 12)}, bytes(12)),
-            "bytes 4..8 of the data section belong to no tensor"),
-    "truncated data": (st_bytes({"a": _entry("F32", [4], 0, 16)}, bytes(6)),
-                       "is truncated: header says 16 bytes of tensors, file has 6"),
-    "trailing bytes": (st_bytes({"a": _entry("F32", [1], 0, 4)}, bytes(9)), "5 bytes after the last tensor"),
-    "reversed offsets": (st_bytes({"a": _entry("F32", [0], 4, 0)}, bytes(4)), "0 <= begin <= end"),
-    "missing key": (st_bytes({"a": {"dtype": "F32", "shape": [1]}}, bytes(4)), "exactly dtype, shape"),
-    "metadata not strings": (st_bytes({"__metadata__": {"x": 1}, "a": _entry("F32", [1], 0, 4)}, bytes(4)),
-                             "__metadata__"),
-    "duplicate key": (st_bytes(b'{"a": ' + json.dumps(_entry("F32", [1], 0, 4)).encode() + b', "a": '
-                               + json.dumps(_entry("F32", [1], 0, 4)).encode() + b"}", bytes(4)), "repeats the key"),
-}
-
-
-@pytest.mark.parametrize("case", list(BAD_SAFETENSORS))
-def test_malformed_safetensors_are_refused(case, tmp_path):
-    data, words = BAD_SAFETENSORS[case]
-    with pytest.raises(AdapterIncompatible, match=words) as info:
-        check_safetensors_header(data, max_bytes=MB)
-    assert info.value.message.startswith("adapter_model.safetensors")
-    path = tmp_path / "deep" / "dir" / WEIGHTS_FILE
-    path.parent.mkdir(parents=True)
-    path.write_bytes(data)
-    with pytest.raises(AdapterIncompatible, match=words) as info:  # same verdict reading a file
-        check_safetensors_header(path, max_bytes=MB)
-    assert str(tmp_path) not in info.value.message
-
-
-def test_a_hundred_thousand_tensors_are_refused_quickly():
-    entry = json.dumps(_entry("F32", [0], 0, 0))
-    header = ("{" + ",".join(f'"t{i}": {entry}' for i in range(100_000)) + "}").encode()
-    data = st_bytes(header)
-    start = time.perf_counter()
-    with pytest.raises(AdapterIncompatible, match="more than 10,000 tensors"):
-        check_safetensors_header(data, max_bytes=64 * MB)
-    assert time.perf_counter() - start < 1.0
-
-
-def test_good_safetensors_pass_with_metadata_and_shapes(tmp_path):
-    path = tmp_path / WEIGHTS_FILE
-    save_file({"a": torch.zeros(2, 3), "b": torch.zeros(4, dtype=torch.bfloat16), "e": torch.zeros(0)}, path,
-              metadata={"format": "pt"})
-    expected = {"a": ("F32", (2, 3)), "b": ("BF16", (4,)), "e": ("F32", (0,))}
-    assert check_safetensors_header(path, max_bytes=MB) == expected
-    assert check_safetensors_header(path.read_bytes(), max_bytes=MB, expected_shapes={"a": [2, 3]}) == expected
-    with pytest.raises(AdapterIncompatible, match=r"'a' has shape \[2, 3\], expected \[3, 2\]"):
-        check_safetensors_header(path, max_bytes=MB, expected_shapes=lambda n: [3, 2] if n == "a" else None)
-    with pytest.raises(ResourceExhausted, match="over the limit of 10"):
-        check_safetensors_header(path, max_bytes=10)
-    with pytest.raises(AdapterIncompatible, match="header is .* bytes, over the limit of 16"):
-        check_safetensors_header(path, max_bytes=MB, max_header_bytes=16)
-    with pytest.raises(AdapterIncompatible, match="more than 2 tensors"):
-        check_safetensors_header(path, max_bytes=MB, max_tensors=2)
 
 
 def test_manifest_json_round_trips(store):
