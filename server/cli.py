@@ -33,6 +33,22 @@ def _serve(args: argparse.Namespace) -> int:
     return run(resolve(args))
 
 
+def _train(args: argparse.Namespace) -> int:
+    from trainer.config import resolve
+    from trainer.train import train
+
+    for config in resolve(args).for_tasks():
+        result = train(config)
+        print(f"adapter {config.adapter_name}: {result.adapter_dir} {result.manifest['metrics']}")
+        if config.register:
+            from server.client import LoraserveClient
+
+            with LoraserveClient(config.register) as client:
+                reg = client.upload_adapter(config.adapter_name, result.adapter_dir, replace=True)
+            print(f"registered {config.adapter_name} on {config.register} ({'new' if reg.created else 'unchanged'})")
+    return 0
+
+
 def _bench_engine(args: argparse.Namespace) -> int:
     from server.bench.engine_bench import run_engine_bench
 
@@ -134,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the gRPC server (settings: flags > LORASERVE_* env > --config YAML)")
     add_flags(p)
     p.set_defaults(func=_serve)
+
+    from trainer.config import add_flags as add_train_flags
+
+    p = sub.add_parser("train", help="LoRA / QLoRA fine-tuning producing a store-ready adapter (flags or --config YAML)")
+    add_train_flags(p)
+    p.set_defaults(func=_train)
 
     p = sub.add_parser("init-model", help="write a small random DeepSeek-architecture model directory",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

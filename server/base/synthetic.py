@@ -200,6 +200,12 @@ def init_model(out_dir: str | Path, arch: str, size: str = "tiny", seed: int = 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        # A trained model's logits are confident; with the default 0.02 init the head behind
+        # the final RMSNorm caps every logit near 1, so no adapter could ever make a
+        # prediction confident (training would plateau near log(vocab)). A head scaled to
+        # 1/sqrt(hidden) gives logits of unit scale, like a real checkpoint's.
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0.0, config.hidden_size ** -0.5)
     # Greedy by default so a random model's output is reproducible. (DeepSeek's own checkpoints
     # ship do_sample with temperature 0.6 / top_p 0.95 here.)
     model.generation_config = GenerationConfig(

@@ -1,0 +1,145 @@
+"""LoRA / QLoRA fine-tuning on the same base loading the server uses, producing an adapter the
+server serves exactly as trained.
+
+transformers' Trainer runs the loop (gradient accumulation, schedules, evaluation, early
+stopping, checkpoints and resume, multi-GPU through `accelerate launch`); TRL's SFTTrainer
+would add little here, since the data module already builds prompts with the base's chat
+template and masks the loss to the response tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from peft.utils.error import NoMatchingPeftModuleError
+from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from server.base.loading import load_base
+from server.config import BaseModelConfig
+from server.errors import AdapterIncompatible
+from server.lora.peft_compat import keep_module_targets
+from server.lora.targets import PRESETS, target_regex
+from server.lora.wrapping import supported_linear_names
+from trainer.config import TrainConfig
+from trainer.data import collate, load_examples, split_examples
+from trainer.output import write_adapter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    adapter_dir: Path
+    manifest: dict
+
+
+def train(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
+    """Train one adapter and write it (atomically) under `config.output_dir`. `callbacks` are
+    extra transformers TrainerCallbacks (progress reporting, or interrupting in tests)."""
+    set_seed(config.seed)
+    started = time.monotonic()
+    base = load_base(BaseModelConfig(config.model, quantization=config.quantization), for_training=True)
+    tokenizer = base.tokenizer
+    examples, report = load_examples(config.train_file, tokenizer, config.max_seq_length, config.skip_bad_lines)
+    if config.eval_file:
+        train_set = examples
+        eval_set, eval_report = load_examples(config.eval_file, tokenizer, config.max_seq_length,
+                                              config.skip_bad_lines)
+    else:
+        train_set, eval_set = split_examples(examples, config.eval_fraction, config.seed)
+        eval_report = None
+    model = _prepare(base.model, config)
+    peft_model = _with_lora(model, config)
+    on_gpu = torch.cuda.is_available()
+    trainer = Trainer(
+        model=peft_model, args=_arguments(config, has_eval=bool(eval_set), on_gpu=on_gpu),
+        train_dataset=train_set, eval_dataset=eval_set or None,
+        data_collator=lambda batch: collate(batch, tokenizer.pad_token_id),
+        callbacks=([EarlyStoppingCallback(config.early_stopping_patience)] if config.early_stopping_patience else [])
+        + list(callbacks or []))
+    initial = trainer.evaluate() if eval_set else {}
+    resume_from = get_last_checkpoint(str(config.checkpoints)) if config.resume and config.checkpoints.is_dir() else None
+    outcome = trainer.train(resume_from_checkpoint=resume_from)
+    final = trainer.evaluate() if eval_set else {}
+    metrics = {"train_loss": outcome.training_loss, "steps": outcome.global_step}
+    if eval_set:
+        metrics.update(initial_eval_loss=initial["eval_loss"], eval_loss=final["eval_loss"],
+                       eval_perplexity=math.exp(min(final["eval_loss"], 50.0)))
+    manifest = _manifest(config, base, report, eval_report, metrics, started, on_gpu)
+    path = write_adapter(peft_model, config.output_dir, config.adapter_name, manifest)
+    log.warning("wrote adapter %s: %s", config.adapter_name, json.dumps(metrics))
+    return TrainResult(path, manifest)
+
+
+def _prepare(model, config: TrainConfig):
+    kwargs = {"use_reentrant": False}  # non-reentrant checkpointing works with frozen inputs
+    if config.quantization != "none":
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing,
+                                               gradient_checkpointing_kwargs=kwargs)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.enable_input_require_grads()
+    return model
+
+
+def _with_lora(model, config: TrainConfig):
+    """PEFT LoRA on the chosen targets, refused when the server could not serve the result."""
+    servable = set(supported_linear_names(model))
+    regex = target_regex(config.target) if config.target in PRESETS else config.target
+    lora = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      use_rslora=config.use_rslora, target_modules=regex, bias="none", task_type="CAUSAL_LM")
+    try:
+        with keep_module_targets():
+            peft_model = get_peft_model(model, lora)
+    except NoMatchingPeftModuleError as exc:
+        raise AdapterIncompatible(f"target {config.target!r} matches no module of this base ({exc})") from None
+    targeted = set(peft_model.targeted_module_names)
+    if not targeted:
+        raise AdapterIncompatible(f"target {config.target!r} matches no module of this base")
+    # PEFT names modules inside its wrapper; the served base names them without the prefix.
+    unservable = sorted(t for t in targeted if t.removeprefix("base_model.model.") not in servable)
+    if unservable or getattr(peft_model.peft_config["default"], "target_parameters", None):
+        raise AdapterIncompatible(f"target {config.target!r} reaches modules the server does not serve "
+                                  f"(e.g. {(unservable or ['routed MoE experts'])[0]})")
+    return peft_model
+
+
+def _arguments(config: TrainConfig, has_eval: bool, on_gpu: bool) -> TrainingArguments:
+    per_epoch = "steps" if config.eval_steps else "epoch"
+    return TrainingArguments(
+        output_dir=str(config.checkpoints), per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size, gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup_ratio,  # < 1 is a ratio in transformers 5
+        weight_decay=config.weight_decay, num_train_epochs=config.epochs, max_steps=config.max_steps,
+        logging_steps=config.logging_steps, eval_strategy=per_epoch if has_eval else "no",
+        eval_steps=config.eval_steps or None, save_strategy="steps" if config.save_steps else "epoch",
+        save_steps=config.save_steps or 500, save_total_limit=2, seed=config.seed, data_seed=config.seed,
+        bf16=on_gpu and torch.cuda.is_bf16_supported(), use_cpu=not on_gpu, report_to=[],
+        remove_unused_columns=False, load_best_model_at_end=bool(config.early_stopping_patience and has_eval),
+        metric_for_best_model="eval_loss", greater_is_better=False, dataloader_num_workers=0)
+
+
+def _manifest(config: TrainConfig, base, report, eval_report, metrics: dict, started: float, on_gpu: bool) -> dict:
+    import peft
+    import transformers
+
+    peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return {
+        "name": config.adapter_name, "source": "trainer", "base_fingerprint": base.fingerprint,
+        "base_model": Path(config.model).name, "quantization": config.quantization,
+        "dataset": {"train": vars(report), "eval": vars(eval_report) if eval_report else None},
+        "hyperparameters": {k: v for k, v in vars(config).items() if k not in ("tasks", "register", "model")},
+        "metrics": metrics, "seconds": round(time.monotonic() - started, 1),
+        "peak_memory_bytes": {"host_rss": peak_host,
+                              "accelerator": torch.cuda.max_memory_allocated() if on_gpu else None},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+    }
