@@ -49,6 +49,13 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_merged(args: argparse.Namespace) -> int:
+    from trainer.export import export_merged
+
+    print(f"wrote {export_merged(args.model, args.adapter, args.out, args.dtype)}")
+    return 0
+
+
 def _bench_engine(args: argparse.Namespace) -> int:
     from server.bench.engine_bench import run_engine_bench
 
@@ -156,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="LoRA / QLoRA fine-tuning producing a store-ready adapter (flags or --config YAML)")
     add_train_flags(p)
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("export-merged", help="write the base with one adapter merged (full precision)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="the base the adapter was trained on (directory or hub id)")
+    p.add_argument("--adapter", required=True, help="adapter directory (PEFT layout)")
+    p.add_argument("--out", required=True, help="output model directory (must not exist or be empty)")
+    p.add_argument("--dtype", default="auto", help="weights dtype: auto, bfloat16, float16, float32")
+    p.set_defaults(func=_export_merged)
 
     p = sub.add_parser("init-model", help="write a small random DeepSeek-architecture model directory",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

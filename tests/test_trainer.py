@@ -149,3 +149,19 @@ def test_targets_the_server_cannot_serve_are_refused(task, tmp_path):
     with pytest.raises(AdapterIncompatible, match="matches no module"):
         train(_config(task, tmp_path / "out", target=r".*\.no_such_proj", max_steps=1))
     assert not (tmp_path / "out" / "codes").exists()
+
+
+def test_export_merged_matches_the_adapter(task, trained, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from trainer.export import export_merged
+
+    out = export_merged(str(task["base"]), trained.adapter_dir, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    model, tokenizer = _reference_model(task, trained.adapter_dir)
+    ids = torch.tensor([tokenizer("What is the code for item 3?").input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
+    assert (out / "tokenizer.json").exists()
+    with pytest.raises(FileExistsError):
+        export_merged(str(task["base"]), trained.adapter_dir, out)
