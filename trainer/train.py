@@ -59,6 +59,7 @@ def train(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
         eval_report = None
     model = _prepare(base.model, config)
     peft_model = _with_lora(model, config)
+    _reset_peak_rss()  # from here the peak covers training itself, not the one-off load
     on_gpu = torch.cuda.is_available()
     trainer = Trainer(
         model=peft_model, args=_arguments(config, has_eval=bool(eval_set), on_gpu=on_gpu),
@@ -128,6 +129,26 @@ def _arguments(config: TrainConfig, has_eval: bool, on_gpu: bool) -> TrainingArg
         metric_for_best_model="eval_loss", greater_is_better=False, dataloader_num_workers=0)
 
 
+def _reset_peak_rss() -> None:
+    """Linux: restart the process's peak-RSS counter (VmHWM); elsewhere a no-op."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_rss_since_reset() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def _manifest(config: TrainConfig, base, report, eval_report, metrics: dict, started: float, on_gpu: bool) -> dict:
     import peft
     import transformers
@@ -139,7 +160,7 @@ def _manifest(config: TrainConfig, base, report, eval_report, metrics: dict, sta
         "dataset": {"train": vars(report), "eval": vars(eval_report) if eval_report else None},
         "hyperparameters": {k: v for k, v in vars(config).items() if k not in ("tasks", "register", "model")},
         "metrics": metrics, "seconds": round(time.monotonic() - started, 1),
-        "peak_memory_bytes": {"host_rss": peak_host,
+        "peak_memory_bytes": {"host_rss": peak_host, "host_rss_training": _peak_rss_since_reset(),
                               "accelerator": torch.cuda.max_memory_allocated() if on_gpu else None},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
     }
