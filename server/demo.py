@@ -9,19 +9,15 @@ exit code must be 0.
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from contextlib import ExitStack
 from pathlib import Path
 
 from server.client import LoraserveClient, LoraserveClientError
 from server.demo_steps import DemoFailure, heading, run_steps
+from server.serve_process import ServerProcess, free_port
 
 TARGETS = ("attention", "mlp", "all-linear")
 RANKS = (4, 8, 16)
@@ -41,24 +37,22 @@ def run_demo(workdir: str | None, arch: str = "deepseek-v3", quantization: str =
         heading("1. build a tiny base and random adapters")
         base_dir, adapters = _build_world(root, arch, num_adapters)
         heading("2. start the server")
-        server = _DemoServer.start(root, base_dir, root / "imports", quantization)
+        server, metrics_port = _start_server(root, base_dir, root / "imports", quantization)
         try:
-            return _drive(server, adapters)
+            return _drive(server, metrics_port, adapters)
         finally:
             server.kill()  # a no-op once it has exited; otherwise a failed demo leaves nothing behind
 
 
-def _drive(server: _DemoServer, adapters: dict[str, Path]) -> int:
+def _drive(server: ServerProcess, metrics_port: int, adapters: dict[str, Path]) -> int:
     """Wait for SERVING, run the client steps, then SIGTERM; returns the demo's exit code."""
     try:
         print(f"$ {' '.join(server.args[2:])}\n  log: {server.log_path}")
-        started = time.monotonic()
-        server.wait_serving(START_TIMEOUT_S)
-        print(f"SERVING on {server.target} after {time.monotonic() - started:.1f}s "
-              f"(metrics on :{server.metrics_port})")
+        waited = server.wait_serving(START_TIMEOUT_S)
+        print(f"SERVING on {server.target} after {waited:.1f}s (metrics on :{metrics_port})")
         with LoraserveClient(server.target, timeout=60) as client:
-            run_steps(client, adapters, server.metrics_port)
-    except (DemoFailure, LoraserveClientError) as exc:
+            run_steps(client, adapters, metrics_port)
+    except (DemoFailure, LoraserveClientError, RuntimeError, TimeoutError) as exc:
         print(f"\ndemo failed: {exc}\n--- {server.log_path} (last lines) ---\n{server.log_tail()}",
               file=sys.stderr)
         return 1
@@ -103,74 +97,10 @@ def _build_world(root: Path, arch: str, num_adapters: int) -> tuple[Path, dict[s
     return base_dir, adapters
 
 
-def _free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on 127.0.0.1 (all sockets held until every port is chosen)."""
-    with ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-
-
-class _DemoServer:
-    """A `loraserve serve` subprocess with its log in a file."""
-
-    def __init__(self, process: subprocess.Popen, args: list[str], port: int, metrics_port: int,
-                 log_path: Path) -> None:
-        self.process = process
-        self.args = args
-        self.target = f"127.0.0.1:{port}"
-        self.metrics_port = metrics_port
-        self.log_path = log_path
-
-    @classmethod
-    def start(cls, root: Path, base_dir: Path, imports_dir: Path, quantization: str) -> _DemoServer:
-        port, metrics_port = _free_ports(2)
-        args = [sys.executable, "-m", "server", "serve", "--model", str(base_dir),
-                "--adapters-dir", str(root / "store"), "--host", "127.0.0.1", "--port", str(port),
-                "--metrics-port", str(metrics_port), "--quantization", quantization,
-                "--max-loras", str(MAX_LORAS), "--import-roots", str(imports_dir)]
-        log_path = root / "server.log"
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                                       env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        return cls(process, args, port, metrics_port, log_path)
-
-    def wait_serving(self, timeout: float) -> None:
-        """Poll grpc.health.v1 Check until SERVING; fail early if the process dies."""
-        deadline = time.monotonic() + timeout
-        with LoraserveClient(self.target, timeout=1) as client:
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise DemoFailure(f"the server exited with code {self.process.returncode} while starting")
-                try:
-                    if client.health() == "SERVING":
-                        return
-                except LoraserveClientError:
-                    pass  # port not open yet, or still loading (NOT_SERVING)
-                time.sleep(0.2)
-        raise DemoFailure(f"the server was not SERVING after {timeout:.0f}s")
-
-    def stop(self, timeout: float) -> int:
-        """SIGTERM and wait for the drain; SIGKILL if it hangs. Returns the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-                print(f"the server did not exit {timeout:.0f}s after SIGTERM; killed it", file=sys.stderr)
-        return self.process.returncode
-
-    def kill(self) -> None:
-        """Stop at once (a failed demo has nothing to drain)."""
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+def _start_server(root: Path, base_dir: Path, imports_dir: Path, quantization: str) -> tuple[ServerProcess, int]:
+    """The server subprocess and its metrics port."""
+    port, metrics_port = free_port(), free_port()
+    args = ["--model", str(base_dir), "--adapters-dir", str(root / "store"), "--host", "127.0.0.1",
+            "--port", str(port), "--metrics-port", str(metrics_port), "--quantization", quantization,
+            "--max-loras", str(MAX_LORAS), "--import-roots", str(imports_dir)]
+    return ServerProcess(args, f"127.0.0.1:{port}", root / "server.log"), metrics_port

@@ -27,11 +27,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from server.bench.engine_bench import TOPICS, BenchConfig, build_inputs, machine_info
-from server.bench.server_process import ServerProcess, free_port, server_env
 from server.client import AsyncLoraserveClient, Generation
 from server.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.request import GenerationRequest, SamplingParams
+from server.serve_process import ServerProcess, free_port, server_env
 
 VARIANTS = ("grpc", "engine")
 RATIO_TARGETS: dict[str, tuple[str, str, str, float]] = {

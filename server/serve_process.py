@@ -1,5 +1,6 @@
-"""A real `loraserve serve` child process for `bench serve`: start it, wait until health says
-SERVING, read how much CPU it has used, and stop it with SIGTERM the way an orchestrator would."""
+"""A real `loraserve serve` child process (for `bench serve` and `demo`): start it, wait until
+health says SERVING, read how much CPU it has used, and stop it with SIGTERM the way an
+orchestrator would."""
 
 from __future__ import annotations
 
@@ -33,9 +34,9 @@ class ServerProcess:
     def __init__(self, serve_args: list[str], target: str, log_path: Path) -> None:
         self.target = target
         self.log_path = log_path
+        self.args = [sys.executable, "-m", "server", "serve", *serve_args]
         with open(log_path, "wb") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "server", "serve", *serve_args], stdout=log,
-                                            stderr=subprocess.STDOUT, env=server_env())
+            self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=server_env())
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
@@ -65,6 +66,12 @@ class ServerProcess:
             return None
         fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)"; comm may hold spaces
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+    def kill(self) -> None:
+        """Stop at once (nothing to drain); a no-op once the process has exited."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM, then wait for the drain; the exit status (SIGKILL after `timeout`, reported as
