@@ -196,11 +196,13 @@ class Engine:
         weights = parse_adapter(name, config, tensors, self._base_shapes, self.config.max_lora_rank, self.base.dtype)
         return weights, digest
 
-    def add_adapter(self, name: str, path: str | Path, replace: bool = False) -> AdapterEntry:
+    def add_adapter(self, name: str, path: str | Path, replace: bool = False,
+                    checked: tuple[LoraWeights, str] | None = None) -> AdapterEntry:
         """Register (or with `replace`, swap) an adapter. Same name and content is a no-op;
         different content without `replace` is ALREADY_EXISTS. Requests already running on the
-        old version finish on it; later ones get the new one."""
-        weights, digest = self.check_adapter(name, path)
+        old version finish on it; later ones get the new one. `checked` is the result of
+        `check_adapter` on these exact files when the caller already has it."""
+        weights, digest = checked if checked is not None else self.check_adapter(name, path)
         with self._lock:
             old = self._adapters.get(name)
             if old is not None and old.digest == digest:

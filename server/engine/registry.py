@@ -19,6 +19,7 @@ from pathlib import Path
 
 from server.engine.engine import Engine
 from server.errors import AdapterIncompatible, AdapterNotFound
+from server.lora.adapter import LoraWeights
 from server.store.adapter_store import AdapterStore, StagedAdapter
 from server.store.import_roots import resolve_import_path
 from server.store.layout import MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, check_adapter_name, now_rfc3339
@@ -39,11 +40,14 @@ class AdapterStatus:
 
 @dataclass(frozen=True)
 class Checked:
-    """What validation learned about a staged adapter, for its manifest."""
+    """What validation learned about a staged adapter: its manifest fields, and the decoded
+    weights with their digest, handed to the engine so the files are not decoded twice."""
 
     r: int
     lora_alpha: float
     target_modules: tuple[str, ...]
+    weights: LoraWeights
+    digest: str
 
 
 class AdapterRegistry:
@@ -111,8 +115,9 @@ class AdapterRegistry:
                                            label=f"adapter {name!r}: {WEIGHTS_FILE}")
         for key, header in headers.items():  # still nothing allocated: shapes come from the header
             _check_shape(key, tuple(header.shape), shapes, max_rank, name)
-        weights, _ = self.engine.check_adapter(name, staged.path)
-        return Checked(weights.rank, float(config.get("lora_alpha", 0)), tuple(sorted(weights.modules)))
+        weights, digest = self.engine.check_adapter(name, staged.path)
+        return Checked(weights.rank, float(config.get("lora_alpha", 0)), tuple(sorted(weights.modules)),
+                       weights, digest)
 
     def validate(self, name: str, path: str) -> Manifest:
         """The manifest the adapter would get; publishes nothing."""
@@ -127,7 +132,6 @@ class AdapterRegistry:
         return self._publish(name, self._source_files(name, path), replace, "register")
 
     def upload(self, name: str, files: dict[str, bytes], replace: bool) -> tuple[AdapterStatus, bool]:
-        check_adapter_name(name)
         return self._publish(name, files, replace, "upload")
 
     def _publish(self, name: str, files, replace: bool, source: str) -> tuple[AdapterStatus, bool]:
@@ -138,7 +142,9 @@ class AdapterRegistry:
                     staged, r=checked.r, lora_alpha=checked.lora_alpha, target_modules=checked.target_modules,
                     base_fingerprint=self.engine.base.fingerprint, source=source, replace=replace)
                 if created or not self.engine.has_adapter(name):
-                    self.engine.add_adapter(name, self.store.path_of(name), replace=True)
+                    # The committed files are the staged bytes that were just decoded.
+                    self.engine.add_adapter(name, self.store.path_of(name), replace=True,
+                                            checked=(checked.weights, checked.digest))
         return self.status(name, manifest), created
 
     def unregister(self, name: str) -> None:
