@@ -126,8 +126,6 @@ def test_published_adapters_survive_a_restart(tmp_path):
     with AdapterStore(root, max_adapter_bytes=MB) as store:
         before = [store.publish(n, adapter_files(i), **FIELDS)[0] for i, n in enumerate(["x", "y.v2", "Z_3"])]
         store.remove("y.v2")
-        with pytest.raises(ConfigError, match="already open"):
-            AdapterStore(root, max_adapter_bytes=MB)  # one owner per directory
     with AdapterStore(root, max_adapter_bytes=MB) as reopened:
         assert reopened.list() == [before[2], before[0]] and reopened.problems == []
         assert reopened.get("x").digest == before[0].digest

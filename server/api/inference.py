@@ -9,6 +9,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 
 import grpc
 
@@ -24,9 +25,12 @@ log = logging.getLogger("loraserve.requests")
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, engine: Engine, metrics: ServerMetrics) -> None:
+    def __init__(self, engine: Engine, metrics: ServerMetrics, on_miss: Callable[[str], bool] | None = None) -> None:
         self._engine = engine
         self._metrics = metrics
+        # Asked (on a worker thread) about an adapter this process does not serve: another
+        # replica or a training job may just have published it into the shared store.
+        self._on_miss = on_miss
 
     def _request(self, msg: pb.GenerationInput, context: grpc.aio.ServicerContext) -> GenerationRequest:
         prompt, messages = input_from_proto(msg)
@@ -61,6 +65,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         try:
             request = self._request(msg, context)
             request_id = request.request_id
+            if adapter and self._on_miss is not None and not self._engine.has_adapter(adapter):
+                await asyncio.to_thread(self._on_miss, adapter)
             stream = self._engine.submit(request, loop=asyncio.get_running_loop())
             last = None
             async for event in stream:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.engine.engine import Engine
-from server.errors import AdapterIncompatible, AdapterNotFound
+from server.errors import AdapterIncompatible, AdapterNotFound, InvalidArgument
 from server.lora.adapter import LoraWeights
 from server.store.adapter_store import AdapterStore, StagedAdapter
 from server.store.import_roots import resolve_import_path
@@ -50,11 +50,17 @@ class Checked:
     digest: str
 
 
+SUPERSEDED_GRACE_SECONDS = 300.0
+"""How long a replaced version stays on disk: longer than any replica's load of it takes, and
+than one store sync interval, so no replica reads a version that vanished under it."""
+
+
 class AdapterRegistry:
     def __init__(self, engine: Engine, settings) -> None:
         self.engine = engine
         self.store = AdapterStore(Path(settings.adapters_dir), max_adapter_bytes=settings.max_adapter_bytes,
-                                  max_store_bytes=settings.max_store_bytes or None)
+                                  max_store_bytes=settings.max_store_bytes or None,
+                                  superseded_grace_seconds=SUPERSEDED_GRACE_SECONDS)
         self.roots = [Path(r) for r in settings.import_roots]
         self.max_adapter_bytes = settings.max_adapter_bytes
         self._lock = threading.Lock()
@@ -78,6 +84,52 @@ class AdapterRegistry:
         for name in preload:
             if name not in pin:
                 self.engine.preload_adapter(name)
+
+    # ---- what other processes changed in a shared store ---------------------------------------
+    def sync(self) -> list[str]:
+        """Serve what other replicas or training jobs published, replaced or removed in the
+        store since the last look; the names that changed."""
+        changed = self.store.refresh()
+        for name in changed:
+            with self._lock:
+                self._follow_store(name)
+        return changed
+
+    def ensure(self, name: str) -> bool:
+        """On a request for an adapter this process does not serve: look in the store (another
+        process may just have published it) and serve it if it is there; whether it is served."""
+        if self.engine.has_adapter(name):
+            return True
+        try:
+            self.store.refresh_one(name)
+        except InvalidArgument:
+            return False
+        with self._lock:
+            self._follow_store(name)
+        return self.engine.has_adapter(name)
+
+    def _follow_store(self, name: str) -> None:
+        """Make the engine serve what the store holds under `name` (held: self._lock)."""
+        try:
+            manifest = self.store.get(name)
+        except AdapterNotFound:
+            if self.engine.has_adapter(name):
+                self.engine.remove_adapter(name)
+                log.warning("adapter %s was removed from the store by another process", name)
+            return
+        if manifest.base_fingerprint != self.engine.base.fingerprint:
+            log.error("adapter %s in the store was built for another base: not served", name)
+            return
+        path = self.store.path_of(name)
+        try:
+            weights, digest = self.engine.check_adapter(name, path)
+            if digest != manifest.digest:
+                raise AdapterIncompatible("its files do not match the sha256 in its manifest")
+            self.engine.add_adapter(name, path, replace=True, checked=(weights, digest))
+        except Exception as exc:  # a bad adapter from elsewhere must not break this replica
+            log.error("adapter %s in the store cannot be served: %s", name, exc)
+            return
+        log.warning("serving adapter %s (%s) published by another process", name, manifest.source)
 
     # ---- checks ------------------------------------------------------------------------
     def _source_files(self, name: str, path: str) -> dict[str, Path]:

@@ -8,20 +8,22 @@ sizes and the safetensors header), the caller validates the staged copy against 
 the version in. `publish()` does both for callers that have already validated.
 
 The store knows nothing of slots, engines or gRPC. It is thread-safe (one lock around every
-change of the index; copying and hashing run outside it), and one process owns a store
-directory at a time (an flock on `<root>/.lock`), because start-up deletes the leftovers of
-unfinished writes, which would destroy another live process's work in progress.
+change of the index; copying and hashing run outside it), and several processes may share a
+store directory (replicas on a shared volume, a training job): each change takes an
+exclusive flock on `<root>/.lock` for the few renames of its commit, reads what is on disk
+under it, and `refresh()` picks up what other processes changed. See `layout.py`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
 import os
 import shutil
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
@@ -50,15 +52,16 @@ from server.store.layout import (
     content_digest,
     copy_in_durably,
     fsync_dir,
-    is_version_name,
     new_tmp_name,
     new_version_name,
     now_rfc3339,
     swap_symlink,
+    tmp_is_leftover,
     verify_version,
     write_durably,
 )
 from server.store.safetensors_check import check_safetensors_header
+from server.store.versions import has_old_versions, link_target, prune_versions, read_current, remove_path
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +107,12 @@ class AdapterStore:
     `max_adapter_bytes` bounds one adapter (both files); `max_store_bytes` (None = no limit)
     bounds the sum over published adapters. Opening recovers from any crash: leftovers are
     deleted and every manifest is re-verified against its files (sha256 and size); an adapter
-    that fails is listed in `problems` and not served."""
+    that fails is listed in `problems` and not served. A replaced version is deleted once it
+    has been superseded for `superseded_grace_seconds` (servers sharing the store set a grace,
+    so a replica still loading the old version is not cut off)."""
 
-    def __init__(self, root: str | Path, max_adapter_bytes: int, max_store_bytes: int | None = None) -> None:
+    def __init__(self, root: str | Path, max_adapter_bytes: int, max_store_bytes: int | None = None,
+                 superseded_grace_seconds: float = 0.0) -> None:
         if isinstance(max_adapter_bytes, bool) or not isinstance(max_adapter_bytes, int) or max_adapter_bytes < 1:
             raise ConfigError(f"max_adapter_bytes must be a positive integer, got {max_adapter_bytes!r}")
         if max_store_bytes is not None and (not isinstance(max_store_bytes, int) or max_store_bytes < 1):
@@ -114,29 +120,28 @@ class AdapterStore:
         self.root = Path(root).absolute()
         self.max_adapter_bytes = max_adapter_bytes
         self.max_store_bytes = max_store_bytes
+        self.superseded_grace_seconds = superseded_grace_seconds
         if self.root.exists() and not self.root.is_dir():
             raise ConfigError("the adapter store path exists and is not a directory")
         self.root.mkdir(parents=True, exist_ok=True)
-        self._lock_file = open(self.root / LOCK_FILE, "ab")  # noqa: SIM115 - held open: it is the lock
-        try:
-            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock_file.close()
-            raise ConfigError("the adapter store directory is already open (in another process, or another "
-                              "AdapterStore in this one); a store directory has one owner") from None
         self._lock = threading.Lock()
         self._index: dict[str, Manifest] = {}
         self._paths: dict[str, Path] = {}  # name -> its current version directory
         self._problems: dict[str, StoreProblem] = {}
-        try:
+        self._bad_versions: dict[str, str] = {}  # name -> the version found broken at start-up
+        with self._lock, self._writer():
             self._recover()
-        except BaseException:
-            self._lock_file.close()
-            raise
+
+    @contextlib.contextmanager
+    def _writer(self) -> Iterator[None]:
+        """Exclusive across processes: held while `current` links change or leftovers are
+        deleted, so a writer never deletes what another is committing."""
+        with open(self.root / LOCK_FILE, "ab") as lock_file:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
+            yield  # closing the file releases the lock
 
     def close(self) -> None:
-        """Release the directory for another owner; the store must not be used afterwards."""
-        self._lock_file.close()
+        """Nothing is held between calls; kept so a store can be used as a context manager."""
 
     def __enter__(self) -> Self:
         return self
@@ -215,7 +220,8 @@ class AdapterStore:
         return StagedAdapter(name, staging, digests)
 
     def commit(self, staged: StagedAdapter, *, r: int, lora_alpha: float, target_modules: Sequence[str],
-               base_fingerprint: str, source: str, replace: bool = False) -> tuple[Manifest, bool]:
+               base_fingerprint: str, source: str, replace: bool = False,
+               training: dict | None = None) -> tuple[Manifest, bool]:
         """Publish a staged adapter: (its manifest, True), or (the existing manifest, False)
         when the name already holds the same content. Different content under the name is
         AdapterAlreadyExists unless `replace`; going over `max_store_bytes` is
@@ -225,21 +231,26 @@ class AdapterStore:
         try:
             manifest = Manifest(name=staged.name, files=staged.files, r=r, lora_alpha=float(lora_alpha),
                                 target_modules=tuple(target_modules), base_fingerprint=base_fingerprint,
-                                size_bytes=staged.size_bytes, created_time=now_rfc3339(), source=source)
+                                size_bytes=staged.size_bytes, created_time=now_rfc3339(), source=source,
+                                training=training)
             write_durably(staged.path / MANIFEST_FILE, manifest.to_json())
             fsync_dir(staged.path)
-            with self._lock:
+            with self._lock, self._writer():
+                self._sync_name(staged.name)
+                if self.max_store_bytes is not None:
+                    self._sync_all()
                 return self._commit_locked(staged, manifest, replace)
         finally:
             staged.discard()
 
     def publish(self, name: str, files: Mapping[str, bytes | Path], *, r: int, lora_alpha: float,
                 target_modules: Sequence[str], base_fingerprint: str, source: str,
-                replace: bool = False) -> tuple[Manifest, bool]:
+                replace: bool = False, training: dict | None = None) -> tuple[Manifest, bool]:
         """`stage` then `commit`, for files the caller has already validated."""
         with self.stage(name, files) as staged:
             return self.commit(staged, r=r, lora_alpha=lora_alpha, target_modules=target_modules,
-                               base_fingerprint=base_fingerprint, source=source, replace=replace)
+                               base_fingerprint=base_fingerprint, source=source, replace=replace,
+                               training=training)
 
     def _commit_locked(self, staged: StagedAdapter, manifest: Manifest, replace: bool) -> tuple[Manifest, bool]:
         name = manifest.name
@@ -266,7 +277,7 @@ class AdapterStore:
             fsync_dir(name_dir)
             swap_symlink(name_dir / CURRENT_LINK, version)  # the commit point
         except BaseException:
-            if _link_target(name_dir) != version:
+            if link_target(name_dir) != version:
                 shutil.rmtree(name_dir / version, ignore_errors=True)
                 raise
             self._record(name, manifest, name_dir / version)  # swapped; only its fsync failed
@@ -275,18 +286,66 @@ class AdapterStore:
         return manifest, True
 
     def _record(self, name: str, manifest: Manifest, version_dir: Path) -> None:
-        """Index the new current version and delete the versions it supersedes."""
+        """Index the new current version and delete the versions it supersedes (past the grace)."""
         self._index[name] = manifest
         self._paths[name] = version_dir
         self._problems.pop(name, None)
-        for child in version_dir.parent.iterdir():
-            if child.name not in (CURRENT_LINK, version_dir.name):
-                _remove_path(child)
+        self._bad_versions.pop(name, None)
+        prune_versions(version_dir.parent, self.superseded_grace_seconds)
+
+    # ---- what other processes changed -------------------------------------------------------
+    def refresh(self) -> list[str]:
+        """Re-read which version of each adapter is current on disk: the names another process
+        published, replaced or removed since this one last looked, by name. Superseded
+        versions past their grace are deleted on the way."""
+        with self._lock:
+            changed = self._sync_all()
+            stale = [self.root / n for n in self._paths if has_old_versions(self.root / n, self.superseded_grace_seconds)]
+        if stale:
+            with self._lock, self._writer():
+                for name_dir in stale:
+                    prune_versions(name_dir, self.superseded_grace_seconds)
+        return changed
+
+    def refresh_one(self, name: str) -> bool:
+        """`refresh` for one name (a cache miss): whether it changed."""
+        check_adapter_name(name)
+        with self._lock:
+            return self._sync_name(name)
+
+    def _sync_all(self) -> list[str]:
+        on_disk = {e.name for e in os.scandir(self.root)
+                   if ADAPTER_NAME.fullmatch(e.name) and e.is_dir(follow_symlinks=False)}
+        return [name for name in sorted(on_disk | set(self._index)) if self._sync_name(name)]
+
+    def _sync_name(self, name: str) -> bool:
+        """Make the index entry for `name` match the disk; whether it changed. Another
+        process's version is checked against its manifest by name and size (the full sha256
+        check happens where the weights are read: the engine's digest must equal it)."""
+        version = read_current(self.root / name)
+        known = self._paths.get(name)
+        if version is None:
+            if known is None:
+                return False
+            del self._index[name], self._paths[name]
+            return True
+        if (known is not None and known.name == version) or self._bad_versions.get(name) == version:
+            return False
+        try:
+            manifest = verify_version(name, self.root / name / version, hashes=False)
+        except (ValueError, OSError) as exc:  # superseded while reading it: the next look sees the new one
+            log.warning("adapter store: adapter %s, version %s: %s", name, version, exc)
+            return False
+        self._index[name] = manifest
+        self._paths[name] = self.root / name / version
+        self._problems.pop(name, None)
+        return True
 
     def remove(self, name: str) -> None:
         """Delete an adapter (served, or broken at start-up); AdapterNotFound if neither."""
         check_adapter_name(name)
-        with self._lock:
+        with self._lock, self._writer():
+            self._sync_name(name)
             if name not in self._index and name not in self._problems:
                 raise AdapterNotFound(f"adapter {name!r} is not registered")
             # One rename takes the whole name out of the store atomically; the slow delete
@@ -301,42 +360,38 @@ class AdapterStore:
             self._problems.pop(name, None)
             fsync_dir(self.root)
         if tomb is not None:
-            _remove_path(tomb)
+            remove_path(tomb)
 
     # ---- start-up recovery -------------------------------------------------------------
     def _recover(self) -> None:
+        """Delete what dead writers left, then verify every current version in full."""
         for entry in sorted(os.scandir(self.root), key=lambda e: e.name):
             path = Path(entry.path)
-            if entry.name == LOCK_FILE:
-                continue
             if entry.name.startswith(TMP_PREFIX):
-                log.info("adapter store: deleting %s, left by an unfinished write", entry.name)
-                _remove_path(path)
+                if tmp_is_leftover(path):
+                    log.info("adapter store: deleting %s, left by an unfinished write", entry.name)
+                    remove_path(path)
             elif ADAPTER_NAME.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
                 self._recover_adapter(entry.name, path)
-            else:
+            elif not entry.name.startswith("."):  # .lock, trainers' .checkpoints: ours, not adapters
                 log.warning("adapter store: ignoring %r, which is not an adapter directory", entry.name)
         fsync_dir(self.root)
         log.info("adapter store: %d adapters served, %d not served", len(self._index), len(self._problems))
 
     def _recover_adapter(self, name: str, name_dir: Path) -> None:
-        """Keep `current` and the version it names; delete everything else; verify it."""
+        """Keep `current` and the version it names; delete what is left over; verify it."""
         had_link = os.path.lexists(name_dir / CURRENT_LINK)
-        version = _link_target(name_dir)
-        if version is not None and not (is_version_name(version) and (name_dir / version).is_dir()
-                                         and not (name_dir / version).is_symlink()):
-            version = None
-        for child in name_dir.iterdir():
-            if version is None or child.name not in (CURRENT_LINK, version):
-                _remove_path(child)
+        version = read_current(name_dir)
         if version is None:
-            _remove_path(name_dir)  # without `current` it was a first publish that never finished
+            remove_path(name_dir)  # without `current` it was a first publish that never finished
             if had_link:
                 self._report(name, f"adapter {name!r} was lost: its current version is missing")
             return
+        prune_versions(name_dir, self.superseded_grace_seconds)
         try:
             manifest = verify_version(name, name_dir / version)
         except ValueError as exc:
+            self._bad_versions[name] = version
             self._report(name, f"adapter {name!r} is not served: {exc}; publish it again or remove it")
             return
         self._index[name] = manifest
@@ -367,25 +422,3 @@ def _source_size(source: bytes | Path, label: str) -> int:
     if not os.path.isfile(source):
         raise AdapterIncompatible(f"{label} is not a regular file")
     return st.st_size
-
-
-def _link_target(name_dir: Path) -> str | None:
-    """What `current` in `name_dir` points at, or None if it is missing or not a symlink."""
-    try:
-        return os.readlink(name_dir / CURRENT_LINK)
-    except OSError:
-        return None
-
-
-def _remove_path(path: Path) -> None:
-    """Delete a file, symlink or tree; a failure is logged, not raised: what is left is a
-    leftover that the next start-up deletes, and the operation that asked has succeeded."""
-    try:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.warning("adapter store: could not delete %s (%s); it will be retried at start-up", path.name, exc)

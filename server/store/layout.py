@@ -2,8 +2,8 @@
 that make every change atomic.
 
     <root>/
-      .lock                          held (flock) by the one process that owns the store
-      .tmp-<random>/                 a version being written, or a name being removed
+      .lock                          flock'd by a writer while it commits, removes or recovers
+      .tmp-<kind>-<random>@<pid>@<host>/   a version being written, or a name being removed
       <name>/
         current -> v-<digest16>-<nonce>     relative symlink, swapped with os.replace
         v-<digest16>-<nonce>/
@@ -13,10 +13,15 @@ that make every change atomic.
 
 A version directory is written completely under `.tmp-*`, fsync'd, then renamed into
 `<name>/`; it becomes the served version only when `current` is swapped to it. So after a
-crash at any point the adapter is either its old version or its new one, never a mix: a
-version not named by `current` and every `.tmp-*` entry are leftovers, deleted at start-up.
-A version directory is never rewritten or reused (the nonce makes every name new), so a path
-to one stays valid for as long as that version is current.
+crash at any point the adapter is either its old version or its new one, never a mix.
+
+Several processes may share one store (replicas on a ReadWriteMany volume, a training job
+publishing next to running servers). Every change of `current` happens under an exclusive
+flock of `.lock`, held for milliseconds. A `.tmp-*` entry names the process writing it, so
+start-up deletes only the leftovers of processes that are gone (or that are older than
+`STALE_TMP_SECONDS`); a version not named by `current` is deleted once it has been superseded
+for `SUPERSEDED_GRACE_SECONDS`, so a replica still reading it is not cut off mid-load.
+A version directory is never rewritten or reused (the nonce makes every name new).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import math
 import os
 import re
 import secrets
+import socket
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -74,9 +81,38 @@ def is_version_name(name: str) -> bool:
     return bool(_VERSION_NAME.fullmatch(name))
 
 
+STALE_TMP_SECONDS = 3600.0
+"""A `.tmp-*` entry of another host is deleted once it is this old: staging an adapter takes
+seconds, so an hour-old one belongs to a writer that died."""
+
+
 def new_tmp_name(kind: str) -> str:
-    """A fresh `.tmp-*` name; `kind` only helps a person reading a directory listing."""
-    return f"{TMP_PREFIX}{kind}-{secrets.token_hex(8)}"
+    """A fresh `.tmp-*` name that records its writer (pid and host); `kind` only helps a
+    person reading a directory listing."""
+    return f"{TMP_PREFIX}{kind}-{secrets.token_hex(8)}@{os.getpid()}@{socket.gethostname()}"
+
+
+def tmp_is_leftover(path: Path) -> bool:
+    """Whether a `.tmp-*` entry was abandoned: its writer was a process on this host that no
+    longer runs, or it is older than STALE_TMP_SECONDS (a live pid may be a reused one), or
+    it does not say who wrote it."""
+    parts = path.name.split("@")
+    if len(parts) != 3 or not parts[1].isdigit():
+        return True
+    pid, host = int(parts[1]), parts[2]
+    if host == socket.gethostname():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+    # Alive on this host (possibly a reused pid after a container restart) or another host's.
+    try:
+        age = time.time() - os.lstat(path).st_mtime
+    except FileNotFoundError:
+        return False  # its writer finished with it just now
+    return age > STALE_TMP_SECONDS
 
 
 def content_digest(config_sha256: str, weights_sha256: str) -> str:
@@ -117,6 +153,9 @@ class Manifest:
     """RFC 3339, UTC."""
     source: str
     """'register', 'upload' or 'trainer'."""
+    training: dict | None = None
+    """For an adapter the trainer published straight into the store: its report (dataset,
+    hyperparameters, metrics, peak memory, versions)."""
 
     def __post_init__(self) -> None:
         check_adapter_name(self.name)
@@ -143,6 +182,8 @@ class Manifest:
 
     def to_json(self) -> bytes:
         body = {"format_version": MANIFEST_FORMAT, **asdict(self)}
+        if body["training"] is None:  # only the trainer's adapters carry a report
+            del body["training"]
         return (json.dumps(body, indent=2) + "\n").encode("utf-8")
 
     @classmethod
@@ -234,9 +275,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_version(name: str, version_dir: Path) -> Manifest:
-    """The version's manifest after checking every file against it; ValueError saying what
-    does not match."""
+def verify_version(name: str, version_dir: Path, hashes: bool = True) -> Manifest:
+    """The version's manifest after checking every file against it (names and sizes, and the
+    sha256 of the contents when `hashes`); ValueError saying what does not match."""
     manifest_path = version_dir / MANIFEST_FILE
     if not manifest_path.is_file() or manifest_path.is_symlink():
         raise ValueError(f"{MANIFEST_FILE} is missing")
@@ -255,6 +296,6 @@ def verify_version(name: str, version_dir: Path) -> Manifest:
         size = path.stat().st_size
         if size != f.size_bytes:
             raise ValueError(f"{f.name} is {size:,} bytes, its manifest says {f.size_bytes:,}")
-        if file_sha256(path) != f.sha256:
+        if hashes and file_sha256(path) != f.sha256:
             raise ValueError(f"{f.name} does not match the sha256 in its manifest")
     return manifest
