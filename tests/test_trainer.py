@@ -165,3 +165,21 @@ def test_export_merged_matches_the_adapter(task, trained, tmp_path):
     assert (out / "tokenizer.json").exists()
     with pytest.raises(FileExistsError):
         export_merged(str(task["base"]), trained.adapter_dir, out)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_qlora_peak_accelerator_memory_is_below_lora(tmp_path):
+    """Issue 4 acceptance 5 where it can be measured: on the `small` dense base, training with
+    the NF4 base (QLoRA) peaks lower in GPU memory than with the bf16 base (LoRA)."""
+    base = init_model(tmp_path / "small", "deepseek-llm", "small", seed=0)
+    data = tmp_path / "task.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Item {i}?", "completion": f"Code {i}."}) + "\n"
+                            for i in range(32)))
+    peaks = {}
+    for quantization in ("nf4", "none"):
+        result = train(TrainConfig(model=str(base), quantization=quantization, train_file=str(data),
+                                   adapter_name=f"m-{quantization}", output_dir=str(tmp_path / "out"),
+                                   max_steps=10, batch_size=4, eval_fraction=0.0))
+        peaks[quantization] = result.manifest["peak_memory_bytes"]["accelerator"]
+    assert peaks["nf4"] < peaks["none"], peaks

@@ -30,28 +30,45 @@ class TrainConfig:
     eval_file: str = ""
     """Separate eval JSONL; when empty, `eval_fraction` of train_file is held out."""
     eval_fraction: float = 0.1
+    """Share of train_file held out for eval loss and perplexity, in [0, 1)."""
     adapter_name: str = ""
+    """The adapter's name (its directory, and its name in a store or server)."""
     output_dir: str = "adapters"
     """Where the finished adapter directory is written (a server's import root or store)."""
     target: str = "all-linear"
     """attention | mlp | all-linear (dense MLPs + MoE shared experts), or a PEFT regex."""
     r: int = 16
+    """LoRA rank."""
     lora_alpha: int = 32
+    """LoRA scaling numerator: scale = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora)."""
     lora_dropout: float = 0.05
+    """Dropout on the LoRA input during training, in [0, 1)."""
     use_rslora: bool = False
+    """Rank-stabilised LoRA scaling."""
     max_seq_length: int = 512
+    """Longer examples are truncated (the prompt from the left) and counted in the manifest."""
     epochs: float = 3.0
+    """Passes over the training set (fractions allowed)."""
     max_steps: int = -1
     """> 0 overrides epochs."""
     batch_size: int = 4
+    """Examples per step per device."""
     gradient_accumulation_steps: int = 1
+    """Steps whose gradients add up before one optimizer update."""
     learning_rate: float = 2e-4
+    """Peak AdamW learning rate."""
     lr_scheduler: str = "cosine"
+    """A transformers scheduler name: linear, cosine, constant, constant_with_warmup, ..."""
     warmup_ratio: float = 0.03
+    """Share of the steps spent warming the learning rate up."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     gradient_checkpointing: bool = True
+    """Non-reentrant activation checkpointing: less memory, more compute."""
     seed: int = 42
+    """Seeds LoRA init, data order, the eval split and dropout."""
     logging_steps: int = 10
+    """One log line (loss, learning rate) every this many steps."""
     eval_steps: int = 0
     """0 = evaluate once per epoch."""
     save_steps: int = 0
@@ -63,6 +80,7 @@ class TrainConfig:
     checkpoint_dir: str = ""
     """Default: <output_dir>/.checkpoints/<adapter_name>."""
     skip_bad_lines: bool = False
+    """Skip and count malformed JSONL lines instead of stopping at the first."""
     register: str = ""
     """HOST:PORT of a running server: upload the finished adapter there."""
     tasks: tuple = ()

@@ -157,6 +157,20 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def read_conversations(path: str | Path) -> list[list[dict[str, str]]]:
+    """Every example of a JSONL file or directory as chat messages (the last one the answer),
+    without tokenizing: for clients that send the prompts to a server."""
+    out = []
+    for file in _data_files(Path(path)):
+        for number, line in enumerate(file.read_bytes().splitlines(), start=1):
+            if line.strip():
+                try:
+                    out.append(_parse_line(line))
+                except _BadLine as exc:
+                    raise DataError(f"{file.name}:{number}: {exc}") from None
+    return out
+
+
 def _data_files(path: Path) -> list[Path]:
     """The .jsonl files `path` names: itself, or a directory's *.jsonl sorted by name."""
     if path.is_dir():

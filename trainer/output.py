@@ -1,8 +1,13 @@
-"""Writing a finished adapter: PEFT's two files plus manifest.json, atomically.
+"""Writing a finished adapter atomically: PEFT's two files plus a manifest.
 
-The adapter is saved into a temporary sibling directory and renamed into place only when
-complete, so bad data, a crash or Ctrl-C never leave a partial adapter where a server or an
-operator would pick it up; a previous adapter of the same name is replaced only at the end.
+Two destinations:
+- a plain directory: the adapter becomes `<output_dir>/<name>/` (the two files and the
+  trainer's manifest.json), saved in a temporary sibling and renamed into place only when
+  complete, so bad data, a crash or Ctrl-C never leave a partial adapter where a server or
+  an operator would pick it up;
+- a server's adapter store (a directory holding the store's `.lock`): the adapter is
+  published through `AdapterStore`, the same stage-and-commit a registration uses, so it is
+  safe next to running servers; they serve it on the next request for it or store sync.
 """
 
 from __future__ import annotations
@@ -13,25 +18,48 @@ import shutil
 import uuid
 from pathlib import Path
 
-from server.store.layout import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, fsync_dir, write_durably
+from safetensors import safe_open
+
+from server.store.adapter_store import AdapterStore
+from server.store.layout import (
+    CONFIG_FILE,
+    LOCK_FILE,
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    fsync_dir,
+    new_tmp_name,
+    write_durably,
+)
+
+# The trainer's own bound; a server still applies its --max-adapter-bytes when it loads one.
+MAX_TRAINED_ADAPTER_BYTES = 64 * 1024**3
+
+
+def is_store(path: str | Path) -> bool:
+    """Whether `path` is an adapter store (a server has opened it) rather than a plain folder."""
+    return (Path(path) / LOCK_FILE).is_file()
 
 
 def write_adapter(peft_model, output_dir: str | Path, name: str, manifest: dict) -> Path:
-    """Save `peft_model`'s adapter as `<output_dir>/<name>/` and return that path."""
+    """Save `peft_model`'s adapter under `output_dir` and return its directory."""
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / name
-    tmp = root / f".tmp-train-{name}-{uuid.uuid4().hex[:8]}"
+    # In a store, a `.tmp-*` name with our pid and host keeps another process's start-up
+    # from deleting the adapter while it is being saved.
+    tmp = root / (new_tmp_name("train") if is_store(root) else f".tmp-train-{name}-{uuid.uuid4().hex[:8]}")
     try:
         peft_model.save_pretrained(tmp, safe_serialization=True)
-        for extra in tmp.iterdir():  # PEFT also writes a model card; the store takes the two files
+        for extra in tmp.iterdir():  # PEFT also writes a model card; an adapter is the two files
             if extra.name not in (CONFIG_FILE, WEIGHTS_FILE):
                 extra.unlink()
+        if is_store(root):
+            return _publish(root, tmp, name, manifest)
         write_durably(tmp / MANIFEST_FILE, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
         for file in (CONFIG_FILE, WEIGHTS_FILE):
             with open(tmp / file, "rb") as f:
                 os.fsync(f.fileno())
         fsync_dir(tmp)
+        final = root / name
         old = None
         if final.exists():
             old = root / f".tmp-old-{name}-{uuid.uuid4().hex[:8]}"
@@ -41,6 +69,17 @@ def write_adapter(peft_model, output_dir: str | Path, name: str, manifest: dict)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return final
-    except BaseException:
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+
+def _publish(root: Path, saved: Path, name: str, manifest: dict) -> Path:
+    config = json.loads((saved / CONFIG_FILE).read_text())
+    with safe_open(saved / WEIGHTS_FILE, "pt") as f:
+        keys = list(f.keys())
+    modules = sorted({k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in keys})
+    store = AdapterStore(root, max_adapter_bytes=MAX_TRAINED_ADAPTER_BYTES)
+    store.publish(name, {f: saved / f for f in (CONFIG_FILE, WEIGHTS_FILE)}, r=int(config["r"]),
+                  lora_alpha=float(config["lora_alpha"]), target_modules=modules,
+                  base_fingerprint=manifest["base_fingerprint"], source="trainer", replace=True, training=manifest)
+    return store.path_of(name)

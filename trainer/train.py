@@ -9,6 +9,8 @@ template and masks the loss to the response tokens.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import logging
 import math
@@ -38,7 +40,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainResult:
-    adapter_dir: Path
+    adapter_dir: Path | None
+    """None in the other processes of a multi-GPU run: only the main one writes the adapter."""
     manifest: dict
 
 
@@ -71,11 +74,17 @@ def train(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
     resume_from = get_last_checkpoint(str(config.checkpoints)) if config.resume and config.checkpoints.is_dir() else None
     outcome = trainer.train(resume_from_checkpoint=resume_from)
     final = trainer.evaluate() if eval_set else {}
-    metrics = {"train_loss": outcome.training_loss, "steps": outcome.global_step}
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    metrics = {"train_loss": outcome.training_loss, "first_train_loss": logged[0] if logged else None,
+               "final_train_loss": logged[-1] if logged else None,
+               "steps": outcome.global_step}
     if eval_set:
         metrics.update(initial_eval_loss=initial["eval_loss"], eval_loss=final["eval_loss"],
                        eval_perplexity=math.exp(min(final["eval_loss"], 50.0)))
     manifest = _manifest(config, base, report, eval_report, metrics, started, on_gpu)
+    manifest["peak_memory_bytes"]["base_weights"] = _weight_bytes(peft_model)
+    if not trainer.is_world_process_zero():
+        return TrainResult(None, manifest)
     path = write_adapter(peft_model, config.output_dir, config.adapter_name, manifest)
     log.warning("wrote adapter %s: %s", config.adapter_name, json.dumps(metrics))
     return TrainResult(path, manifest)
@@ -121,7 +130,7 @@ def _arguments(config: TrainConfig, has_eval: bool, on_gpu: bool) -> TrainingArg
         per_device_eval_batch_size=config.batch_size, gradient_accumulation_steps=config.gradient_accumulation_steps,
         learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup_ratio,  # < 1 is a ratio in transformers 5
         weight_decay=config.weight_decay, num_train_epochs=config.epochs, max_steps=config.max_steps,
-        logging_steps=config.logging_steps, eval_strategy=per_epoch if has_eval else "no",
+        logging_steps=config.logging_steps, logging_first_step=True, eval_strategy=per_epoch if has_eval else "no",
         eval_steps=config.eval_steps or None, save_strategy="steps" if config.save_steps else "epoch",
         save_steps=config.save_steps or 500, save_total_limit=2, seed=config.seed, data_seed=config.seed,
         bf16=on_gpu and torch.cuda.is_bf16_supported(), use_cpu=not on_gpu, report_to=[],
@@ -129,8 +138,21 @@ def _arguments(config: TrainConfig, has_eval: bool, on_gpu: bool) -> TrainingArg
         metric_for_best_model="eval_loss", greater_is_better=False, dataloader_num_workers=0)
 
 
+def _weight_bytes(model) -> int:
+    """Bytes of every parameter and buffer as held (packed 4-bit weights count as stored)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def _reset_peak_rss() -> None:
-    """Linux: restart the process's peak-RSS counter (VmHWM); elsewhere a no-op."""
+    """Linux: restart the process's peak-RSS counter (VmHWM); elsewhere a no-op. Memory the
+    load freed (e.g. full-precision weights before quantization) is first handed back to the
+    OS with glibc's malloc_trim, or it would stay resident and count toward the peak."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
