@@ -23,7 +23,7 @@ def _init_model(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from server.demo import run_demo
 
-    return run_demo(args.workdir, arch=args.arch, quantization=args.quantization, num_adapters=args.adapters)
+    return run_demo(args.workdir, arch=args.arch, quantization=args.quantization)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -39,6 +39,8 @@ def _train(args: argparse.Namespace) -> int:
 
     for config in resolve(args).for_tasks():
         result = train(config)
+        if result.adapter_dir is None:  # not the main process of an `accelerate launch` run
+            continue
         print(f"adapter {config.adapter_name}: {result.adapter_dir} {result.manifest['metrics']}")
         if config.register:
             from server.client import LoraserveClient
@@ -181,12 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="weights are a deterministic function of the seed")
     p.set_defaults(func=_init_model)
 
-    p = sub.add_parser("demo", help="build a tiny base and adapters locally, serve a mixed batch, print outputs",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--workdir", default=None, help="where to write the base and adapters (default: a temp dir)")
+    p = sub.add_parser("demo", help="the whole loop locally: build a tiny base, train the example adapters, serve "
+                       "them, show each answering its task next to the base", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--workdir", default=None, help="where to write the base, adapters and store (default: a temp "
+                   "dir); adapters already trained there are reused")
     p.add_argument("--arch", choices=ARCHS, default="deepseek-v3")
-    p.add_argument("--quantization", choices=QUANTIZATIONS, default="nf4")
-    p.add_argument("--adapters", type=int, default=4, help="number of random adapters to create")
+    p.add_argument("--quantization", choices=QUANTIZATIONS, default="nf4", help="of the base, for training and serving")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("bench", help="benchmarks (ratios measured side by side in one run)")

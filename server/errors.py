@@ -68,3 +68,15 @@ class Cancelled(LoraserveError):
     """The client cancelled the request."""
 
     code = "CANCELLED"
+
+
+class Unauthenticated(LoraserveError):
+    """No API key, or one the server does not know (the message never says which)."""
+
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(LoraserveError):
+    """A known key whose role does not allow the call."""
+
+    code = "PERMISSION_DENIED"

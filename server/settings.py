@@ -48,6 +48,15 @@ SETTINGS = (
     Setting("preload", str, [], "adapters to load into host memory at start", many=True),
     Setting("pin", str, [], "adapters to pin in accelerator slots at start", many=True),
     Setting("drain_timeout", float, 30.0, "seconds running requests get to finish after SIGTERM"),
+    Setting("api_keys_file", str, "", "YAML/JSON file of API keys (salted hashes), roles, tenants and their "
+            "limits; reloaded on SIGHUP or change (empty = no authentication: the server runs open)"),
+    Setting("allow_open_management", bool, False, "without api_keys_file, still accept adapter management "
+            "calls from non-loopback peers (unsafe outside a trusted network)"),
+    Setting("tls_cert", str, "", "PEM server certificate (chain); with tls_key, the port speaks TLS only"),
+    Setting("tls_key", str, "", "PEM private key of tls_cert"),
+    Setting("tls_client_ca", str, "", "PEM CA bundle: clients must present a certificate it signed (mTLS)"),
+    Setting("store_sync_interval", float, 10.0, "seconds between looks at the adapter store for what other "
+            "replicas or training jobs changed (0 = only on a request for an unknown adapter)"),
 )
 
 
@@ -79,6 +88,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         help_text = f"{s.help} [env LORASERVE_{s.name.upper()}] (default: {s.default!r})"
         if s.many:
             parser.add_argument(flag, action="append", default=None, help=help_text + "; repeatable")
+        elif s.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             parser.add_argument(flag, type=s.type, default=None, help=help_text)
 
@@ -105,6 +116,10 @@ def resolve(args: argparse.Namespace, environ: dict[str, str] | None = None) -> 
             values[s.name] = _coerce(s, given, "--" + s.name.replace("_", "-"))
     if not values["model"]:
         raise ConfigError("no base model: give --model, LORASERVE_MODEL or `model:` in the config file")
+    if bool(values["tls_cert"]) != bool(values["tls_key"]):
+        raise ConfigError("tls_cert and tls_key go together: give both for TLS, or neither")
+    if values["tls_client_ca"] and not values["tls_cert"]:
+        raise ConfigError("tls_client_ca (mTLS) needs TLS: give tls_cert and tls_key too")
     settings = ServerSettings(values)
     settings.engine_config()  # validates the engine's part now, naming the setting
     return settings
@@ -114,7 +129,16 @@ def _setting(name: str) -> Setting:
     return next(s for s in SETTINGS if s.name == name)
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def _coerce(s: Setting, value, where: str):
+    if s.type is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).strip().lower() in _TRUE + _FALSE:
+            return str(value).strip().lower() in _TRUE
+        raise ConfigError(f"{where}: {value!r} is not a valid bool (true/false)")
     try:
         if s.many:
             items = value if isinstance(value, list) else [value]

@@ -62,25 +62,34 @@ async def serve(settings: ServerSettings) -> int:
     health = HealthServicer()
     await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(engine, metrics), server)
-    server_info_pb2_grpc.add_ServerInfoServiceServicer_to_server(ServerInfoServicer(engine), server)
     registry = _adapter_service(settings, engine, server)
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(
+        InferenceServicer(engine, metrics, on_miss=registry.ensure), server)
+    server_info_pb2_grpc.add_ServerInfoServiceServicer_to_server(ServerInfoServicer(engine), server)
     reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, health_pb2.DESCRIPTOR
                                          .services_by_name["Health"].full_name), server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    if settings.tls_cert:
+        from server.access.tls import server_credentials
+
+        credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
     await server.start()
     log.warning("loraserve listening on port %d (health NOT_SERVING until warmed up)", port)
     if settings.metrics_port:
         metrics.serve_http(settings.metrics_port)
 
     await asyncio.to_thread(engine.start)
-    if registry is not None:
-        await asyncio.to_thread(registry.load_store, settings.preload, settings.pin)
+    await asyncio.to_thread(registry.load_store, settings.preload, settings.pin)
+    syncing = asyncio.create_task(_sync_store(registry, settings.store_sync_interval))
     await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
     log.warning("loraserve ready: %s (%s), %d adapters", engine.base.model_type, settings.quantization,
                 len(engine.adapters()))
 
     await stop.wait()
+    syncing.cancel()
     log.warning("draining: health NOT_SERVING, new requests refused, up to %.0fs for running ones",
                 settings.drain_timeout)
     await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -90,6 +99,22 @@ async def serve(settings: ServerSettings) -> int:
     await server.stop(grace=1.0)
     await asyncio.to_thread(engine.stop)
     return 0
+
+
+async def _sync_store(registry, interval: float) -> None:
+    """Follow a store shared with other replicas and training jobs: what they publish,
+    replace or remove is served (or dropped) here within `interval` seconds."""
+    if interval <= 0:
+        return
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            changed = await asyncio.to_thread(registry.sync)
+        except Exception:  # a transient disk error must not end the loop
+            log.exception("adapter store sync failed; retrying in %.0fs", interval)
+            continue
+        if changed:
+            log.info("adapter store sync: %s changed", ", ".join(changed))
 
 
 def _adapter_service(settings: ServerSettings, engine: Engine, server: grpc.aio.Server):

@@ -1,0 +1,1 @@
+"""Who may call what: API keys, roles, tenants and their limits, and TLS material."""
