@@ -70,9 +70,20 @@ def _bench_serve(args: argparse.Namespace) -> int:
     return run_serve_bench(args)
 
 
+def _bench_tenants(args: argparse.Namespace) -> int:
+    from server.bench.tenant_bench import run_tenant_bench
+
+    return run_tenant_bench(args)
+
+
 def _client_command(name: str) -> Callable[[argparse.Namespace], int]:
     """A handler that runs server.client_cli.<name>, imported only when that command runs."""
     def handler(args: argparse.Namespace) -> int:
+        # Read by grpc when it is imported: its C core would print e.g. a failed TLS handshake as
+        # an INFO line above our one-line error, which already carries the reason. A user's own
+        # setting wins; a process that imported grpc already (a test) is left alone.
+        if "grpc" not in sys.modules:
+            os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
         from server import client_cli
 
         return getattr(client_cli, name)(args)
@@ -86,6 +97,16 @@ def _client_flags() -> argparse.ArgumentParser:
                    help="HOST:PORT of the server [env LORASERVE_SERVER]")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.add_argument("--timeout", type=float, default=None, help="deadline of each call in seconds (default: none)")
+    p.add_argument("--api-key", default=None, help="API key sent with every call; prefer the env LORASERVE_API_KEY "
+                   "(used when this is unset): a flag is visible to every user in `ps`")
+    # No LORASERVE_TLS_* env defaults here on purpose: the server's settings already use
+    # LORASERVE_TLS_CERT/KEY for its own certificate, and a client must not pick those up.
+    p.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's root CAs")
+    p.add_argument("--tls-ca", default=None, metavar="PEM", help="trust this CA bundle instead (implies --tls)")
+    p.add_argument("--tls-cert", default=None, metavar="PEM", help="client certificate for mTLS (with --tls-key)")
+    p.add_argument("--tls-key", default=None, metavar="PEM", help="private key of --tls-cert")
+    p.add_argument("--tls-server-name", default=None, metavar="NAME",
+                   help="expect this name in the server's certificate instead of the --server host")
     return p
 
 
@@ -121,7 +142,8 @@ def _add_client_commands(sub: argparse._SubParsersAction) -> None:
     actions = p.add_subparsers(dest="action", required=True)
     actions.add_parser("list", parents=[common], help="every registered adapter, its tier and pin")
     for action, help_text in (("show", "one adapter's manifest and residency"), ("remove", "unregister"),
-                              ("pin", "keep in an accelerator slot"), ("unpin", "allow eviction again")):
+                              ("pin", "keep in an accelerator slot (admin)"), ("unpin", "allow eviction again (admin)"),
+                              ("share", "let every tenant use it (admin)"), ("unshare", "stop sharing it (admin)")):
         actions.add_parser(action, parents=[common], help=help_text).add_argument("name")
     a = actions.add_parser("register", parents=[common], help="register a directory under a server import root")
     a.add_argument("name")
@@ -142,6 +164,33 @@ def _add_client_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("info", parents=[common], help="the served base model and the server's limits")
     p.set_defaults(func=_client_command("info"))
+
+
+def _add_keys_commands(sub: argparse._SubParsersAction) -> None:
+    """keys add|list|remove: edit the API keys file (server.keys_cli)."""
+    from server.access.principal import ROLES
+
+    p = sub.add_parser("keys", help="add, list and remove API keys in the keys file (a running server reloads it)")
+    actions = p.add_subparsers(dest="action", required=True)
+    keys_file = argparse.ArgumentParser(add_help=False)
+    keys_file.add_argument("--keys-file", default=os.environ.get("LORASERVE_API_KEYS_FILE") or "keys.yaml",
+                           help="the keys file (YAML, or JSON for a .json name) [env LORASERVE_API_KEYS_FILE] "
+                           "(default: keys.yaml)")
+    a = actions.add_parser("add", parents=[keys_file], help="create a key; prints it once (only its hash is kept)")
+    a.add_argument("name", help="unique name of the key (shown in audit logs)")
+    a.add_argument("--tenant", required=True, help="the tenant whose adapters the key may use")
+    a.add_argument("--role", required=True, choices=ROLES,
+                   help="generate: inference; manage: also its tenant's adapters; admin: everything")
+    a = actions.add_parser("list", parents=[keys_file], help="every key's name, id, tenant, role (never secrets)")
+    a.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    actions.add_parser("remove", parents=[keys_file], help="delete a key").add_argument("name")
+    p.set_defaults(func=_keys)
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from server.keys_cli import keys
+
+    return keys(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,7 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_args(b, ARCHS, SIZES, QUANTIZATIONS)
     b.set_defaults(func=_bench_serve)
 
+    from server.bench.tenant_bench import add_flags as add_tenant_bench_flags  # torch-free
+
+    b = bench.add_parser("tenants", help="tenant A's latency with and without tenant B flooding beyond its limits",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_tenant_bench_flags(b, ARCHS, SIZES, QUANTIZATIONS)
+    b.set_defaults(func=_bench_tenants)
+
     _add_client_commands(sub)
+    _add_keys_commands(sub)
     return parser
 
 

@@ -7,6 +7,10 @@ Those result types live in `server.client_types` and are re-exported here.
         print(client.generate("Hello", adapter="support-v2", max_new_tokens=32).text)
         for item in client.generate_stream("Hello"):
             print(item.text, end="")  # StreamEvent deltas, then the final Generation
+
+Authentication and TLS are constructor arguments (see server.client_connection.Connection):
+`LoraserveClient("host:443", tls_ca="ca.pem")`; the API key comes from LORASERVE_API_KEY unless
+`api_key` is given, and goes with every call as `authorization: Bearer <key>`.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from server.api.gen.loraserve.v1 import adapters_pb2 as apb
 from server.api.gen.loraserve.v1 import adapters_pb2_grpc, inference_pb2_grpc, server_info_pb2_grpc
 from server.api.gen.loraserve.v1 import inference_pb2 as ipb
 from server.api.gen.loraserve.v1 import server_info_pb2 as spb
+from server.client_connection import Connection
 from server.client_types import (
     Adapter,
     AdapterFile,
@@ -194,26 +199,43 @@ class AsyncGenerationStream:
 
 
 class _Base:
-    def __init__(self, target: str, timeout: float | None, channel: Any) -> None:
-        self.target = target
+    def __init__(self, connection: Connection, timeout: float | None, channel: Any) -> None:
+        self.target = connection.target
         self.timeout = timeout
+        self._connection = connection
+        self._metadata = connection.metadata  # sent with every call, streams and uploads included
         self._channel = channel
         self._stubs = _Stubs(channel)
+
+    def _routing(self, adapter: str) -> tuple[tuple[str, str], ...]:
+        """The call's metadata; generation calls also carry `adapter: <name>`, so a proxy in
+        front of several replicas can hash on it and keep each adapter on one replica's GPU
+        slots (e.g. an Envoy ring_hash policy on that header)."""
+        return (*self._metadata, ("adapter", adapter)) if adapter else self._metadata
 
     def _deadline(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
 
+    def __repr__(self) -> str:  # the API key never appears, only whether one is set
+        return f"{type(self).__name__}({self._connection!r}, timeout={self.timeout})"
+
 
 class LoraserveClient(_Base):
-    """Blocking client over one insecure channel. `timeout` (seconds) is the default deadline of
-    every call (None: no deadline); each method's own `timeout` overrides it."""
+    """Blocking client over one channel. `timeout` (seconds) is the default deadline of every
+    call (None: no deadline); each method's own `timeout` overrides it. The keyword arguments
+    (API key, TLS, mTLS) are those of `server.client_connection.Connection`; a bad combination or
+    an unreadable PEM file raises ValueError here, not at the first call."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, timeout: float | None = None) -> None:
-        super().__init__(target, timeout, grpc.insecure_channel(target))
+    def __init__(self, target: str = DEFAULT_TARGET, timeout: float | None = None, *, api_key: str | None = None,
+                 tls: bool = False, tls_ca: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None, tls_server_name: str | None = None) -> None:
+        connection = Connection(target, api_key=api_key, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert,
+                                tls_key=tls_key, tls_server_name=tls_server_name)
+        super().__init__(connection, timeout, connection.channel())
 
-    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+    def _call(self, method: Any, request: Any, timeout: float | None, adapter: str = "") -> Any:
         try:
-            return method(request, timeout=self._deadline(timeout))
+            return method(request, timeout=self._deadline(timeout), metadata=self._routing(adapter))
         except grpc.RpcError as exc:
             raise _client_error(exc) from None
 
@@ -226,7 +248,8 @@ class LoraserveClient(_Base):
         `messages` ([{"role", "content"}], formatted with the base's chat template on the server)."""
         msg = _generation_input(prompt, messages, adapter, max_new_tokens, temperature, top_p, top_k,
                                 repetition_penalty, seed, stop, request_id)
-        return _generation(self._call(self._stubs.inference.Generate, ipb.GenerateRequest(input=msg), timeout).summary)
+        return _generation(self._call(self._stubs.inference.Generate, ipb.GenerateRequest(input=msg), timeout,
+                                      adapter).summary)
 
     def generate_stream(self, prompt: str | None = None, messages: Sequence[Mapping[str, str]] | None = None,
                         adapter: str = "", max_new_tokens: int | None = None, temperature: float = 0.0,
@@ -237,7 +260,7 @@ class LoraserveClient(_Base):
         msg = _generation_input(prompt, messages, adapter, max_new_tokens, temperature, top_p, top_k,
                                 repetition_penalty, seed, stop, request_id)
         call = self._stubs.inference.GenerateStream(ipb.GenerateStreamRequest(input=msg),
-                                                    timeout=self._deadline(timeout))
+                                                    timeout=self._deadline(timeout), metadata=self._routing(adapter))
         return GenerationStream(call)
 
     def register_adapter(self, name: str, path: str, replace: bool = False,
@@ -275,6 +298,11 @@ class LoraserveClient(_Base):
     def unpin_adapter(self, name: str, timeout: float | None = None) -> None:
         self._call(self._stubs.adapters.UnpinAdapter, apb.UnpinAdapterRequest(name=name), timeout)
 
+    def share_adapter(self, name: str, shared: bool = True, timeout: float | None = None) -> Adapter:
+        """Let every tenant use the adapter (admin only); `shared=False` takes that back."""
+        r = self._call(self._stubs.adapters.ShareAdapter, apb.ShareAdapterRequest(name=name, shared=shared), timeout)
+        return _status(r.adapter)
+
     def server_info(self, timeout: float | None = None) -> ServerInfo:
         return _server_info(self._call(self._stubs.info.GetServerInfo, spb.GetServerInfoRequest(), timeout))
 
@@ -294,15 +322,20 @@ class LoraserveClient(_Base):
 
 
 class AsyncLoraserveClient(_Base):
-    """The asyncio client: the same methods as LoraserveClient, awaited, except `generate_stream`,
-    which returns an AsyncGenerationStream at once. Create it inside the running event loop."""
+    """The asyncio client: the same methods and constructor arguments as LoraserveClient, awaited,
+    except `generate_stream`, which returns an AsyncGenerationStream at once. Create it inside the
+    running event loop."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, timeout: float | None = None) -> None:
-        super().__init__(target, timeout, grpc.aio.insecure_channel(target))
+    def __init__(self, target: str = DEFAULT_TARGET, timeout: float | None = None, *, api_key: str | None = None,
+                 tls: bool = False, tls_ca: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None, tls_server_name: str | None = None) -> None:
+        connection = Connection(target, api_key=api_key, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert,
+                                tls_key=tls_key, tls_server_name=tls_server_name)
+        super().__init__(connection, timeout, connection.aio_channel())
 
-    async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+    async def _call(self, method: Any, request: Any, timeout: float | None, adapter: str = "") -> Any:
         try:
-            return await method(request, timeout=self._deadline(timeout))
+            return await method(request, timeout=self._deadline(timeout), metadata=self._routing(adapter))
         except grpc.RpcError as exc:
             raise _client_error(exc) from None
 
@@ -313,7 +346,7 @@ class AsyncLoraserveClient(_Base):
                        timeout: float | None = None) -> Generation:
         msg = _generation_input(prompt, messages, adapter, max_new_tokens, temperature, top_p, top_k,
                                 repetition_penalty, seed, stop, request_id)
-        r = await self._call(self._stubs.inference.Generate, ipb.GenerateRequest(input=msg), timeout)
+        r = await self._call(self._stubs.inference.Generate, ipb.GenerateRequest(input=msg), timeout, adapter)
         return _generation(r.summary)
 
     def generate_stream(self, prompt: str | None = None, messages: Sequence[Mapping[str, str]] | None = None,
@@ -324,7 +357,7 @@ class AsyncLoraserveClient(_Base):
         msg = _generation_input(prompt, messages, adapter, max_new_tokens, temperature, top_p, top_k,
                                 repetition_penalty, seed, stop, request_id)
         call = self._stubs.inference.GenerateStream(ipb.GenerateStreamRequest(input=msg),
-                                                    timeout=self._deadline(timeout))
+                                                    timeout=self._deadline(timeout), metadata=self._routing(adapter))
         return AsyncGenerationStream(call)
 
     async def register_adapter(self, name: str, path: str, replace: bool = False,
@@ -362,6 +395,11 @@ class AsyncLoraserveClient(_Base):
 
     async def unpin_adapter(self, name: str, timeout: float | None = None) -> None:
         await self._call(self._stubs.adapters.UnpinAdapter, apb.UnpinAdapterRequest(name=name), timeout)
+
+    async def share_adapter(self, name: str, shared: bool = True, timeout: float | None = None) -> Adapter:
+        r = await self._call(self._stubs.adapters.ShareAdapter, apb.ShareAdapterRequest(name=name, shared=shared),
+                             timeout)
+        return _status(r.adapter)
 
     async def server_info(self, timeout: float | None = None) -> ServerInfo:
         return _server_info(await self._call(self._stubs.info.GetServerInfo, spb.GetServerInfoRequest(), timeout))

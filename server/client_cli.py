@@ -26,10 +26,18 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, ensure_ascii=False, indent=2))
 
 
+def _client(args: argparse.Namespace) -> LoraserveClient:
+    """The client the connection flags describe (--api-key unset: LORASERVE_API_KEY). A bad flag
+    combination or an unreadable PEM file is a ValueError, which server.cli prints with exit 2."""
+    return LoraserveClient(args.server, timeout=args.timeout, api_key=args.api_key, tls=args.tls,
+                           tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                           tls_server_name=args.tls_server_name)
+
+
 def _run(args: argparse.Namespace, command: Callable[[LoraserveClient, argparse.Namespace], int]) -> int:
     """Run one command on a client for --server; client errors become the one error line."""
     try:
-        with LoraserveClient(args.server, timeout=args.timeout) as client:
+        with _client(args) as client:
             return command(client, args)
     except LoraserveClientError as exc:
         print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
@@ -141,7 +149,7 @@ def _size(n: int) -> str:
 
 
 def _show(a: Adapter) -> None:
-    fields = [("name", a.name), ("r", a.r), ("lora_alpha", f"{a.lora_alpha:g}"),
+    fields = [("name", a.name), ("tenant", a.tenant), ("shared", "yes" if a.shared else "no"), ("r", a.r), ("lora_alpha", f"{a.lora_alpha:g}"),
               ("target_modules", ", ".join(a.target_modules)), ("size", _size(a.size_bytes)),
               ("base_fingerprint", a.base_fingerprint), ("created_time", a.created_time), ("source", a.source)]
     if a.tier:
@@ -172,9 +180,9 @@ def _adapters(client: LoraserveClient, args: argparse.Namespace) -> int:
         elif not adapters:
             print("no adapters registered")
         else:
-            print(_table([[a.name, a.r, f"{a.lora_alpha:g}", a.tier, "yes" if a.pinned else "", _size(a.size_bytes),
-                           a.source, a.created_time] for a in adapters],
-                         ["NAME", "R", "ALPHA", "TIER", "PINNED", "SIZE", "SOURCE", "CREATED"]))
+            print(_table([[a.full_name, a.r, f"{a.lora_alpha:g}", a.tier, "yes" if a.pinned else "",
+                           "yes" if a.shared else "", _size(a.size_bytes), a.source, a.created_time] for a in adapters],
+                         ["NAME", "R", "ALPHA", "TIER", "PINNED", "SHARED", "SIZE", "SOURCE", "CREATED"]))
     elif action == "show":
         a = client.get_adapter(name)
         if as_json:
@@ -192,6 +200,10 @@ def _adapters(client: LoraserveClient, args: argparse.Namespace) -> int:
         else:
             print(f"{a.name} is valid and would be registered as:")
             _show(a)
+    elif action in ("share", "unshare"):
+        a = client.share_adapter(name, shared=action == "share")
+        print(json.dumps({"name": a.full_name, "shared": a.shared}) if as_json
+              else f"{a.full_name} is {'shared with every tenant' if a.shared else 'no longer shared'}")
     else:
         {"remove": client.unregister_adapter, "pin": client.pin_adapter, "unpin": client.unpin_adapter}[action](name)
         done = {"remove": "removed", "pin": "pinned", "unpin": "unpinned"}[action]
@@ -200,7 +212,7 @@ def _adapters(client: LoraserveClient, args: argparse.Namespace) -> int:
 
 
 def adapters(args: argparse.Namespace) -> int:
-    """`loraserve adapters list|show|register|upload|validate|remove|pin|unpin`."""
+    """`loraserve adapters list|show|register|upload|validate|remove|pin|unpin|share|unshare`."""
     return _run(args, _adapters)
 
 

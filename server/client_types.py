@@ -76,6 +76,15 @@ class Adapter:
     files: tuple[AdapterFile, ...]
     tier: str = ""
     pinned: bool = False
+    tenant: str = ""
+    """The tenant it belongs to; address it as `name` from that tenant, `tenant/name` from others."""
+    shared: bool = False
+    """An admin shared it with every tenant."""
+
+    @property
+    def full_name(self) -> str:
+        """'tenant/name': how any caller that may use it can address it."""
+        return f"{self.tenant}/{self.name}" if self.tenant else self.name
 
 
 @dataclass(frozen=True)
@@ -128,15 +137,15 @@ def _stream_item(msg: ipb.GenerateStreamResponse) -> StreamEvent | Generation:
     return StreamEvent(text=msg.delta.text, token_ids=tuple(msg.delta.token_ids))
 
 
-def _adapter(m: apb.AdapterManifest, tier: str = "", pinned: bool = False) -> Adapter:
+def _adapter(m: apb.AdapterManifest, tier: str = "", pinned: bool = False, shared: bool = False) -> Adapter:
     return Adapter(name=m.name, r=m.r, lora_alpha=m.lora_alpha, target_modules=tuple(m.target_modules),
                    base_fingerprint=m.base_fingerprint, size_bytes=m.size_bytes, created_time=m.created_time,
                    source=m.source, files=tuple(AdapterFile(f.name, f.sha256, f.size_bytes) for f in m.files),
-                   tier=tier, pinned=pinned)
+                   tier=tier, pinned=pinned, tenant=m.tenant, shared=shared)
 
 
 def _status(s: apb.AdapterStatus) -> Adapter:
-    return _adapter(s.manifest, _TIERS.get(s.tier, "unspecified"), s.pinned)
+    return _adapter(s.manifest, _TIERS.get(s.tier, "unspecified"), s.pinned, s.shared)
 
 
 def _server_info(r: spb.GetServerInfoResponse) -> ServerInfo:

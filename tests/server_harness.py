@@ -26,15 +26,19 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """A started server and stubs connected to it."""
+    """A started server and stubs connected to it. `credentials` (grpc.ssl_channel_credentials)
+    make the stubs' channel, the health checks of `wait_serving` included, speak TLS to a server
+    started with --tls-cert; None keeps it plaintext."""
 
-    def __init__(self, process: subprocess.Popen, port: int, metrics_port: int, log_path: Path) -> None:
+    def __init__(self, process: subprocess.Popen, port: int, metrics_port: int, log_path: Path,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         self.process = process
         self.port = port
         self.metrics_port = metrics_port
         self.log_path = log_path
         self.target = f"127.0.0.1:{port}"
-        self.channel = grpc.insecure_channel(self.target)
+        self.channel = (grpc.insecure_channel(self.target) if credentials is None
+                        else grpc.secure_channel(self.target, credentials))
         self.inference = inference_pb2_grpc.InferenceServiceStub(self.channel)
         self.adapters = adapters_pb2_grpc.AdapterServiceStub(self.channel)
         self.info = server_info_pb2_grpc.ServerInfoServiceStub(self.channel)
@@ -69,7 +73,8 @@ class ServerProcess:
         return self.process.returncode
 
 
-def start_server(tmp: Path, model: Path, adapters_dir: Path, *extra: str, env: dict | None = None) -> ServerProcess:
+def start_server(tmp: Path, model: Path, adapters_dir: Path, *extra: str, env: dict | None = None,
+                 credentials: grpc.ChannelCredentials | None = None) -> ServerProcess:
     port, metrics_port = free_port(), free_port()
     log_path = tmp / f"server-{port}.log"
     args = [sys.executable, "-m", "server", "serve", "--model", str(model), "--adapters-dir", str(adapters_dir),
@@ -77,12 +82,13 @@ def start_server(tmp: Path, model: Path, adapters_dir: Path, *extra: str, env: d
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
     with open(log_path, "wb") as log:
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=full_env)
-    return ServerProcess(process, port, metrics_port, log_path)
+    return ServerProcess(process, port, metrics_port, log_path, credentials)
 
 
 @contextmanager
-def running_server(tmp: Path, model: Path, adapters_dir: Path, *extra: str, env: dict | None = None):
-    server = start_server(tmp, model, adapters_dir, *extra, env=env)
+def running_server(tmp: Path, model: Path, adapters_dir: Path, *extra: str, env: dict | None = None,
+                   credentials: grpc.ChannelCredentials | None = None):
+    server = start_server(tmp, model, adapters_dir, *extra, env=env, credentials=credentials)
     try:
         server.wait_serving()
         yield server

@@ -35,7 +35,7 @@ from server.errors import (
     ResourceExhausted,
 )
 from server.store.adapter_store import AdapterStore
-from server.store.layout import CONFIG_FILE, CURRENT_LINK, MANIFEST_FILE, WEIGHTS_FILE, Manifest
+from server.store.layout import CONFIG_FILE, CURRENT_LINK, MANIFEST_FILE, SHARED_MARKER, WEIGHTS_FILE, Manifest
 from server.store.safetensors_check import check_safetensors_header
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +49,8 @@ def assert_whole(store: AdapterStore) -> None:
     assert not [p.name for p in store.root.iterdir() if p.name.startswith(".tmp-")]
     for manifest in store.list():
         name_dir = store.root / manifest.name
-        assert sorted(p.name for p in name_dir.iterdir()) == sorted([CURRENT_LINK, store.path_of(manifest.name).name])
+        assert sorted(p.name for p in name_dir.iterdir() if p.name != SHARED_MARKER) == \
+            sorted([CURRENT_LINK, store.path_of(manifest.name).name])
         assert (name_dir / CURRENT_LINK).resolve() == store.path_of(manifest.name)
 
 
@@ -76,30 +77,30 @@ def store(tmp_path) -> Iterator[AdapterStore]:
 
 # ---- the basic contract --------------------------------------------------------------------
 def test_publish_get_list_remove(store):
-    manifest, created = store.publish("alpha", adapter_files(1), **FIELDS)
-    assert created and manifest.name == "alpha" and manifest.r == 8 and manifest.lora_alpha == 16.0
+    manifest, created = store.publish("t/alpha", adapter_files(1), **FIELDS)
+    assert created and manifest.name == "t/alpha" and manifest.r == 8 and manifest.lora_alpha == 16.0
     assert manifest.target_modules == ("q_proj", "v_proj") and manifest.source == "register"
     assert manifest.size_bytes == sum(len(b) for b in adapter_files(1).values())
     assert manifest.created_time.endswith("Z") and manifest.digest.startswith("sha256:")
-    assert store.get("alpha") == manifest and store.list() == [manifest]
-    assert (store.path_of("alpha") / WEIGHTS_FILE).read_bytes() == adapter_files(1)[WEIGHTS_FILE]
+    assert store.get("t/alpha") == manifest and store.list() == [manifest]
+    assert (store.path_of("t/alpha") / WEIGHTS_FILE).read_bytes() == adapter_files(1)[WEIGHTS_FILE]
     assert store.total_bytes() == manifest.size_bytes
-    store.publish("beta", adapter_files(2), **FIELDS)
-    assert [m.name for m in store.list()] == ["alpha", "beta"]
-    store.remove("alpha")
-    assert [m.name for m in store.list()] == ["beta"]
-    assert not (store.root / "alpha").exists()
+    store.publish("t/beta", adapter_files(2), **FIELDS)
+    assert [m.name for m in store.list()] == ["t/alpha", "t/beta"]
+    store.remove("t/alpha")
+    assert [m.name for m in store.list()] == ["t/beta"]
+    assert not (store.root / "t" / "alpha").exists()
     for call in (store.get, store.path_of, store.remove):
-        with pytest.raises(AdapterNotFound, match="'alpha'"):
-            call("alpha")
+        with pytest.raises(AdapterNotFound, match="'t/alpha'"):
+            call("t/alpha")
     assert_whole(store)
 
 
 def test_real_peft_adapter_reads_back_with_the_same_digest(store, peft_adapters):
     from server.store.peft_files import read_adapter_dir
     src = peft_adapters[0]
-    manifest, _ = store.publish("real", {f: src / f for f in (CONFIG_FILE, WEIGHTS_FILE)}, **FIELDS)
-    config, tensors, digest = read_adapter_dir(store.path_of("real"), "real")
+    manifest, _ = store.publish("t/real", {f: src / f for f in (CONFIG_FILE, WEIGHTS_FILE)}, **FIELDS)
+    config, tensors, digest = read_adapter_dir(store.path_of("t/real"), "real")
     _, _, source_digest = read_adapter_dir(src, "real")
     assert digest == manifest.digest == source_digest and config["r"] == 8 and tensors
     header = check_safetensors_header(src / WEIGHTS_FILE, max_bytes=64 * MB)
@@ -108,15 +109,15 @@ def test_real_peft_adapter_reads_back_with_the_same_digest(store, peft_adapters)
 
 
 def test_same_content_is_a_no_op_and_different_content_needs_replace(store):
-    first, created = store.publish("a", adapter_files(1), **FIELDS)
-    path = store.path_of("a")
-    again, created_again = store.publish("a", adapter_files(1), **{**FIELDS, "source": "upload"}, replace=True)
-    assert created and not created_again and again == first and store.path_of("a") == path
-    with pytest.raises(AdapterAlreadyExists, match="'a'.*replace"):
-        store.publish("a", adapter_files(2), **FIELDS)
-    assert store.get("a") == first
-    replaced, created = store.publish("a", adapter_files(2), **FIELDS, replace=True)
-    assert created and replaced.digest != first.digest and store.get("a") == replaced
+    first, created = store.publish("t/a", adapter_files(1), **FIELDS)
+    path = store.path_of("t/a")
+    again, created_again = store.publish("t/a", adapter_files(1), **{**FIELDS, "source": "upload"}, replace=True)
+    assert created and not created_again and again == first and store.path_of("t/a") == path
+    with pytest.raises(AdapterAlreadyExists, match="'t/a'.*replace"):
+        store.publish("t/a", adapter_files(2), **FIELDS)
+    assert store.get("t/a") == first
+    replaced, created = store.publish("t/a", adapter_files(2), **FIELDS, replace=True)
+    assert created and replaced.digest != first.digest and store.get("t/a") == replaced
     assert not path.exists()  # the superseded version is deleted
     assert_whole(store)
 
@@ -124,29 +125,30 @@ def test_same_content_is_a_no_op_and_different_content_needs_replace(store):
 def test_published_adapters_survive_a_restart(tmp_path):
     root = tmp_path / "store"
     with AdapterStore(root, max_adapter_bytes=MB) as store:
-        before = [store.publish(n, adapter_files(i), **FIELDS)[0] for i, n in enumerate(["x", "y.v2", "Z_3"])]
-        store.remove("y.v2")
+        before = [store.publish(n, adapter_files(i), **FIELDS)[0] for i, n in enumerate(["t/x", "t/y.v2", "t/Z_3"])]
+        store.remove("t/y.v2")
     with AdapterStore(root, max_adapter_bytes=MB) as reopened:
         assert reopened.list() == [before[2], before[0]] and reopened.problems == []
-        assert reopened.get("x").digest == before[0].digest
+        assert reopened.get("t/x").digest == before[0].digest
         assert_whole(reopened)
 
 
 def test_stage_then_commit_and_discard(store):
-    with store.stage("s", adapter_files(1)) as staged:
+    with store.stage("t/s", adapter_files(1)) as staged:
         assert (staged.path / CONFIG_FILE).is_file() and staged.size_bytes > 0
         manifest, created = store.commit(staged, **FIELDS)
-    assert created and manifest.digest == staged.digest and store.get("s") == manifest
-    with store.stage("t", adapter_files(2)):
+    assert created and manifest.digest == staged.digest and store.get("t/s") == manifest
+    with store.stage("t/t", adapter_files(2)):
         pass  # validation failed, say: nothing is published, nothing is left
     with pytest.raises(AdapterNotFound):
-        store.get("t")
+        store.get("t/t")
     assert_whole(store)
 
 
-@pytest.mark.parametrize("name", ["", ".hidden", "..", "a/b", "../x", "-x", "x" * 129, "é", "a b", "a\x00", "a\n"])
+@pytest.mark.parametrize("name", ["", "x", "/x", "t/", "t/.hidden", "t/..", "../x", "..", "a/b/c", "t/-x", "t/" + "x" * 129,
+                                  "t/é", "t/a b", "t/a\x00", "t/a\n", "-t/x", ".t/x", "t\n/x"])
 def test_invalid_names_are_refused(store, name):
-    with pytest.raises(InvalidArgument, match="invalid adapter name"):
+    with pytest.raises(InvalidArgument, match="invalid (adapter|tenant)"):
         store.publish(name, adapter_files(1), **FIELDS)
     with pytest.raises(InvalidArgument):
         store.get(name)
@@ -161,15 +163,15 @@ def test_invalid_names_are_refused(store, name):
 ])
 def test_bad_files_are_refused_and_leave_nothing(store, files, error, words):
     with pytest.raises(error, match=words):
-        store.publish("bad", files, **FIELDS)
+        store.publish("t/bad", files, **FIELDS)
     assert store.list() == [] and sorted(p.name for p in store.root.iterdir()) == [".lock"]
 
 
 def test_manifest_fields_are_validated(store):
     with pytest.raises(InvalidArgument, match="source 'cli'"):
-        store.publish("a", adapter_files(1), **{**FIELDS, "source": "cli"})
+        store.publish("t/a", adapter_files(1), **{**FIELDS, "source": "cli"})
     with pytest.raises(InvalidArgument, match="r must be"):
-        store.publish("a", adapter_files(1), **{**FIELDS, "r": 0})
+        store.publish("t/a", adapter_files(1), **{**FIELDS, "r": 0})
     assert sorted(p.name for p in store.root.iterdir()) == [".lock"]
 
 
@@ -177,24 +179,24 @@ def test_manifest_fields_are_validated(store):
 def test_per_adapter_limit(tmp_path):
     files = adapter_files(1, weights_bytes=8192)
     size = sum(len(b) for b in files.values())
-    words = f"adapter 'a' is {size:,} bytes, over the per-adapter limit of {size - 1:,}"
+    words = f"adapter 't/a' is {size:,} bytes, over the per-adapter limit of {size - 1:,}"
     with AdapterStore(tmp_path, max_adapter_bytes=size - 1) as store, pytest.raises(ResourceExhausted, match=words):
-        store.publish("a", files, **FIELDS)
+        store.publish("t/a", files, **FIELDS)
     with AdapterStore(tmp_path, max_adapter_bytes=size) as store:
-        assert store.publish("a", files, **FIELDS)[1]
+        assert store.publish("t/a", files, **FIELDS)[1]
 
 
 def test_store_limit_counts_replaced_versions_once(tmp_path):
     size = sum(len(b) for b in adapter_files(1).values())
     with AdapterStore(tmp_path, max_adapter_bytes=MB, max_store_bytes=2 * size) as store:
-        store.publish("a", adapter_files(1), **FIELDS)
-        store.publish("b", adapter_files(2), **FIELDS)
+        store.publish("t/a", adapter_files(1), **FIELDS)
+        store.publish("t/b", adapter_files(2), **FIELDS)
         with pytest.raises(ResourceExhausted, match=f"store to {3 * size:,} bytes, over its limit of {2 * size:,}"):
-            store.publish("c", adapter_files(3), **FIELDS)
-        store.publish("b", adapter_files(3), **FIELDS, replace=True)  # same size: fits
-        store.remove("a")
-        store.publish("c", adapter_files(4), **FIELDS)
-        assert store.total_bytes() == 2 * size and [m.name for m in store.list()] == ["b", "c"]
+            store.publish("t/c", adapter_files(3), **FIELDS)
+        store.publish("t/b", adapter_files(3), **FIELDS, replace=True)  # same size: fits
+        store.remove("t/a")
+        store.publish("t/c", adapter_files(4), **FIELDS)
+        assert store.total_bytes() == 2 * size and [m.name for m in store.list()] == ["t/b", "t/c"]
         assert_whole(store)
 
 
@@ -209,21 +211,22 @@ def test_bad_limits_are_config_errors(tmp_path):
 def test_leftovers_are_cleaned_at_start(tmp_path):
     root = tmp_path / "store"
     with AdapterStore(root, max_adapter_bytes=MB) as store:
-        good = store.publish("good", adapter_files(1), **FIELDS)[0]
-        current = store.path_of("good")
+        good = store.publish("t/good", adapter_files(1), **FIELDS)[0]
+        current = store.path_of("t/good")
     write_dir(root / ".tmp-stage-deadbeef", adapter_files(2))  # a staging dir from a crash
-    shutil.copytree(current, root / "good" / "v-0123456789abcdef-00000000")  # renamed in, never swapped
-    os.symlink("nowhere", root / "good" / ".tmp-link-1")  # a temporary link never renamed
-    write_dir(root / "half" / "v-0123456789abcdef-11111111", adapter_files(3))  # first publish, no current
-    (root / "lost").mkdir()
-    os.symlink("v-0123456789abcdef-22222222", root / "lost" / CURRENT_LINK)  # dangling
+    shutil.copytree(current, root / "t" / "good" / "v-0123456789abcdef-00000000")  # renamed in, never swapped
+    os.symlink("nowhere", root / "t" / "good" / ".tmp-link-1")  # a temporary link never renamed
+    write_dir(root / "t" / "half" / "v-0123456789abcdef-11111111", adapter_files(3))  # first publish, no current
+    (root / "t" / "lost").mkdir()
+    os.symlink("v-0123456789abcdef-22222222", root / "t" / "lost" / CURRENT_LINK)  # dangling
     (root / "README").write_text("an operator's note")  # not ours: left alone
     with AdapterStore(root, max_adapter_bytes=MB) as store:
         assert store.list() == [good]
-        assert [(p.name, "missing" in p.message) for p in store.problems] == [("lost", True)]
-        assert sorted(p.name for p in root.iterdir()) == [".lock", "README", "good"]
+        assert [(p.name, "missing" in p.message) for p in store.problems] == [("t/lost", True)]
+        assert sorted(p.name for p in root.iterdir()) == [".lock", "README", "t"]
+        assert sorted(p.name for p in (root / "t").iterdir()) == ["good"]
         assert_whole(store)
-        store.remove("lost")  # a reported problem can be cleared
+        store.remove("t/lost")  # a reported problem can be cleared
         assert store.problems == []
 
 
@@ -237,17 +240,17 @@ def test_leftovers_are_cleaned_at_start(tmp_path):
 def test_damaged_adapter_is_reported_and_not_served(tmp_path, damage, words):
     root = tmp_path / "store"
     with AdapterStore(root, max_adapter_bytes=MB) as store:
-        store.publish("ok", adapter_files(1), **FIELDS)
-        store.publish("hit", adapter_files(2), **FIELDS)
-        damage(store.path_of("hit"))
+        store.publish("t/ok", adapter_files(1), **FIELDS)
+        store.publish("t/hit", adapter_files(2), **FIELDS)
+        damage(store.path_of("t/hit"))
     with AdapterStore(root, max_adapter_bytes=MB) as store:
-        assert [m.name for m in store.list()] == ["ok"]
-        assert len(store.problems) == 1 and store.problems[0].name == "hit"
+        assert [m.name for m in store.list()] == ["t/ok"]
+        assert len(store.problems) == 1 and store.problems[0].name == "t/hit"
         assert words in store.problems[0].message and str(root) not in store.problems[0].message
         with pytest.raises(AdapterNotFound):
-            store.path_of("hit")
-        assert store.publish("hit", adapter_files(2), **FIELDS)[1]  # publishing again repairs it
-        assert store.problems == [] and store.get("hit").digest
+            store.path_of("t/hit")
+        assert store.publish("t/hit", adapter_files(2), **FIELDS)[1]  # publishing again repairs it
+        assert store.problems == [] and store.get("t/hit").digest
         assert_whole(store)
 
 
@@ -279,19 +282,19 @@ CRASH_CHILD = textwrap.dedent("""
     for op in ("fsync", "rename", "replace", "symlink", "mkdir", "unlink", "rmdir"):
         setattr(os, op, crash_point(getattr(os, op)))
     def publish(src):
-        store.publish("a", {f: src / f for f in ("adapter_config.json", "adapter_model.safetensors")},
+        store.publish("t/a", {f: src / f for f in ("adapter_config.json", "adapter_model.safetensors")},
                       **FIELDS, replace=True)
     print("ready", flush=True)
     if action == "publish":
         publish(sources[0])
     elif action == "remove":
-        store.remove("a")
+        store.remove("t/a")
     else:  # "loop": publish, replace, remove, forever, until killed; a line after each
         while True:
             for src in sources:
                 publish(src)
                 print("done", flush=True)
-            store.remove("a")
+            store.remove("t/a")
             print("done", flush=True)
     print(count, flush=True)
 """)
@@ -314,7 +317,7 @@ def _state_after_crash(root: Path) -> str | None:
     with AdapterStore(root, max_adapter_bytes=1 << 30) as store:
         assert store.problems == [], store.problems
         assert_whole(store)
-        return store.get("a").digest if store.list() else None
+        return store.get("t/a").digest if store.list() else None
 
 
 @pytest.mark.parametrize("action, before, allowed", [
@@ -332,13 +335,13 @@ def test_crash_at_every_durable_step_leaves_old_or_new(tmp_path, action, before,
     template = tmp_path / "template"
     with AdapterStore(template, max_adapter_bytes=MB) as store:
         if before:
-            store.publish("a", old, **FIELDS)
+            store.publish("t/a", old, **FIELDS)
     dry = _child(template, action, 0, [new_dir])
     steps = int(dry.communicate()[0].split()[-1])
     shutil.rmtree(template)
     with AdapterStore(template, max_adapter_bytes=MB) as store:
         if before:
-            store.publish("a", old, **FIELDS)
+            store.publish("t/a", old, **FIELDS)
     seen = []
     for k in range(1, steps + 1):
         root = tmp_path / f"run{k}"
@@ -389,11 +392,11 @@ def test_concurrent_publish_and_remove_of_one_name(tmp_path):
                 op = rng.choice(["publish", "replace", "remove", "get"])
                 try:
                     if op == "remove":
-                        store.remove("same")
+                        store.remove("t/same")
                     elif op == "get":
-                        assert (store.path_of("same") / MANIFEST_FILE).parent.name.startswith("v-")
+                        assert (store.path_of("t/same") / MANIFEST_FILE).parent.name.startswith("v-")
                     else:
-                        store.publish("same", rng.choice(contents), **FIELDS, replace=op == "replace")
+                        store.publish("t/same", rng.choice(contents), **FIELDS, replace=op == "replace")
                     outcomes.append("ok")
                 except (AdapterAlreadyExists, AdapterNotFound) as exc:
                     outcomes.append(type(exc).__name__)
@@ -413,8 +416,8 @@ def test_concurrent_publish_and_remove_of_one_name(tmp_path):
 
 
 def test_manifest_json_round_trips(store):
-    manifest, _ = store.publish("m", adapter_files(1), **FIELDS)
-    on_disk = (store.path_of("m") / MANIFEST_FILE).read_bytes()
+    manifest, _ = store.publish("t/m", adapter_files(1), **FIELDS)
+    on_disk = (store.path_of("t/m") / MANIFEST_FILE).read_bytes()
     assert Manifest.from_json(on_disk) == manifest
     body = json.loads(on_disk)
     assert sorted(body) == sorted(["format_version", "name", "files", "r", "lora_alpha", "target_modules",

@@ -53,8 +53,8 @@ def test_demo_trains_registers_and_serves_the_example_adapters(tmp_path):
     stream = re.search(r"(\d+) deltas, first after \d+ ms.*finish_reason=eos", out)
     assert stream and int(stream.group(1)) >= 2
     assert "client error: code=NOT_FOUND" in out and "no-such-adapter" in out
-    assert re.search(r'loraserve_requests_total\{adapter="medical-terms",code="OK"\} 41.0', out)
-    assert 'loraserve_requests_total{adapter="",code="NOT_FOUND"} 1.0' in out
+    assert re.search(r'loraserve_requests_total\{adapter="medical-terms",code="OK",tenant="default"\} 41.0', out)
+    assert 'loraserve_requests_total{adapter="",code="NOT_FOUND",tenant="default"} 1.0' in out
     assert 'loraserve_adapter_loads_total{tier="gpu"}' in out and 'vllm:lora_requests_info{max_lora="2"' in out
     assert "server exited with code 0" in out
     again = _run("demo", "--workdir", str(tmp_path))  # a second run reuses the trained adapters

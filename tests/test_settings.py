@@ -33,6 +33,9 @@ def test_precedence_file_env_flags(tmp_path):
     (("--model", "m", "--max-loras", "0"), {}, "max_loras"),
     (("--model", "m", "--quantization", "q2"), {}, "quantization"),
     (("--model", "m"), {"LORASERVE_PORT": "not-a-port"}, "LORASERVE_PORT"),
+    (("--model", "m"), {"LORASERVE_ALLOW_OPEN_MANAGEMENT": "maybe"}, "LORASERVE_ALLOW_OPEN_MANAGEMENT.*bool"),
+    (("--model", "m", "--tls-cert", "c.pem"), {}, "tls_cert and tls_key go together"),
+    (("--model", "m", "--tls-client-ca", "ca.pem"), {}, "needs TLS"),
 ])
 def test_bad_settings_name_the_setting(argv, env, words):
     with pytest.raises(ConfigError, match=words):
@@ -52,3 +55,14 @@ def test_every_setting_has_a_flag_with_its_default_and_env_in_help():
     text = parser.format_help()
     for s in SETTINGS:
         assert "--" + s.name.replace("_", "-") in text and f"LORASERVE_{s.name.upper()}" in text
+
+
+def test_bool_settings_from_flags_env_and_file(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("model: m\nallow_open_management: true\n")
+    assert resolve(_args("--config", str(config)), {}).allow_open_management is True
+    assert resolve(_args("--config", str(config)), {"LORASERVE_ALLOW_OPEN_MANAGEMENT": "off"}).allow_open_management \
+        is False
+    assert resolve(_args("--model", "m", "--allow-open-management"), {}).allow_open_management is True
+    assert resolve(_args("--config", str(config), "--no-allow-open-management"), {}).allow_open_management is False
+    assert resolve(_args("--model", "m"), {}).allow_open_management is False

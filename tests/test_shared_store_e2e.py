@@ -92,7 +92,7 @@ def test_trainer_publishes_into_a_live_servers_store(base, tmp_path):
         result = train(TrainConfig(model=str(base["model"]), quantization="nf4", train_file=str(data),
                                    adapter_name="fresh", output_dir=str(store), max_steps=2, batch_size=4,
                                    eval_fraction=0.0, gradient_checkpointing=False, logging_steps=1))
-        assert result.adapter_dir.parent.parent == store.absolute()
+        assert result.adapter_dir.parent == store.absolute() / "default" / "fresh"
         served = client.generate("Item 3?", adapter="fresh", max_new_tokens=4)  # no registration call
         assert served.token_ids
         shown = client.get_adapter("fresh")

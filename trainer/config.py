@@ -35,6 +35,8 @@ class TrainConfig:
     """The adapter's name (its directory, and its name in a store or server)."""
     output_dir: str = "adapters"
     """Where the finished adapter directory is written (a server's import root or store)."""
+    tenant: str = "default"
+    """The tenant that owns the adapter when output_dir is a server's store (ignored otherwise)."""
     target: str = "all-linear"
     """attention | mlp | all-linear (dense MLPs + MoE shared experts), or a PEFT regex."""
     r: int = 16

@@ -26,6 +26,7 @@ from server.store.layout import (
     LOCK_FILE,
     MANIFEST_FILE,
     WEIGHTS_FILE,
+    adapter_key,
     fsync_dir,
     new_tmp_name,
     write_durably,
@@ -40,8 +41,9 @@ def is_store(path: str | Path) -> bool:
     return (Path(path) / LOCK_FILE).is_file()
 
 
-def write_adapter(peft_model, output_dir: str | Path, name: str, manifest: dict) -> Path:
-    """Save `peft_model`'s adapter under `output_dir` and return its directory."""
+def write_adapter(peft_model, output_dir: str | Path, name: str, manifest: dict, tenant: str = "default") -> Path:
+    """Save `peft_model`'s adapter under `output_dir` and return its directory (in a store,
+    the adapter belongs to `tenant`)."""
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     # In a store, a `.tmp-*` name with our pid and host keeps another process's start-up
@@ -53,7 +55,7 @@ def write_adapter(peft_model, output_dir: str | Path, name: str, manifest: dict)
             if extra.name not in (CONFIG_FILE, WEIGHTS_FILE):
                 extra.unlink()
         if is_store(root):
-            return _publish(root, tmp, name, manifest)
+            return _publish(root, tmp, adapter_key(tenant, name), manifest)
         write_durably(tmp / MANIFEST_FILE, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
         for file in (CONFIG_FILE, WEIGHTS_FILE):
             with open(tmp / file, "rb") as f:

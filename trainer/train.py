@@ -85,7 +85,7 @@ def train(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
     manifest["peak_memory_bytes"]["base_weights"] = _weight_bytes(peft_model)
     if not trainer.is_world_process_zero():
         return TrainResult(None, manifest)
-    path = write_adapter(peft_model, config.output_dir, config.adapter_name, manifest)
+    path = write_adapter(peft_model, config.output_dir, config.adapter_name, manifest, tenant=config.tenant)
     log.warning("wrote adapter %s: %s", config.adapter_name, json.dumps(metrics))
     return TrainResult(path, manifest)
 
@@ -180,7 +180,7 @@ def _manifest(config: TrainConfig, base, report, eval_report, metrics: dict, sta
         "name": config.adapter_name, "source": "trainer", "base_fingerprint": base.fingerprint,
         "base_model": Path(config.model).name, "quantization": config.quantization,
         "dataset": {"train": vars(report), "eval": vars(eval_report) if eval_report else None},
-        "hyperparameters": {k: v for k, v in vars(config).items() if k not in ("tasks", "register", "model")},
+        "hyperparameters": {k: v for k, v in vars(config).items() if k not in ("tasks", "register", "model", "tenant")},
         "metrics": metrics, "seconds": round(time.monotonic() - started, 1),
         "peak_memory_bytes": {"host_rss": peak_host, "host_rss_training": _peak_rss_since_reset(),
                               "accelerator": torch.cuda.max_memory_allocated() if on_gpu else None},

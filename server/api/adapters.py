@@ -1,101 +1,171 @@
-"""AdapterService: protobuf <-> AdapterRegistry. Blocking store and engine work runs in a
-worker thread so the event loop keeps serving generation traffic."""
+"""AdapterService: protobuf <-> AdapterRegistry, behind the access policy. Every call is
+authenticated and authorized first (`server.api.access`), adapter names are resolved to
+'<tenant>/<name>' ids, and every management call leaves one audit line. Blocking store and
+engine work runs in a worker thread so the event loop keeps serving generation traffic."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
+from server.access.principal import Principal
+from server.api.access import AccessControl, AdapterRef
+from server.api.audit import audit
 from server.api.gen.loraserve.v1 import adapters_pb2 as pb
 from server.api.gen.loraserve.v1 import adapters_pb2_grpc
-from server.api.status import abort
+from server.api.status import abort, status_of
 from server.engine.registry import AdapterRegistry, AdapterStatus
-from server.errors import InvalidArgument, ResourceExhausted, Unavailable
+from server.errors import AdapterNotFound, InvalidArgument, ResourceExhausted, Unavailable
+from server.store.layout import split_adapter_key
 from server.store.peft_files import CONFIG_FILE, WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
 TIERS = {"gpu": pb.RESIDENCY_TIER_GPU, "cpu": pb.RESIDENCY_TIER_CPU, "disk": pb.RESIDENCY_TIER_DISK}
+Work = Callable[[Principal], Awaitable[tuple[object, str]]]  # -> (response, sha256 for the audit line)
 
 
 def manifest_to_proto(m) -> pb.AdapterManifest:
+    tenant, name = split_adapter_key(m.name)
     return pb.AdapterManifest(
-        name=m.name, files=[pb.FileDigest(name=f.name, sha256=f.sha256, size_bytes=f.size_bytes) for f in m.files],
+        name=name, tenant=tenant,
+        files=[pb.FileDigest(name=f.name, sha256=f.sha256, size_bytes=f.size_bytes) for f in m.files],
         r=m.r, lora_alpha=m.lora_alpha, target_modules=list(m.target_modules), base_fingerprint=m.base_fingerprint,
         size_bytes=m.size_bytes, created_time=m.created_time, source=m.source)
 
 
 def status_to_proto(s: AdapterStatus) -> pb.AdapterStatus:
-    return pb.AdapterStatus(manifest=manifest_to_proto(s.manifest), tier=TIERS[s.tier], pinned=s.pinned)
+    return pb.AdapterStatus(manifest=manifest_to_proto(s.manifest), tier=TIERS[s.tier], pinned=s.pinned,
+                            shared=s.shared)
 
 
 class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
-    def __init__(self, registry: AdapterRegistry) -> None:
+    def __init__(self, registry: AdapterRegistry, access: AccessControl) -> None:
         self._registry = registry
+        self._access = access
 
-    async def _call(self, context, fn, *args):
+    async def _serve(self, context, action: str, adapter: str | Callable[[], str], role: str, work: Work,
+                     management: bool = True):
+        """Authenticate, authorize, run `work`; map errors to statuses; audit management calls
+        (`adapter` may be a callable when the name arrives inside the call, as in an upload)."""
+        caller, digest, result = None, "", "OK"
         try:
             if not self._registry.engine.ready:
                 raise Unavailable("the server is starting up or draining; retry shortly")
-            return await asyncio.to_thread(fn, *args)
-        except Exception as exc:
+            caller = self._access.caller(context.invocation_metadata(), context.peer(), role, management)
+            response, digest = await work(caller)
+            return response
+        except Exception as exc:  # mapped to a status in one place; nothing is swallowed
+            result = status_of(exc)[0].name
             await abort(context, exc)
+        finally:
+            if management:
+                audit(caller, action, adapter() if callable(adapter) else adapter, digest, result, context.peer())
+
+    @staticmethod
+    async def _run(ref: AdapterRef | None, fn, *args):
+        """`fn(*args)` on a worker thread; a missing adapter is reported by the name the client
+        used, so another tenant's adapter and a missing one read the same."""
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except AdapterNotFound:
+            if ref is None:
+                raise
+            raise AdapterNotFound(f"adapter {ref.requested!r} is not registered") from None
 
     async def RegisterAdapter(self, request, context):
-        status, created = await self._call(context, self._registry.register, request.name, request.path,
-                                           request.replace)
-        return pb.RegisterAdapterResponse(adapter=status_to_proto(status), created=created)
+        async def work(caller):
+            ref = self._access.for_change(request.name, caller, creating=True)
+            status, created = await self._run(ref, self._registry.register, ref.key, request.path, request.replace,
+                                              self._access.limits(ref.tenant))
+            return pb.RegisterAdapterResponse(adapter=status_to_proto(status), created=created), status.manifest.digest
+        return await self._serve(context, "RegisterAdapter", request.name, "manage", work)
 
     async def UploadAdapter(self, request_iterator, context):
+        header_name = ""
+
+        async def work(caller):  # authenticated before a byte of the upload is read
+            nonlocal header_name
+            header, files = await self._read_upload(request_iterator)
+            header_name = header.name
+            ref = self._access.for_change(header.name, caller, creating=True)
+            status, created = await self._run(ref, self._registry.upload, ref.key, files, header.replace,
+                                              self._access.limits(ref.tenant))
+            return pb.UploadAdapterResponse(adapter=status_to_proto(status), created=created), status.manifest.digest
+        return await self._serve(context, "UploadAdapter", lambda: header_name, "manage", work)
+
+    async def _read_upload(self, request_iterator) -> tuple[pb.UploadHeader, dict[str, bytes]]:
         header = None
         files: dict[str, bytearray] = {}
         total = 0
-        try:
-            async for message in request_iterator:
-                part = message.WhichOneof("part")
-                if header is None:
-                    if part != "header":
-                        raise InvalidArgument("the first upload message must be the header (name, options)")
-                    header = message.header
-                    continue
-                if part != "chunk":
-                    raise InvalidArgument("only one header is allowed, at the start")
-                name = message.chunk.file_name
-                if name not in (CONFIG_FILE, WEIGHTS_FILE):
-                    raise InvalidArgument(f"only {CONFIG_FILE} and {WEIGHTS_FILE} may be uploaded, got {name!r}")
-                total += len(message.chunk.data)
-                if total > self._registry.max_adapter_bytes:
-                    raise ResourceExhausted(f"upload is over the per-adapter limit of "
-                                            f"{self._registry.max_adapter_bytes:,} bytes")
-                files.setdefault(name, bytearray()).extend(message.chunk.data)
+        async for message in request_iterator:
+            part = message.WhichOneof("part")
             if header is None:
-                raise InvalidArgument("the upload is empty: send a header, then file chunks")
-        except Exception as exc:
-            await abort(context, exc)
-        status, created = await self._call(context, self._registry.upload, header.name,
-                                           {k: bytes(v) for k, v in files.items()}, header.replace)
-        return pb.UploadAdapterResponse(adapter=status_to_proto(status), created=created)
-
+                if part != "header":
+                    raise InvalidArgument("the first upload message must be the header (name, options)")
+                header = message.header
+                continue
+            if part != "chunk":
+                raise InvalidArgument("only one header is allowed, at the start")
+            name = message.chunk.file_name
+            if name not in (CONFIG_FILE, WEIGHTS_FILE):
+                raise InvalidArgument(f"only {CONFIG_FILE} and {WEIGHTS_FILE} may be uploaded, got {name!r}")
+            total += len(message.chunk.data)
+            if total > self._registry.max_adapter_bytes:
+                raise ResourceExhausted(f"upload is over the per-adapter limit of "
+                                        f"{self._registry.max_adapter_bytes:,} bytes")
+            files.setdefault(name, bytearray()).extend(message.chunk.data)
+        if header is None:
+            raise InvalidArgument("the upload is empty: send a header, then file chunks")
+        return header, {k: bytes(v) for k, v in files.items()}
 
     async def ValidateAdapter(self, request, context):
-        manifest = await self._call(context, self._registry.validate, request.name, request.path)
-        return pb.ValidateAdapterResponse(manifest=manifest_to_proto(manifest))
+        async def work(caller):
+            ref = self._access.for_change(request.name, caller, creating=True)
+            manifest = await self._run(ref, self._registry.validate, ref.key, request.path)
+            return pb.ValidateAdapterResponse(manifest=manifest_to_proto(manifest)), manifest.digest
+        return await self._serve(context, "ValidateAdapter", request.name, "manage", work)
 
     async def UnregisterAdapter(self, request, context):
-        await self._call(context, self._registry.unregister, request.name)
-        return pb.UnregisterAdapterResponse()
+        async def work(caller):
+            ref = self._access.for_change(request.name, caller, creating=False)
+            status = await self._run(ref, self._registry.status, ref.key)
+            await self._run(ref, self._registry.unregister, ref.key)
+            return pb.UnregisterAdapterResponse(), status.manifest.digest
+        return await self._serve(context, "UnregisterAdapter", request.name, "manage", work)
 
     async def ListAdapters(self, request, context):
-        statuses = await self._call(context, self._registry.list)
-        return pb.ListAdaptersResponse(adapters=[status_to_proto(s) for s in statuses])
+        async def work(caller):
+            statuses = await self._run(None, self._registry.list)
+            shown = [status_to_proto(s) for s in statuses if self._access.visible(s.manifest.name, caller)]
+            return pb.ListAdaptersResponse(adapters=shown), ""
+        return await self._serve(context, "ListAdapters", "", "generate", work, management=False)
 
     async def GetAdapter(self, request, context):
-        status = await self._call(context, self._registry.get, request.name)
-        return pb.GetAdapterResponse(adapter=status_to_proto(status))
+        async def work(caller):
+            ref = self._access.for_use(request.name, caller)
+            status = await self._run(ref, self._registry.get, ref.key)
+            return pb.GetAdapterResponse(adapter=status_to_proto(status)), ""
+        return await self._serve(context, "GetAdapter", request.name, "generate", work, management=False)
 
     async def PinAdapter(self, request, context):
-        await self._call(context, self._registry.pin, request.name)
-        return pb.PinAdapterResponse()
+        async def work(caller):
+            ref = self._access.for_change(request.name, caller, creating=False)
+            await self._run(ref, self._registry.pin, ref.key)
+            return pb.PinAdapterResponse(), ""
+        return await self._serve(context, "PinAdapter", request.name, "admin", work)
 
     async def UnpinAdapter(self, request, context):
-        await self._call(context, self._registry.unpin, request.name)
-        return pb.UnpinAdapterResponse()
+        async def work(caller):
+            ref = self._access.for_change(request.name, caller, creating=False)
+            await self._run(ref, self._registry.unpin, ref.key)
+            return pb.UnpinAdapterResponse(), ""
+        return await self._serve(context, "UnpinAdapter", request.name, "admin", work)
+
+    async def ShareAdapter(self, request, context):
+        async def work(caller):
+            ref = self._access.for_change(request.name, caller, creating=False)
+            status = await self._run(ref, self._registry.share, ref.key, request.shared)
+            return pb.ShareAdapterResponse(adapter=status_to_proto(status)), status.manifest.digest
+        action = "ShareAdapter" if request.shared else "UnshareAdapter"
+        return await self._serve(context, action, request.name, "admin", work)

@@ -17,6 +17,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from server.access.keys import KeyFile
+from server.api.access import AccessControl
+from server.api.adapters import AdapterServicer
 from server.api.gen.loraserve.v1 import (
     adapters_pb2,
     adapters_pb2_grpc,
@@ -29,6 +32,7 @@ from server.api.inference import InferenceServicer
 from server.api.metrics import ServerMetrics
 from server.api.server_info import ServerInfoServicer
 from server.engine.engine import Engine
+from server.engine.registry import AdapterRegistry
 from server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -40,6 +44,7 @@ SERVICE_NAMES = (
 )
 # Uploads arrive in chunks, but one message may still carry a few MB.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+KEYS_POLL_SECONDS = 2.0
 
 
 async def _set_health(health: HealthServicer, status: int) -> None:
@@ -54,6 +59,9 @@ async def serve(settings: ServerSettings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    keys = _load_keys(settings)  # before the model: a broken keys file fails in a second, not minutes
+    if keys is not None:
+        loop.add_signal_handler(signal.SIGHUP, keys.reload)
     engine = await asyncio.to_thread(Engine.load, settings.engine_config())
     metrics = ServerMetrics(engine)
     engine.add_load_observer(metrics.adapter_load.observe)
@@ -62,10 +70,12 @@ async def serve(settings: ServerSettings) -> int:
     health = HealthServicer()
     await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    registry = _adapter_service(settings, engine, server)
+    registry = AdapterRegistry(engine, settings)
+    access = AccessControl(keys, settings.allow_open_management, is_shared=registry.store.is_shared)
+    adapters_pb2_grpc.add_AdapterServiceServicer_to_server(AdapterServicer(registry, access), server)
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-        InferenceServicer(engine, metrics, on_miss=registry.ensure), server)
-    server_info_pb2_grpc.add_ServerInfoServiceServicer_to_server(ServerInfoServicer(engine), server)
+        InferenceServicer(engine, metrics, access, on_miss=registry.ensure), server)
+    server_info_pb2_grpc.add_ServerInfoServiceServicer_to_server(ServerInfoServicer(engine, access), server)
     reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, health_pb2.DESCRIPTOR
                                          .services_by_name["Health"].full_name), server)
     address = f"{settings.host}:{settings.port}"
@@ -84,12 +94,14 @@ async def serve(settings: ServerSettings) -> int:
     await asyncio.to_thread(engine.start)
     await asyncio.to_thread(registry.load_store, settings.preload, settings.pin)
     syncing = asyncio.create_task(_sync_store(registry, settings.store_sync_interval))
+    watching = asyncio.create_task(_watch_keys(keys))
     await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
     log.warning("loraserve ready: %s (%s), %d adapters", engine.base.model_type, settings.quantization,
                 len(engine.adapters()))
 
     await stop.wait()
     syncing.cancel()
+    watching.cancel()
     log.warning("draining: health NOT_SERVING, new requests refused, up to %.0fs for running ones",
                 settings.drain_timeout)
     await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -117,14 +129,26 @@ async def _sync_store(registry, interval: float) -> None:
             log.info("adapter store sync: %s changed", ", ".join(changed))
 
 
-def _adapter_service(settings: ServerSettings, engine: Engine, server: grpc.aio.Server):
-    """The AdapterService and its registry over the on-disk store."""
-    from server.api.adapters import AdapterServicer
-    from server.engine.registry import AdapterRegistry
+def _load_keys(settings: ServerSettings) -> KeyFile | None:
+    if not settings.api_keys_file:
+        where = "any peer" if settings.allow_open_management else "loopback peers only"
+        log.warning("NO API KEYS: this server runs OPEN. Anyone who reaches port %d may generate with any "
+                    "adapter; adapter management is accepted from %s. Set --api-keys-file to require keys.",
+                    settings.port, where)
+        return None
+    keys = KeyFile(settings.api_keys_file)
+    log.warning("API keys required: %d keys, %d tenants (reloaded on SIGHUP or when the file changes)",
+                len(keys.ring), len(keys.ring.tenants))
+    return keys
 
-    registry = AdapterRegistry(engine, settings)
-    adapters_pb2_grpc.add_AdapterServiceServicer_to_server(AdapterServicer(registry), server)
-    return registry
+
+async def _watch_keys(keys: KeyFile | None) -> None:
+    """Pick up edits of the keys file (and Kubernetes Secret updates) without a signal."""
+    if keys is None:
+        return
+    while True:
+        await asyncio.sleep(KEYS_POLL_SECONDS)
+        await asyncio.to_thread(keys.reload_if_changed)
 
 
 def run(settings: ServerSettings) -> int:

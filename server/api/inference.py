@@ -5,6 +5,7 @@ request dropped by the engine within one step."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -13,6 +14,7 @@ from collections.abc import Callable
 
 import grpc
 
+from server.api.access import AccessControl
 from server.api.convert import input_from_proto, sampling_from_proto, summary_to_proto
 from server.api.gen.loraserve.v1 import inference_pb2 as pb
 from server.api.gen.loraserve.v1 import inference_pb2_grpc
@@ -20,24 +22,28 @@ from server.api.metrics import ServerMetrics
 from server.api.status import abort, status_of
 from server.engine.engine import Engine
 from server.engine.request import FinishEvent, GenerationRequest, TokenEvent
+from server.errors import AdapterNotFound
 
 log = logging.getLogger("loraserve.requests")
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, engine: Engine, metrics: ServerMetrics, on_miss: Callable[[str], bool] | None = None) -> None:
+    def __init__(self, engine: Engine, metrics: ServerMetrics, access: AccessControl,
+                 on_miss: Callable[[str], bool] | None = None) -> None:
         self._engine = engine
         self._metrics = metrics
+        self._access = access
         # Asked (on a worker thread) about an adapter this process does not serve: another
         # replica or a training job may just have published it into the shared store.
         self._on_miss = on_miss
 
-    def _request(self, msg: pb.GenerationInput, context: grpc.aio.ServicerContext) -> GenerationRequest:
+    def _request(self, msg: pb.GenerationInput, context: grpc.aio.ServicerContext,
+                 adapter_key: str | None) -> GenerationRequest:
         prompt, messages = input_from_proto(msg)
         ids = self._engine.encode(prompt=prompt, messages=messages)
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
-        return GenerationRequest(ids, sampling_from_proto(msg.sampling), msg.adapter or None,
+        return GenerationRequest(ids, sampling_from_proto(msg.sampling), adapter_key,
                                  request_id=msg.request_id or uuid.uuid4().hex, deadline=deadline)
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
@@ -45,7 +51,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         async for request_id, event in self._run(request.input, context):
             if isinstance(event, FinishEvent):
                 finish = event
-        return pb.GenerateResponse(summary=summary_to_proto(request_id, finish))
+        return pb.GenerateResponse(summary=self._summary(request_id, finish, request.input.adapter))
 
     async def GenerateStream(self, request: pb.GenerateStreamRequest, context: grpc.aio.ServicerContext):
         async for request_id, event in self._run(request.input, context):
@@ -53,7 +59,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 if event.text or event.token_ids:
                     yield pb.GenerateStreamResponse(delta=pb.TextDelta(text=event.text, token_ids=event.token_ids))
             else:
-                yield pb.GenerateStreamResponse(summary=summary_to_proto(request_id, event))
+                yield pb.GenerateStreamResponse(summary=self._summary(request_id, event, request.input.adapter))
+
+    @staticmethod
+    def _summary(request_id: str, finish: FinishEvent, requested: str) -> pb.GenerationSummary:
+        summary = summary_to_proto(request_id, finish)
+        summary.adapter = requested  # as the client named it, not the internal '<tenant>/<name>' id
+        return summary
 
     async def _run(self, msg: pb.GenerationInput, context: grpc.aio.ServicerContext):
         adapter = msg.adapter
@@ -62,11 +74,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         code = "OK"
         finish = None
         stream = None
+        caller = ref = None
+        admitted = contextlib.ExitStack()
         try:
-            request = self._request(msg, context)
+            caller = self._access.caller(context.invocation_metadata(), context.peer(), "generate")
+            ref = self._access.for_use(adapter, caller) if adapter else None
+            admitted.enter_context(self._access.admit(caller))
+            request = self._request(msg, context, ref.key if ref else None)
             request_id = request.request_id
-            if adapter and self._on_miss is not None and not self._engine.has_adapter(adapter):
-                await asyncio.to_thread(self._on_miss, adapter)
+            if ref and self._on_miss is not None and not self._engine.has_adapter(ref.key):
+                await asyncio.to_thread(self._on_miss, ref.key)
+            if ref and not self._engine.has_adapter(ref.key):
+                raise AdapterNotFound(f"adapter {ref.requested!r} is not registered")
             stream = self._engine.submit(request, loop=asyncio.get_running_loop())
             last = None
             async for event in stream:
@@ -87,17 +106,20 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             code = status_of(exc)[0].name
             await abort(context, exc, request_id)
         finally:
+            admitted.close()
             if stream is not None and finish is None:
                 self._engine.cancel(stream)
-            # Only registered names become label values: the label set stays bounded.
-            label = adapter if adapter and self._engine.has_adapter(adapter) else ""
-            self._metrics.requests.labels(adapter=label, code=code).inc()
+            # Only registered adapters and the keys file's tenants become label values: the
+            # label sets stay bounded whatever clients send.
+            label = ref.name if ref and self._engine.has_adapter(ref.key) else ""
+            tenant = caller.tenant if caller else ""
+            self._metrics.requests.labels(adapter=label, tenant=tenant, code=code).inc()
             if finish is not None:
                 t = finish.timings
-                self._metrics.observe_finish(adapter, finish.prompt_tokens, finish.completion_tokens,
+                self._metrics.observe_finish(tenant, finish.prompt_tokens, finish.completion_tokens,
                                              t.queue_s, t.first_token_s, t.total_s)
             log.info(json.dumps({
-                "request_id": request_id, "adapter": adapter, "status": code,
+                "request_id": request_id, "adapter": adapter, "tenant": tenant, "status": code,
                 "prompt_tokens": finish.prompt_tokens if finish else None,
                 "completion_tokens": finish.completion_tokens if finish else None,
                 "finish_reason": finish.finish_reason if finish else None,

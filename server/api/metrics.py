@@ -1,8 +1,9 @@
 """Every Prometheus metric loraserve exports, defined here and only here.
 
 Base units (seconds, tokens), `_total` on counters, bounded labels: `adapter` takes registered
-adapter names (bounded by the registry) or "" for the base, `code` a gRPC status name, `tier`
-gpu|cpu|disk. Engine state (queue, slots, tiers) is read from `Engine.stats()` at scrape time.
+adapter names (bounded by the registry) or "" for the base, `tenant` the tenants of the keys
+file ("default" when the server runs open, "" before authentication), `code` a gRPC status
+name, `tier` gpu|cpu|disk. Engine state (queue, slots, tiers) is read from `Engine.stats()` at scrape time.
 """
 
 from __future__ import annotations
@@ -22,29 +23,30 @@ class ServerMetrics:
     def __init__(self, engine) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("loraserve_requests", "Finished RPCs by adapter and gRPC status code",
-                                ["adapter", "code"], registry=r)
+        self.requests = Counter("loraserve_requests", "Finished RPCs by adapter, tenant and gRPC status code",
+                                ["adapter", "tenant", "code"], registry=r)
         self.ttft = Histogram("loraserve_time_to_first_token_seconds", "Time from arrival to the first token",
                               buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("loraserve_inter_token_latency_seconds", "Time between two streamed tokens",
                              buckets=TOKEN_LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("loraserve_request_duration_seconds", "Time from arrival to the last token",
-                             buckets=LATENCY_BUCKETS, registry=r)
+                             ["tenant"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue = Histogram("loraserve_queue_time_seconds", "Time waiting before joining the batch",
                                buckets=LATENCY_BUCKETS, registry=r)
-        self.prompt_tokens = Counter("loraserve_prompt_tokens", "Prompt tokens of finished requests", registry=r)
-        self.generation_tokens = Counter("loraserve_generation_tokens", "Generated tokens", registry=r)
+        self.prompt_tokens = Counter("loraserve_prompt_tokens", "Prompt tokens of finished requests", ["tenant"],
+                                     registry=r)
+        self.generation_tokens = Counter("loraserve_generation_tokens", "Generated tokens", ["tenant"], registry=r)
         self.adapter_load = Histogram("loraserve_adapter_load_seconds", "Reading and decoding an adapter from disk",
                                       buckets=LATENCY_BUCKETS, registry=r)
         r.register(_EngineCollector(engine))
 
-    def observe_finish(self, adapter: str, prompt_tokens: int, completion_tokens: int,
+    def observe_finish(self, tenant: str, prompt_tokens: int, completion_tokens: int,
                        queue_s: float, first_token_s: float, total_s: float) -> None:
-        self.prompt_tokens.inc(prompt_tokens)
-        self.generation_tokens.inc(completion_tokens)
+        self.prompt_tokens.labels(tenant=tenant).inc(prompt_tokens)
+        self.generation_tokens.labels(tenant=tenant).inc(completion_tokens)
         self.queue.observe(queue_s)
         self.ttft.observe(first_token_s)
-        self.e2e.observe(total_s)
+        self.e2e.labels(tenant=tenant).observe(total_s)
 
     def serve_http(self, port: int, host: str = "0.0.0.0") -> None:
         """Expose /metrics on `port` (a daemon thread)."""

@@ -7,17 +7,25 @@ from pathlib import Path
 import grpc
 
 from server import __version__
+from server.api.access import AccessControl
 from server.api.gen.loraserve.v1 import server_info_pb2 as pb
 from server.api.gen.loraserve.v1 import server_info_pb2_grpc
+from server.api.status import abort
 from server.engine.engine import Engine
+from server.errors import LoraserveError
 
 
 class ServerInfoServicer(server_info_pb2_grpc.ServerInfoServiceServicer):
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, access: AccessControl) -> None:
         self._engine = engine
+        self._access = access
 
     async def GetServerInfo(self, request: pb.GetServerInfoRequest,
                             context: grpc.aio.ServicerContext) -> pb.GetServerInfoResponse:
+        try:
+            self._access.caller(context.invocation_metadata(), context.peer(), "generate")
+        except LoraserveError as exc:
+            await abort(context, exc)
         c = self._engine.config
         model = c.base.model
         # A local directory is named by its last component only; a hub id as it is.

@@ -26,7 +26,7 @@ from server.lora.adapter import LoraWeights, parse_adapter
 from server.lora.layers import LoraBatchContext
 from server.lora.slots import AdapterSlots
 from server.lora.wrapping import wrap_model
-from server.store.layout import check_adapter_name
+from server.store.layout import check_adapter_ref
 from server.store.peft_files import read_adapter_dir
 
 
@@ -186,12 +186,12 @@ class Engine:
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({request.sampling.max_new_tokens}) exceeds the "
                 f"model's context of {self.max_context} tokens")
         if request.adapter:
-            check_adapter_name(request.adapter)
+            check_adapter_ref(request.adapter)
 
     # ---- adapters ----------------------------------------------------------------------
     def check_adapter(self, name: str, path: str | Path) -> tuple[LoraWeights, str]:
         """Full validation of an adapter directory against this base, publishing nothing."""
-        check_adapter_name(name)
+        check_adapter_ref(name)
         config, tensors, digest = read_adapter_dir(path, name)
         weights = parse_adapter(name, config, tensors, self._base_shapes, self.config.max_lora_rank, self.base.dtype)
         return weights, digest

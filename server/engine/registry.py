@@ -17,12 +17,13 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.access.principal import DEFAULT_TENANT, TenantLimits
 from server.engine.engine import Engine
-from server.errors import AdapterIncompatible, AdapterNotFound, InvalidArgument
+from server.errors import AdapterIncompatible, AdapterNotFound, InvalidArgument, ResourceExhausted
 from server.lora.adapter import LoraWeights
 from server.store.adapter_store import AdapterStore, StagedAdapter
 from server.store.import_roots import resolve_import_path
-from server.store.layout import MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, check_adapter_name, now_rfc3339
+from server.store.layout import MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, now_rfc3339, split_adapter_key
 from server.store.peft_files import CONFIG_FILE, PICKLE_FILES, WEIGHTS_FILE
 from server.store.safetensors_check import check_safetensors_header
 
@@ -36,6 +37,7 @@ class AdapterStatus:
     manifest: Manifest
     tier: str
     pinned: bool
+    shared: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,9 +81,11 @@ class AdapterRegistry:
                 self.engine.add_adapter(manifest.name, self.store.path_of(manifest.name))
             except Exception as exc:  # one bad stored adapter must not keep the server from starting
                 log.error("adapter %s in the store cannot be served: %s", manifest.name, exc)
+        # Settings may name adapters of the open server's tenant without it.
+        pin = [n if "/" in n else f"{DEFAULT_TENANT}/{n}" for n in pin]
         for name in pin:
             self.engine.pin_adapter(name)
-        for name in preload:
+        for name in (n if "/" in n else f"{DEFAULT_TENANT}/{n}" for n in preload):
             if name not in pin:
                 self.engine.preload_adapter(name)
 
@@ -133,7 +137,7 @@ class AdapterRegistry:
 
     # ---- checks ------------------------------------------------------------------------
     def _source_files(self, name: str, path: str) -> dict[str, Path]:
-        check_adapter_name(name)
+        split_adapter_key(name)
         folder = resolve_import_path(path, self.roots)
         if not (folder / WEIGHTS_FILE).is_file() and any((folder / p).exists() for p in PICKLE_FILES):
             raise AdapterIncompatible(f"adapter {name!r} has only a pickled weights file; convert it to "
@@ -180,16 +184,22 @@ class AdapterRegistry:
                             size_bytes=staged.size_bytes, created_time=now_rfc3339(), source="register")
 
     # ---- changes -----------------------------------------------------------------------
-    def register(self, name: str, path: str, replace: bool) -> tuple[AdapterStatus, bool]:
-        return self._publish(name, self._source_files(name, path), replace, "register")
+    def register(self, name: str, path: str, replace: bool,
+                 limits: TenantLimits | None = None) -> tuple[AdapterStatus, bool]:
+        """Publish the directory `path` (under an import root) as adapter id `name`
+        ('<tenant>/<name>'), within the tenant's `limits`."""
+        return self._publish(name, self._source_files(name, path), replace, "register", limits)
 
-    def upload(self, name: str, files: dict[str, bytes], replace: bool) -> tuple[AdapterStatus, bool]:
-        return self._publish(name, files, replace, "upload")
+    def upload(self, name: str, files: dict[str, bytes], replace: bool,
+               limits: TenantLimits | None = None) -> tuple[AdapterStatus, bool]:
+        return self._publish(name, files, replace, "upload", limits)
 
-    def _publish(self, name: str, files, replace: bool, source: str) -> tuple[AdapterStatus, bool]:
+    def _publish(self, name: str, files, replace: bool, source: str,
+                 limits: TenantLimits | None) -> tuple[AdapterStatus, bool]:
         with self.store.stage(name, files) as staged:
             checked = self._check_staged(staged)
             with self._lock:
+                self._check_quota(name, staged.size_bytes, limits or TenantLimits())
                 manifest, created = self.store.commit(
                     staged, r=checked.r, lora_alpha=checked.lora_alpha, target_modules=checked.target_modules,
                     base_fingerprint=self.engine.base.fingerprint, source=source, replace=replace)
@@ -198,6 +208,28 @@ class AdapterRegistry:
                     self.engine.add_adapter(name, self.store.path_of(name), replace=True,
                                             checked=(checked.weights, checked.digest))
         return self.status(name, manifest), created
+
+    def _check_quota(self, name: str, size_bytes: int, limits: TenantLimits) -> None:
+        """The tenant's adapter count and store bytes after this publish stay within its limits
+        (another replica publishing at the same moment can overshoot by its one adapter)."""
+        tenant, _ = split_adapter_key(name)
+        self.store.refresh_one(name)
+        count, used = self.store.tenant_usage(tenant)
+        try:
+            old, count_after = self.store.get(name).size_bytes, count
+        except AdapterNotFound:
+            old, count_after = 0, count + 1
+        if limits.max_adapters is not None and count_after > limits.max_adapters:
+            raise ResourceExhausted(f"tenant {tenant!r} has {count} adapters, its limit is {limits.max_adapters}; "
+                                    "remove one first")
+        if limits.max_store_bytes is not None and used - old + size_bytes > limits.max_store_bytes:
+            raise ResourceExhausted(f"adapter {name!r} would bring tenant {tenant!r} to {used - old + size_bytes:,} "
+                                    f"bytes, over its limit of {limits.max_store_bytes:,}")
+
+    def share(self, name: str, shared: bool) -> AdapterStatus:
+        """Let every tenant use the adapter (or stop that)."""
+        self.store.set_shared(name, shared)
+        return self.status(name)
 
     def unregister(self, name: str) -> None:
         with self._lock:
@@ -214,7 +246,7 @@ class AdapterRegistry:
             tier, pinned = self.engine.adapter_tier(name)
         except AdapterNotFound:
             tier, pinned = "disk", False
-        return AdapterStatus(manifest, tier, pinned)
+        return AdapterStatus(manifest, tier, pinned, self.store.is_shared(name))
 
     def list(self) -> list[AdapterStatus]:
         return [self.status(m.name, m) for m in self.store.list() if self.engine.has_adapter(m.name)]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import shutil
@@ -30,37 +29,29 @@ from typing import Self
 
 from server.errors import (
     AdapterAlreadyExists,
-    AdapterIncompatible,
     AdapterNotFound,
     ConfigError,
-    InvalidArgument,
     ResourceExhausted,
 )
 from server.store.layout import (
-    ADAPTER_FILES,
     ADAPTER_NAME,
-    CONFIG_FILE,
     CURRENT_LINK,
     LOCK_FILE,
     MANIFEST_FILE,
-    MAX_CONFIG_BYTES,
+    SHARED_MARKER,
     TMP_PREFIX,
-    WEIGHTS_FILE,
-    FileDigest,
     Manifest,
-    check_adapter_name,
-    content_digest,
-    copy_in_durably,
     fsync_dir,
     new_tmp_name,
     new_version_name,
     now_rfc3339,
+    split_adapter_key,
     swap_symlink,
     tmp_is_leftover,
     verify_version,
     write_durably,
 )
-from server.store.safetensors_check import check_safetensors_header
+from server.store.staging import StagedAdapter, stage_files
 from server.store.versions import has_old_versions, link_target, prune_versions, read_current, remove_path
 
 log = logging.getLogger(__name__)
@@ -72,33 +63,6 @@ class StoreProblem:
 
     name: str
     message: str
-
-
-class StagedAdapter:
-    """An adapter's files copied into the store's staging area, hashed and header-checked, not
-    yet published. `path` is a PEFT directory only the store writes, so validating it and
-    then committing it cannot be raced. Leaving a `with` block without committing deletes it."""
-
-    def __init__(self, name: str, path: Path, files: tuple[FileDigest, ...]) -> None:
-        self.name = name
-        self.path = path
-        self.files = files
-        self.size_bytes = sum(f.size_bytes for f in files)
-        by_name = {f.name: f.sha256 for f in files}
-        self.digest = content_digest(by_name[CONFIG_FILE], by_name[WEIGHTS_FILE])
-        self.done = False
-
-    def discard(self) -> None:
-        """Delete the staged files (a no-op once committed or discarded)."""
-        if not self.done:
-            self.done = True
-            shutil.rmtree(self.path, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.discard()
 
 
 class AdapterStore:
@@ -129,6 +93,7 @@ class AdapterStore:
         self._paths: dict[str, Path] = {}  # name -> its current version directory
         self._problems: dict[str, StoreProblem] = {}
         self._bad_versions: dict[str, str] = {}  # name -> the version found broken at start-up
+        self._shared: set[str] = set()  # adapters an admin shared with every tenant
         with self._lock, self._writer():
             self._recover()
 
@@ -162,7 +127,7 @@ class AdapterStore:
             return [self._index[name] for name in sorted(self._index)]
 
     def get(self, name: str) -> Manifest:
-        check_adapter_name(name)
+        split_adapter_key(name)
         with self._lock:
             if name not in self._index:
                 raise AdapterNotFound(f"adapter {name!r} is not registered")
@@ -172,7 +137,7 @@ class AdapterStore:
         """The current version's directory (a PEFT directory, readable by `read_adapter_dir`).
         It names that version, not `current`, so it never changes under a reader; a replace
         or remove deletes it once it is superseded."""
-        check_adapter_name(name)
+        split_adapter_key(name)
         with self._lock:
             if name not in self._paths:
                 raise AdapterNotFound(f"adapter {name!r} is not registered")
@@ -185,39 +150,8 @@ class AdapterStore:
 
     # ---- publishing --------------------------------------------------------------------
     def stage(self, name: str, files: Mapping[str, bytes | Path]) -> StagedAdapter:
-        """Copy an adapter's two files (contents, or paths to read) into the staging area.
-        Refuses a bad name, other file names, a missing file, an adapter over the per-adapter
-        limit, a config that is not a JSON object, and a malformed safetensors header."""
-        check_adapter_name(name)
-        unexpected = sorted(set(files) - set(ADAPTER_FILES))
-        if unexpected:
-            raise InvalidArgument(f"adapter {name!r}: unexpected file {unexpected[0]!r}; an adapter is "
-                                  f"exactly {CONFIG_FILE} and {WEIGHTS_FILE}")
-        sizes = {}
-        for file_name in ADAPTER_FILES:
-            if file_name not in files:
-                raise AdapterIncompatible(f"adapter {name!r} has no {file_name}")
-            sizes[file_name] = _source_size(files[file_name], f"adapter {name!r}: {file_name}")
-        total = sum(sizes.values())
-        if total > self.max_adapter_bytes:
-            raise ResourceExhausted(f"adapter {name!r} is {total:,} bytes, over the per-adapter limit "
-                                    f"of {self.max_adapter_bytes:,}")
-        if sizes[CONFIG_FILE] > MAX_CONFIG_BYTES:
-            raise AdapterIncompatible(f"adapter {name!r}: {CONFIG_FILE} is {sizes[CONFIG_FILE]:,} bytes, "
-                                      f"over the limit of {MAX_CONFIG_BYTES:,}")
-        staging = self.root / new_tmp_name("stage")
-        os.mkdir(staging)
-        try:
-            digests = tuple(copy_in_durably(staging / f, files[f], sizes[f], f"adapter {name!r}: {f}")
-                            for f in ADAPTER_FILES)
-            fsync_dir(staging)
-            _check_config((staging / CONFIG_FILE).read_bytes(), name)
-            check_safetensors_header(staging / WEIGHTS_FILE, self.max_adapter_bytes,
-                                     label=f"adapter {name!r}: {WEIGHTS_FILE}")
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return StagedAdapter(name, staging, digests)
+        """Copy an adapter's files into the staging area, checked (see `stage_files`)."""
+        return stage_files(self.root, name, files, self.max_adapter_bytes)
 
     def commit(self, staged: StagedAdapter, *, r: int, lora_alpha: float, target_modules: Sequence[str],
                base_fingerprint: str, source: str, replace: bool = False,
@@ -267,9 +201,12 @@ class AdapterStore:
                 raise ResourceExhausted(f"adapter {name!r} would bring the store to {total:,} bytes, over its "
                                         f"limit of {self.max_store_bytes:,}; remove adapters first")
         name_dir = self.root / name
+        if not name_dir.parent.is_dir():
+            os.mkdir(name_dir.parent)
+            fsync_dir(self.root)
         if not name_dir.is_dir():
             os.mkdir(name_dir)
-            fsync_dir(self.root)
+            fsync_dir(name_dir.parent)
         version = new_version_name(manifest.digest)
         os.rename(staged.path, name_dir / version)
         staged.done = True
@@ -293,6 +230,34 @@ class AdapterStore:
         self._bad_versions.pop(name, None)
         prune_versions(version_dir.parent, self.superseded_grace_seconds)
 
+    # ---- sharing and per-tenant usage -------------------------------------------------------
+    def is_shared(self, name: str) -> bool:
+        """Whether an admin shared this adapter with every tenant."""
+        with self._lock:
+            return name in self._shared
+
+    def set_shared(self, name: str, shared: bool) -> None:
+        """Share an adapter with every tenant, or stop sharing it (a marker file next to
+        `current`, so every replica sees it; a replace keeps it, a remove drops it)."""
+        split_adapter_key(name)
+        with self._lock, self._writer():
+            self._sync_name(name)
+            if name not in self._index:
+                raise AdapterNotFound(f"adapter {name!r} is not registered")
+            marker = self.root / name / SHARED_MARKER
+            if shared and not os.path.lexists(marker):
+                write_durably(marker, b"")
+            elif not shared and os.path.lexists(marker):
+                marker.unlink()
+            fsync_dir(marker.parent)
+            (self._shared.add if shared else self._shared.discard)(name)
+
+    def tenant_usage(self, tenant: str) -> tuple[int, int]:
+        """(adapters, bytes) the tenant has in the store, as last seen (for its quotas)."""
+        with self._lock:
+            mine = [m for key, m in self._index.items() if key.split("/")[0] == tenant]
+            return len(mine), sum(m.size_bytes for m in mine)
+
     # ---- what other processes changed -------------------------------------------------------
     def refresh(self) -> list[str]:
         """Re-read which version of each adapter is current on disk: the names another process
@@ -309,13 +274,12 @@ class AdapterStore:
 
     def refresh_one(self, name: str) -> bool:
         """`refresh` for one name (a cache miss): whether it changed."""
-        check_adapter_name(name)
+        split_adapter_key(name)
         with self._lock:
             return self._sync_name(name)
 
     def _sync_all(self) -> list[str]:
-        on_disk = {e.name for e in os.scandir(self.root)
-                   if ADAPTER_NAME.fullmatch(e.name) and e.is_dir(follow_symlinks=False)}
+        on_disk = {f"{tenant}/{name}" for tenant, name in _adapter_dirs(self.root)}
         return [name for name in sorted(on_disk | set(self._index)) if self._sync_name(name)]
 
     def _sync_name(self, name: str) -> bool:
@@ -328,7 +292,13 @@ class AdapterStore:
             if known is None:
                 return False
             del self._index[name], self._paths[name]
+            self._shared.discard(name)
             return True
+        shared = os.path.lexists(self.root / name / SHARED_MARKER)
+        if shared != (name in self._shared):
+            (self._shared.add if shared else self._shared.discard)(name)
+            if known is not None and known.name == version:
+                return True
         if (known is not None and known.name == version) or self._bad_versions.get(name) == version:
             return False
         try:
@@ -343,7 +313,7 @@ class AdapterStore:
 
     def remove(self, name: str) -> None:
         """Delete an adapter (served, or broken at start-up); AdapterNotFound if neither."""
-        check_adapter_name(name)
+        split_adapter_key(name)
         with self._lock, self._writer():
             self._sync_name(name)
             if name not in self._index and name not in self._problems:
@@ -358,6 +328,7 @@ class AdapterStore:
             self._index.pop(name, None)
             self._paths.pop(name, None)
             self._problems.pop(name, None)
+            self._shared.discard(name)
             fsync_dir(self.root)
         if tomb is not None:
             remove_path(tomb)
@@ -372,7 +343,12 @@ class AdapterStore:
                     log.info("adapter store: deleting %s, left by an unfinished write", entry.name)
                     remove_path(path)
             elif ADAPTER_NAME.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
-                self._recover_adapter(entry.name, path)
+                for child in sorted(os.scandir(path), key=lambda e: e.name):
+                    if ADAPTER_NAME.fullmatch(child.name) and child.is_dir(follow_symlinks=False):
+                        self._recover_adapter(f"{entry.name}/{child.name}", Path(child.path))
+                    else:
+                        log.warning("adapter store: ignoring %s/%s, which is not an adapter directory",
+                                    entry.name, child.name)
             elif not entry.name.startswith("."):  # .lock, trainers' .checkpoints: ours, not adapters
                 log.warning("adapter store: ignoring %r, which is not an adapter directory", entry.name)
         fsync_dir(self.root)
@@ -396,29 +372,23 @@ class AdapterStore:
             return
         self._index[name] = manifest
         self._paths[name] = name_dir / version
+        if os.path.lexists(name_dir / SHARED_MARKER):
+            self._shared.add(name)
 
     def _report(self, name: str, message: str) -> None:
         log.error("adapter store: %s", message)
         self._problems[name] = StoreProblem(name, message)
 
 
-def _check_config(data: bytes, name: str) -> None:
-    try:
-        config = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
-        raise AdapterIncompatible(f"adapter {name!r}: {CONFIG_FILE} is not valid JSON ({reason})") from None
-    if not isinstance(config, dict):
-        raise AdapterIncompatible(f"adapter {name!r}: {CONFIG_FILE} must hold a JSON object")
-
-
-def _source_size(source: bytes | Path, label: str) -> int:
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return len(source)
-    try:
-        st = os.stat(source)
-    except FileNotFoundError:
-        raise AdapterIncompatible(f"{label} is missing") from None
-    if not os.path.isfile(source):
-        raise AdapterIncompatible(f"{label} is not a regular file")
-    return st.st_size
+def _adapter_dirs(root: Path) -> list[tuple[str, str]]:
+    """(tenant, name) of every adapter directory on disk."""
+    out = []
+    for tenant in os.scandir(root):
+        if ADAPTER_NAME.fullmatch(tenant.name) and tenant.is_dir(follow_symlinks=False):
+            try:
+                children = list(os.scandir(tenant.path))
+            except FileNotFoundError:
+                continue
+            out += [(tenant.name, c.name) for c in children
+                    if ADAPTER_NAME.fullmatch(c.name) and c.is_dir(follow_symlinks=False)]
+    return out

@@ -4,12 +4,14 @@ that make every change atomic.
     <root>/
       .lock                          flock'd by a writer while it commits, removes or recovers
       .tmp-<kind>-<random>@<pid>@<host>/   a version being written, or a name being removed
-      <name>/
-        current -> v-<digest16>-<nonce>     relative symlink, swapped with os.replace
-        v-<digest16>-<nonce>/
-          adapter_config.json
-          adapter_model.safetensors
-          manifest.json
+      <tenant>/                      every adapter belongs to a tenant; its id is '<tenant>/<name>'
+        <name>/
+          current -> v-<digest16>-<nonce>     relative symlink, swapped with os.replace
+          shared                      present when an admin shared the adapter with every tenant
+          v-<digest16>-<nonce>/
+            adapter_config.json
+            adapter_model.safetensors
+            manifest.json
 
 A version directory is written completely under `.tmp-*`, fsync'd, then renamed into
 `<name>/`; it becomes the served version only when `current` is swapped to it. So after a
@@ -48,6 +50,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 MANIFEST_FILE = "manifest.json"
 CURRENT_LINK = "current"
+SHARED_MARKER = "shared"
 LOCK_FILE = ".lock"
 TMP_PREFIX = ".tmp-"
 VERSION_PREFIX = "v-"
@@ -70,6 +73,39 @@ def check_adapter_name(name: str) -> None:
     if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
         raise InvalidArgument(f"invalid adapter name {name!r}: use letters, digits, '.', '_', '-' "
                               "(at most 128, starting with a letter or digit)")
+
+
+def check_tenant_name(tenant: str) -> None:
+    """InvalidArgument unless `tenant` is a valid tenant name (the same rules as adapter names:
+    it becomes a directory too)."""
+    if not isinstance(tenant, str) or not ADAPTER_NAME.fullmatch(tenant):
+        raise InvalidArgument(f"invalid tenant name {tenant!r}: use letters, digits, '.', '_', '-' "
+                              "(at most 128, starting with a letter or digit)")
+
+
+def adapter_key(tenant: str, name: str) -> str:
+    """The id an adapter has in the store and the engine: '<tenant>/<name>', both checked."""
+    check_tenant_name(tenant)
+    check_adapter_name(name)
+    return f"{tenant}/{name}"
+
+
+def split_adapter_key(key: str) -> tuple[str, str]:
+    """(tenant, name) of a key made by `adapter_key`; InvalidArgument for anything else."""
+    if not isinstance(key, str) or key.count("/") != 1:
+        raise InvalidArgument(f"invalid adapter id {key!r}: expected '<tenant>/<name>'")
+    tenant, name = key.split("/")
+    adapter_key(tenant, name)
+    return tenant, name
+
+
+def check_adapter_ref(ref: str) -> None:
+    """InvalidArgument unless `ref` is an adapter name or a '<tenant>/<name>' id (the engine
+    serves both: the server always uses ids, tests and embedders may use plain names)."""
+    if isinstance(ref, str) and "/" in ref:
+        split_adapter_key(ref)
+    else:
+        check_adapter_name(ref)
 
 
 def new_version_name(digest: str) -> str:
@@ -143,6 +179,7 @@ class Manifest:
     regex) come from the engine's validation; the store records them without interpreting."""
 
     name: str
+    """The adapter's id: '<tenant>/<name>'."""
     files: tuple[FileDigest, ...]
     r: int
     lora_alpha: float
@@ -158,7 +195,7 @@ class Manifest:
     hyperparameters, metrics, peak memory, versions)."""
 
     def __post_init__(self) -> None:
-        check_adapter_name(self.name)
+        split_adapter_key(self.name)
         if sorted(f.name for f in self.files) != sorted(ADAPTER_FILES):
             raise InvalidArgument(f"manifest files must be {', '.join(ADAPTER_FILES)}, "
                                   f"got {', '.join(f.name for f in self.files) or 'none'}")

@@ -10,7 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
-from server.store.layout import CURRENT_LINK, TMP_PREFIX, is_version_name, tmp_is_leftover
+from server.store.layout import CURRENT_LINK, SHARED_MARKER, TMP_PREFIX, is_version_name, tmp_is_leftover
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def _old_entries(name_dir: Path, grace_seconds: float) -> list[Path]:
     except FileNotFoundError:  # removed meanwhile
         return []
     for child in children:
-        if child.name in (CURRENT_LINK, current):
+        if child.name in (CURRENT_LINK, SHARED_MARKER, current):
             continue
         if child.name.startswith(TMP_PREFIX):
             if tmp_is_leftover(child):

@@ -29,7 +29,7 @@ class FileDigest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class AdapterManifest(_message.Message):
-    __slots__ = ("name", "files", "r", "lora_alpha", "target_modules", "base_fingerprint", "size_bytes", "created_time", "source")
+    __slots__ = ("name", "files", "r", "lora_alpha", "target_modules", "base_fingerprint", "size_bytes", "created_time", "source", "tenant")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
     R_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,7 @@ class AdapterManifest(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CREATED_TIME_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     name: str
     files: _containers.RepeatedCompositeFieldContainer[FileDigest]
     r: int
@@ -48,17 +49,20 @@ class AdapterManifest(_message.Message):
     size_bytes: int
     created_time: str
     source: str
-    def __init__(self, name: _Optional[str] = ..., files: _Optional[_Iterable[_Union[FileDigest, _Mapping]]] = ..., r: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., base_fingerprint: _Optional[str] = ..., size_bytes: _Optional[int] = ..., created_time: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
+    tenant: str
+    def __init__(self, name: _Optional[str] = ..., files: _Optional[_Iterable[_Union[FileDigest, _Mapping]]] = ..., r: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., base_fingerprint: _Optional[str] = ..., size_bytes: _Optional[int] = ..., created_time: _Optional[str] = ..., source: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class AdapterStatus(_message.Message):
-    __slots__ = ("manifest", "tier", "pinned")
+    __slots__ = ("manifest", "tier", "pinned", "shared")
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     PINNED_FIELD_NUMBER: _ClassVar[int]
+    SHARED_FIELD_NUMBER: _ClassVar[int]
     manifest: AdapterManifest
     tier: ResidencyTier
     pinned: bool
-    def __init__(self, manifest: _Optional[_Union[AdapterManifest, _Mapping]] = ..., tier: _Optional[_Union[ResidencyTier, str]] = ..., pinned: _Optional[bool] = ...) -> None: ...
+    shared: bool
+    def __init__(self, manifest: _Optional[_Union[AdapterManifest, _Mapping]] = ..., tier: _Optional[_Union[ResidencyTier, str]] = ..., pinned: _Optional[bool] = ..., shared: _Optional[bool] = ...) -> None: ...
 
 class RegisterAdapterRequest(_message.Message):
     __slots__ = ("name", "path", "replace")
@@ -175,3 +179,17 @@ class UnpinAdapterRequest(_message.Message):
 class UnpinAdapterResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ShareAdapterRequest(_message.Message):
+    __slots__ = ("name", "shared")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHARED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shared: bool
+    def __init__(self, name: _Optional[str] = ..., shared: _Optional[bool] = ...) -> None: ...
+
+class ShareAdapterResponse(_message.Message):
+    __slots__ = ("adapter",)
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    adapter: AdapterStatus
+    def __init__(self, adapter: _Optional[_Union[AdapterStatus, _Mapping]] = ...) -> None: ...

@@ -28,6 +28,12 @@ if _version_not_supported:
 class AdapterServiceStub:
     """Runtime management of the LoRA adapters a server serves. The adapter store on disk is the
     source of truth: what is registered survives a restart.
+
+    Every adapter belongs to a tenant. A request names an adapter as "name" (the caller's own
+    tenant) or "tenant/name". With API keys (metadata "authorization: Bearer <key>"): List and
+    Get need role generate; Register, Upload, Validate and Unregister need manage (own tenant;
+    admin: any); Pin, Unpin and Share need admin. Another tenant's adapter is NOT_FOUND unless
+    shared.
     """
 
     def __init__(self, channel):
@@ -76,11 +82,22 @@ class AdapterServiceStub:
                 request_serializer=loraserve_dot_v1_dot_adapters__pb2.UnpinAdapterRequest.SerializeToString,
                 response_deserializer=loraserve_dot_v1_dot_adapters__pb2.UnpinAdapterResponse.FromString,
                 _registered_method=True)
+        self.ShareAdapter = channel.unary_unary(
+                '/loraserve.v1.AdapterService/ShareAdapter',
+                request_serializer=loraserve_dot_v1_dot_adapters__pb2.ShareAdapterRequest.SerializeToString,
+                response_deserializer=loraserve_dot_v1_dot_adapters__pb2.ShareAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class AdapterServiceServicer:
     """Runtime management of the LoRA adapters a server serves. The adapter store on disk is the
     source of truth: what is registered survives a restart.
+
+    Every adapter belongs to a tenant. A request names an adapter as "name" (the caller's own
+    tenant) or "tenant/name". With API keys (metadata "authorization: Bearer <key>"): List and
+    Get need role generate; Register, Upload, Validate and Unregister need manage (own tenant;
+    admin: any); Pin, Unpin and Share need admin. Another tenant's adapter is NOT_FOUND unless
+    shared.
     """
 
     def RegisterAdapter(self, request, context):
@@ -136,6 +153,13 @@ class AdapterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ShareAdapter(self, request, context):
+        """Let every tenant use an adapter (shared = true), or stop that. Admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdapterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -179,6 +203,11 @@ def add_AdapterServiceServicer_to_server(servicer, server):
                     request_deserializer=loraserve_dot_v1_dot_adapters__pb2.UnpinAdapterRequest.FromString,
                     response_serializer=loraserve_dot_v1_dot_adapters__pb2.UnpinAdapterResponse.SerializeToString,
             ),
+            'ShareAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareAdapter,
+                    request_deserializer=loraserve_dot_v1_dot_adapters__pb2.ShareAdapterRequest.FromString,
+                    response_serializer=loraserve_dot_v1_dot_adapters__pb2.ShareAdapterResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'loraserve.v1.AdapterService', rpc_method_handlers)
@@ -190,6 +219,12 @@ def add_AdapterServiceServicer_to_server(servicer, server):
 class AdapterService:
     """Runtime management of the LoRA adapters a server serves. The adapter store on disk is the
     source of truth: what is registered survives a restart.
+
+    Every adapter belongs to a tenant. A request names an adapter as "name" (the caller's own
+    tenant) or "tenant/name". With API keys (metadata "authorization: Bearer <key>"): List and
+    Get need role generate; Register, Upload, Validate and Unregister need manage (own tenant;
+    admin: any); Pin, Unpin and Share need admin. Another tenant's adapter is NOT_FOUND unless
+    shared.
     """
 
     @staticmethod
@@ -398,6 +433,33 @@ class AdapterService:
             '/loraserve.v1.AdapterService/UnpinAdapter',
             loraserve_dot_v1_dot_adapters__pb2.UnpinAdapterRequest.SerializeToString,
             loraserve_dot_v1_dot_adapters__pb2.UnpinAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraserve.v1.AdapterService/ShareAdapter',
+            loraserve_dot_v1_dot_adapters__pb2.ShareAdapterRequest.SerializeToString,
+            loraserve_dot_v1_dot_adapters__pb2.ShareAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

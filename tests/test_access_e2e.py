@@ -1,0 +1,296 @@
+"""Access control against a real server on 127.0.0.1 with a keys file: every RPC without a
+key, with a wrong key and with each role; tenants' adapters hidden from each other; shared
+adapters; per-tenant limits; key reload; the audit log. (TLS: test_tls_e2e.py; the keys file
+itself and timing: test_access_keys.py.)"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2
+from server_harness import running_server
+
+from server.access.key_admin import add_key, remove_key
+from server.api.gen.loraserve.v1 import adapters_pb2 as apb
+from server.api.gen.loraserve.v1 import inference_pb2 as ipb
+from server.api.gen.loraserve.v1 import server_info_pb2 as spb
+from server.base.synthetic import init_model
+from server.lora.synthetic import make_random_adapter
+
+UNKNOWN_KEY = "lsk_0123456789ab_" + "A" * 43
+B_LIMITS = {"max_adapters": 1, "max_concurrent_requests": 1, "requests_per_second": 4}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("access")
+    base = init_model(root / "base", "deepseek-v3", "tiny", seed=3)
+    imports = root / "imports"
+    for i in range(3):
+        make_random_adapter(base, imports / f"a{i}", r=8, target="attention", seed=i)
+    keys_file = root / "keys.yaml"
+    keys = {name: add_key(keys_file, name, tenant, role) for name, tenant, role in [
+        ("a-gen", "a", "generate"), ("a-man", "a", "manage"), ("b-man", "b", "manage"), ("root", "ops", "admin")]}
+    doc = yaml.safe_load(keys_file.read_text())
+    doc["tenants"] = {"b": B_LIMITS}
+    keys_file.write_text(yaml.safe_dump(doc))
+    return {"root": root, "base": base, "imports": imports, "keys_file": keys_file, "keys": keys}
+
+
+@pytest.fixture(scope="module")
+def srv(world):
+    with running_server(world["root"], world["base"], world["root"] / "store", "--api-keys-file",
+                        str(world["keys_file"]), "--import-roots", str(world["imports"]),
+                        "--store-sync-interval", "0") as server:
+        yield server
+
+
+def md(key: str | None):
+    return () if key is None else (("authorization", f"Bearer {key}"),)
+
+
+def code_of(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code(), info.value.details()
+
+
+def gen(srv, key, adapter="", n=4, timeout=60):
+    req = ipb.GenerateRequest(input=ipb.GenerationInput(adapter=adapter, prompt="The patient has",
+                                                        sampling=ipb.SamplingParams(max_new_tokens=n)))
+    return srv.inference.Generate(req, metadata=md(key), timeout=timeout).summary
+
+
+def every_rpc(srv, key):
+    """One call of every RPC, as `key` (adapter names that need not exist)."""
+    a, m = srv.adapters, md(key)
+    stream = ipb.GenerateStreamRequest(input=ipb.GenerationInput(prompt="hi", sampling=ipb.SamplingParams(
+        max_new_tokens=2)))
+    upload = iter([apb.UploadAdapterRequest(header=apb.UploadHeader(name="x"))])
+    return {
+        "Generate": lambda: gen(srv, key),
+        "GenerateStream": lambda: list(srv.inference.GenerateStream(stream, metadata=m, timeout=30)),
+        "GetServerInfo": lambda: srv.info.GetServerInfo(spb.GetServerInfoRequest(), metadata=m, timeout=30),
+        "ListAdapters": lambda: a.ListAdapters(apb.ListAdaptersRequest(), metadata=m, timeout=30),
+        "GetAdapter": lambda: a.GetAdapter(apb.GetAdapterRequest(name="a0"), metadata=m, timeout=30),
+        "RegisterAdapter": lambda: a.RegisterAdapter(apb.RegisterAdapterRequest(name="zz", path="a0"), metadata=m,
+                                                     timeout=30),
+        "UploadAdapter": lambda: a.UploadAdapter(upload, metadata=m, timeout=30),
+        "ValidateAdapter": lambda: a.ValidateAdapter(apb.ValidateAdapterRequest(name="zz", path="a0"), metadata=m,
+                                                     timeout=30),
+        "UnregisterAdapter": lambda: a.UnregisterAdapter(apb.UnregisterAdapterRequest(name="zz"), metadata=m,
+                                                         timeout=30),
+        "PinAdapter": lambda: a.PinAdapter(apb.PinAdapterRequest(name="zz"), metadata=m, timeout=30),
+        "UnpinAdapter": lambda: a.UnpinAdapter(apb.UnpinAdapterRequest(name="zz"), metadata=m, timeout=30),
+        "ShareAdapter": lambda: a.ShareAdapter(apb.ShareAdapterRequest(name="zz", shared=True), metadata=m,
+                                               timeout=30),
+    }
+
+
+def store_listing(world) -> list[str]:
+    store = world["root"] / "store"
+    return sorted(f"{t.name}/{n.name}" for t in store.iterdir() if t.is_dir() and not t.name.startswith(".")
+                  for n in t.iterdir())
+
+
+@pytest.mark.parametrize("key", [None, UNKNOWN_KEY, "not-a-key", "lsk_short"], ids=["none", "unknown", "junk", "short"])
+def test_every_rpc_without_a_valid_key_is_unauthenticated(srv, key):
+    for rpc, call in every_rpc(srv, key).items():
+        code, details = code_of(call)
+        assert code == grpc.StatusCode.UNAUTHENTICATED, rpc
+        assert details == "missing or unknown API key", (rpc, details)
+    assert srv.health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_known_key_with_a_wrong_secret_reads_like_an_unknown_key(srv, world):
+    real = world["keys"]["a-gen"]
+    forged = real[:-4] + ("AAAA" if not real.endswith("AAAA") else "BBBB")
+    assert code_of(lambda: gen(srv, forged)) == (grpc.StatusCode.UNAUTHENTICATED, "missing or unknown API key")
+
+
+def test_each_role_gets_exactly_its_calls(srv, world):
+    keys = world["keys"]
+    allowed = {"generate": {"Generate", "GenerateStream", "GetServerInfo", "ListAdapters", "GetAdapter"},
+               "manage": {"RegisterAdapter", "UploadAdapter", "ValidateAdapter", "UnregisterAdapter"},
+               "admin": {"PinAdapter", "UnpinAdapter", "ShareAdapter"}}
+    order = ("generate", "manage", "admin")  # each role includes the ones before it
+    for key_name, role in (("a-gen", "generate"), ("a-man", "manage"), ("root", "admin")):
+        granted = set().union(*(allowed[r] for r in order[:order.index(role) + 1]))
+        for rpc, call in every_rpc(srv, keys[key_name]).items():
+            try:
+                call()
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                code = exc.code()
+            if rpc in granted:  # allowed: whatever the outcome, not an access refusal
+                assert code not in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED), (key_name, rpc)
+            else:
+                assert code == grpc.StatusCode.PERMISSION_DENIED, (key_name, rpc, code)
+
+
+def test_tenants_do_not_see_or_touch_each_others_adapters(srv, world):
+    keys, a = world["keys"], srv.adapters
+    reg = a.RegisterAdapter(apb.RegisterAdapterRequest(name="med", path="a1"), metadata=md(keys["a-man"]), timeout=60)
+    assert reg.adapter.manifest.tenant == "a" and reg.adapter.manifest.name == "med"
+    assert gen(srv, keys["a-gen"], "med").token_ids == gen(srv, keys["a-gen"], "a/med").token_ids
+    before = store_listing(world)
+    bm = md(keys["b-man"])
+    missing = code_of(lambda: gen(srv, keys["b-man"], "a/nothing-here"))
+    assert missing[0] == grpc.StatusCode.NOT_FOUND
+    hidden = code_of(lambda: gen(srv, keys["b-man"], "a/med"))
+    assert hidden == (grpc.StatusCode.NOT_FOUND, missing[1].replace("a/nothing-here", "a/med"))
+    assert code_of(lambda: a.GetAdapter(apb.GetAdapterRequest(name="a/med"), metadata=bm, timeout=30))[0] == \
+        grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: a.UnregisterAdapter(apb.UnregisterAdapterRequest(name="a/med"), metadata=bm, timeout=30)) \
+        == (grpc.StatusCode.NOT_FOUND, "adapter 'a/med' is not registered")
+    assert code_of(lambda: a.RegisterAdapter(apb.RegisterAdapterRequest(name="a/evil", path="a2", replace=True),
+                                             metadata=bm, timeout=30))[0] == grpc.StatusCode.PERMISSION_DENIED
+    assert code_of(lambda: a.RegisterAdapter(apb.RegisterAdapterRequest(name="a/med", path="a2", replace=True),
+                                             metadata=bm, timeout=30))[0] == grpc.StatusCode.PERMISSION_DENIED
+    listed = a.ListAdapters(apb.ListAdaptersRequest(), metadata=bm, timeout=30).adapters
+    assert not [x for x in listed if x.manifest.tenant == "a"]  # nothing of tenant a is shared yet
+    assert store_listing(world) == before  # nothing changed in the store
+    assert gen(srv, keys["a-gen"], "med").token_ids  # and tenant a still has it
+
+
+def test_shared_adapters_are_usable_by_every_tenant_but_changed_only_by_their_own(srv, world):
+    keys, a = world["keys"], srv.adapters
+    a.RegisterAdapter(apb.RegisterAdapterRequest(name="common", path="a0"), metadata=md(keys["a-man"]), timeout=60)
+    bm = md(keys["b-man"])
+    assert code_of(lambda: gen(srv, keys["b-man"], "a/common"))[0] == grpc.StatusCode.NOT_FOUND
+    shared = a.ShareAdapter(apb.ShareAdapterRequest(name="a/common", shared=True), metadata=md(keys["root"]),
+                            timeout=30)
+    assert shared.adapter.shared
+    assert gen(srv, keys["b-man"], "a/common").token_ids == gen(srv, keys["a-gen"], "common").token_ids
+    listed = {(x.manifest.tenant, x.manifest.name, x.shared)
+              for x in a.ListAdapters(apb.ListAdaptersRequest(), metadata=bm, timeout=30).adapters}
+    assert ("a", "common", True) in listed and not any(t == "a" and n != "common" for t, n, _ in listed)
+    assert code_of(lambda: a.UnregisterAdapter(apb.UnregisterAdapterRequest(name="a/common"), metadata=bm,
+                                               timeout=30))[0] == grpc.StatusCode.PERMISSION_DENIED
+    a.ShareAdapter(apb.ShareAdapterRequest(name="a/common", shared=False), metadata=md(keys["root"]), timeout=30)
+    assert code_of(lambda: gen(srv, keys["b-man"], "a/common"))[0] == grpc.StatusCode.NOT_FOUND
+
+
+def test_tenant_adapter_quota(srv, world):
+    keys, a = world["keys"], srv.adapters
+    bm = md(keys["b-man"])
+    a.RegisterAdapter(apb.RegisterAdapterRequest(name="one", path="a0"), metadata=bm, timeout=60)
+    code, details = code_of(lambda: a.RegisterAdapter(apb.RegisterAdapterRequest(name="two", path="a1"), metadata=bm,
+                                                      timeout=60))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "tenant 'b'" in details
+    assert "b/two" not in store_listing(world)
+    a.RegisterAdapter(apb.RegisterAdapterRequest(name="one", path="a1", replace=True), metadata=bm, timeout=60)
+
+
+def test_one_tenants_flood_is_refused_for_it_alone(srv, world):
+    """Tenant b (1 request at a time, 4 per second) floods; tenant a's steady requests all succeed."""
+    keys = world["keys"]
+    outcomes: dict[str, list[str]] = {"a": [], "b": []}
+    stop = threading.Event()
+
+    def flood():
+        while not stop.is_set():
+            try:
+                gen(srv, keys["b-man"], n=8)
+                outcomes["b"].append("OK")
+            except grpc.RpcError as exc:
+                outcomes["b"].append(exc.code().name)
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(flood) for _ in range(4)]
+        for _ in range(10):
+            gen(srv, keys["a-gen"], n=8)
+            outcomes["a"].append("OK")
+        stop.set()
+        for f in futures:
+            f.result()
+    assert outcomes["a"] == ["OK"] * 10
+    assert "RESOURCE_EXHAUSTED" in outcomes["b"] and "OK" in outcomes["b"]
+    assert set(outcomes["b"]) <= {"OK", "RESOURCE_EXHAUSTED"}
+
+
+def test_keys_reload_on_change_and_on_sighup(srv, world):
+    new = add_key(world["keys_file"], "c-gen", "c", "generate")
+    deadline = time.monotonic() + 15
+    while True:  # picked up by the file watch, no signal
+        try:
+            gen(srv, new)
+            break
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAUTHENTICATED and time.monotonic() < deadline
+            time.sleep(0.3)
+    remove_key(world["keys_file"], "c-gen")
+    srv.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            gen(srv, new)
+            assert time.monotonic() < deadline, "the removed key still works"
+            time.sleep(0.1)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAUTHENTICATED
+            break
+    world["keys_file"].write_text("keys: [this is: not valid")  # a broken edit keeps the old keys
+    srv.process.send_signal(signal.SIGHUP)
+    time.sleep(3)
+    assert gen(srv, world["keys"]["a-gen"]).token_ids
+    assert "keys file not reloaded" in srv.log()
+
+
+def test_audit_log_records_management_calls_without_secrets(srv, world):
+    keys, a = world["keys"], srv.adapters
+    a.RegisterAdapter(apb.RegisterAdapterRequest(name="audited", path="a2"), metadata=md(keys["a-man"]), timeout=60)
+    code_of(lambda: a.UnregisterAdapter(apb.UnregisterAdapterRequest(name="a/audited"), metadata=md(keys["b-man"]),
+                                        timeout=30))
+    time.sleep(0.5)
+    lines = [json.loads(line.split("loraserve.audit: ", 1)[1]) for line in srv.log().splitlines()
+             if "loraserve.audit: " in line]
+    ok = [x for x in lines if x["action"] == "RegisterAdapter" and x["adapter"] == "audited" and x["result"] == "OK"]
+    assert ok and ok[0]["key"] == "a-man" and ok[0]["tenant"] == "a" and ok[0]["sha256"].startswith("sha256:")
+    denied = [x for x in lines if x["action"] == "UnregisterAdapter" and x["adapter"] == "a/audited"]
+    assert denied and denied[0]["key"] == "b-man" and denied[0]["result"] == "NOT_FOUND"
+    log = srv.log()
+    for key in world["keys"].values():
+        assert key.split("_")[-1] not in log  # no secret ever reaches the log
+    assert "Traceback" not in log
+
+
+def _non_loopback_ip() -> str | None:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))  # no packet is sent: this only picks a route
+            ip = s.getsockname()[0]
+    except OSError:
+        return None
+    return None if ip.startswith("127.") else ip
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_open_server_refuses_remote_management_unless_allowed(world, tmp_path, allow):
+    ip = _non_loopback_ip()
+    if ip is None:
+        pytest.skip("this machine has no non-loopback address")
+    extra = ["--import-roots", str(world["imports"]), "--host", "0.0.0.0"] + (["--allow-open-management"] if allow else [])
+    with running_server(tmp_path, world["base"], tmp_path / "store", *extra) as server:
+        assert "runs OPEN" in server.log()
+        with grpc.insecure_channel(f"{ip}:{server.port}") as channel:
+            from server.api.gen.loraserve.v1 import adapters_pb2_grpc, inference_pb2_grpc
+            remote = adapters_pb2_grpc.AdapterServiceStub(channel)
+            register = lambda: remote.RegisterAdapter(apb.RegisterAdapterRequest(name="x", path="a0"), timeout=60)
+            if allow:
+                assert register().created
+            else:
+                code, details = code_of(register)
+                assert code == grpc.StatusCode.PERMISSION_DENIED and "loopback" in details
+            req = ipb.GenerateRequest(input=ipb.GenerationInput(prompt="hi", sampling=ipb.SamplingParams(max_new_tokens=2)))
+            assert inference_pb2_grpc.InferenceServiceStub(channel).Generate(req, timeout=60).summary.token_ids
+        local = server.adapters.RegisterAdapter(apb.RegisterAdapterRequest(name="y", path="a0"), timeout=60)
+        assert local.adapter.manifest.tenant == "default"  # loopback management works either way

@@ -1,0 +1,40 @@
+"""`loraserve bench tenants` end to end at the smallest size: a real server subprocess, tenant A's
+stream and tenant B's flood process. Checks the result's shape and the isolation invariants, not
+the timing ratio (a 2-core CI box says little about it in one short round)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_tenant_bench_reports_isolation_invariants(tmp_path):
+    out = tmp_path / "tenants.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "bench", "tenants", "--size", "tiny", "--rounds", "1", "--a-requests", "4",
+         "--b-threads", "3", "--workdir", str(tmp_path / "work"), "--json", str(out)],
+        check=False, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "share its CPUs" in result.stdout and "a_p99_flood_over_alone" in result.stdout
+
+    doc = json.loads(out.read_text())
+    assert doc["bench"] == "tenants"
+    assert doc["config"]["b_limits"] == {"max_concurrent_requests": 2, "requests_per_second": 5.0}
+    assert doc["config"]["a_rate_rps"] > 0 and doc["server"]["exit_code"] == 0
+    for name in ("alone", "flood"):
+        phase = doc["phases"][name]
+        assert phase["a_requests"] == 4 and len(phase["rounds"]) == 1
+        assert phase["a_errors"] == {}, name  # tenant A never fails, flood or not
+        lat = phase["a_latency_s"]
+        assert lat["samples"] == 4 and 0 < lat["p50"] <= lat["p99"]
+    assert doc["phases"]["alone"]["rounds"][0]["b"] is None
+    b = doc["b"]
+    assert b["ok"] > 0 and b["resource_exhausted"] > 0 and b["other"] == {}
+    assert b["calls"] == b["ok"] + b["resource_exhausted"] and b["admitted_rps"] > 0
+    ratio = doc["ratios"]["a_p99_flood_over_alone"]
+    assert ratio["target"] == "<= 1.5" and isinstance(ratio["pass"], bool) and ratio["value"] > 0
+    assert doc["invariants"] == {"a_no_errors": True, "b_refused": True, "b_admitted": True}
