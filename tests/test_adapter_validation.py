@@ -179,9 +179,11 @@ def test_rank_and_alpha_patterns_follow_peft(engine, base_dir, tmp_path):
 
 def test_registry_names_and_idempotence(base_dir, good_adapter, tmp_path):
     engine = Engine.load(EngineConfig(base=BaseModelConfig(str(base_dir), quantization="none"), max_lora_rank=16))
-    for bad in ["", "-x", "a/b", "../up", "x" * 129, "名字"]:
-        with pytest.raises(InvalidArgument, match="invalid adapter name"):
+    for bad in ["", "-x", "a/b/c", "/x", "t/", "../up", "x" * 129, "名字"]:
+        with pytest.raises(InvalidArgument, match="invalid (adapter|tenant) (name|id)"):
             engine.add_adapter(bad, good_adapter)
+    assert engine.add_adapter("tenant/a", good_adapter).name == "tenant/a"  # the server's '<tenant>/<name>' ids
+    engine.remove_adapter("tenant/a")
     first = engine.add_adapter("a", good_adapter)
     assert engine.add_adapter("a", good_adapter) == first  # same content: no-op
     other = make_random_adapter(base_dir, tmp_path / "other", r=4, seed=9)
