@@ -264,11 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_bench_args(b: argparse.ArgumentParser, archs, sizes, quantizations) -> None:
-    """The workload flags both benchmarks share."""
-    b.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON here")
-    b.add_argument("--arch", choices=archs, default="deepseek-v3")
-    b.add_argument("--size", choices=sizes, default="small")
-    b.add_argument("--quantization", choices=quantizations, default="nf4")
+    """The workload flags the engine and serve benchmarks share."""
+    from server.bench.runs import add_base_flags  # torch-free
+
+    add_base_flags(b, archs, sizes, quantizations)
     b.add_argument("--requests", type=int, default=16, help="concurrent requests")
     b.add_argument("--new-tokens", type=int, default=32, help="new tokens per request (greedy)")
     b.add_argument("--adapters", type=int, default=8, help="distinct adapters, requests round-robin over them")

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from concurrent import futures
 
 import grpc
 import pytest
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from fake_grpc import fake_server
 
 from server.api.gen.loraserve.v1 import adapters_pb2_grpc, inference_pb2_grpc, server_info_pb2_grpc
 from server.cli import main
@@ -62,18 +61,9 @@ def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, details: st
 @pytest.fixture
 def fake() -> Iterator[tuple[str, KeyCheck]]:
     check = KeyCheck()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=[check])
-    inference_pb2_grpc.add_InferenceServiceServicer_to_server(inference_pb2_grpc.InferenceServiceServicer(), server)
-    adapters_pb2_grpc.add_AdapterServiceServicer_to_server(adapters_pb2_grpc.AdapterServiceServicer(), server)
-    server_info_pb2_grpc.add_ServerInfoServiceServicer_to_server(server_info_pb2_grpc.ServerInfoServiceServicer(),
-                                                                 server)
-    health_servicer = health.HealthServicer()
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield f"127.0.0.1:{port}", check
-    server.stop(0)
+    with fake_server(inference_pb2_grpc.InferenceServiceServicer(), adapters_pb2_grpc.AdapterServiceServicer(),
+                     server_info_pb2_grpc.ServerInfoServiceServicer(), interceptors=(check,)) as target:
+        yield target, check
 
 
 @pytest.fixture

@@ -12,12 +12,11 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
 import pytest
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from fake_grpc import fake_server
 
 from server.api.gen.loraserve.v1 import adapters_pb2 as apb
 from server.api.gen.loraserve.v1 import adapters_pb2_grpc, inference_pb2_grpc
@@ -108,16 +107,8 @@ class FakeAdapters(adapters_pb2_grpc.AdapterServiceServicer):
 def fake() -> Iterator[tuple[str, FakeState]]:
     """(target, state) of a fake server running for one test."""
     state = FakeState()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    inference_pb2_grpc.add_InferenceServiceServicer_to_server(FakeInference(state), server)
-    adapters_pb2_grpc.add_AdapterServiceServicer_to_server(FakeAdapters(state), server)
-    health_servicer = health.HealthServicer()
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield f"127.0.0.1:{port}", state
-    server.stop(grace=None)
+    with fake_server(FakeInference(state), FakeAdapters(state)) as target:
+        yield target, state
 
 
 def test_every_client_subcommand_parses():

@@ -13,12 +13,10 @@ from __future__ import annotations
 import argparse
 import gc
 import itertools
-import json
 import os
 import platform
 import random
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -27,6 +25,7 @@ from pathlib import Path
 import torch
 
 from server.bench.peft_baseline import NEAR_TIE_GAP, PeftBaseline, first_differences
+from server.bench.runs import measure_in, write_result
 from server.config import BaseModelConfig, EngineConfig
 from server.engine.engine import Engine
 from server.engine.request import GenerationRequest, RequestStream, SamplingParams
@@ -121,19 +120,10 @@ def run_engine_bench(args: argparse.Namespace) -> int:
     hf_logging.disable_progress_bar()  # one bar per weight load would bury the report
     config = BenchConfig.from_args(args)
     started = time.perf_counter()
-    if args.workdir is None:
-        with tempfile.TemporaryDirectory(prefix="loraserve-bench-") as tmp:
-            measured, workload = _measure(config, Path(tmp))
-    else:
-        Path(args.workdir).mkdir(parents=True, exist_ok=True)
-        # A fresh directory per run: a base or adapter left by an earlier run may differ.
-        measured, workload = _measure(config, Path(tempfile.mkdtemp(prefix="engine-bench-", dir=args.workdir)))
+    measured, workload = measure_in(args.workdir, "engine", lambda root: _measure(config, root))
     result = summarize(config, workload, measured, time.perf_counter() - started)
     print_report(result)
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwrote {args.json_out}")
+    write_result(args.json_out, result)
     return 1 if result["correctness"]["unexplained_mismatches"] else 0
 
 

@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -27,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from server.bench.engine_bench import TOPICS, BenchConfig, build_inputs, machine_info
+from server.bench.runs import measure_in, write_result
 from server.client import AsyncLoraserveClient, Generation
 from server.config import EngineConfig
 from server.engine.engine import Engine
@@ -88,18 +87,10 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     hf_logging.disable_progress_bar()
     config = BenchConfig.from_args(args)
     started = time.perf_counter()
-    if args.workdir is None:
-        with tempfile.TemporaryDirectory(prefix="loraserve-bench-") as tmp:
-            measured = _measure(config, Path(tmp))
-    else:
-        Path(args.workdir).mkdir(parents=True, exist_ok=True)
-        measured = _measure(config, Path(tempfile.mkdtemp(prefix="serve-bench-", dir=args.workdir)))
+    measured = measure_in(args.workdir, "serve", lambda root: _measure(config, root))
     result = summarize(config, *measured, time.perf_counter() - started)
     print_report(result)
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwrote {args.json_out}")
+    write_result(args.json_out, result)
     return 0 if result["server"]["exit_code"] == 0 else 1
 
 

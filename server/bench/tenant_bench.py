@@ -32,15 +32,14 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
-import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from server.bench.runs import add_base_flags, measure_in, write_result
 from server.bench.tenant_flood import CALL_TIMEOUT_S, FloodProcess
 from server.errors import ConfigError
 
@@ -93,10 +92,7 @@ class TenantBenchConfig:
 def add_flags(b: argparse.ArgumentParser, archs: tuple[str, ...], sizes: tuple[str, ...],
               quantizations: tuple[str, ...]) -> None:
     """The `bench tenants` flags (server.cli parses them), beside the config they fill."""
-    b.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON here")
-    b.add_argument("--arch", choices=archs, default="deepseek-v3")
-    b.add_argument("--size", choices=sizes, default="small")
-    b.add_argument("--quantization", choices=quantizations, default="nf4")
+    add_base_flags(b, archs, sizes, quantizations)
     b.add_argument("--rounds", type=int, default=4, help="alternating alone/flood rounds")
     b.add_argument("--a-requests", type=int, default=20, help="tenant A's requests per phase per round")
     b.add_argument("--a-rate", type=float, default=0.0, help=f"tenant A's requests/s (0: {A_LOAD:g} x the rate of "
@@ -139,18 +135,10 @@ def run_tenant_bench(args: argparse.Namespace) -> int:
                                args.new_tokens, args.b_threads, args.b_max_concurrent_requests,
                                args.b_requests_per_second, args.rank)
     started = time.perf_counter()
-    if args.workdir is None:
-        with tempfile.TemporaryDirectory(prefix="loraserve-bench-") as tmp:
-            measured = _measure(config, Path(tmp))
-    else:
-        Path(args.workdir).mkdir(parents=True, exist_ok=True)
-        measured = _measure(config, Path(tempfile.mkdtemp(prefix="tenant-bench-", dir=args.workdir)))
+    measured = measure_in(args.workdir, "tenant", lambda root: _measure(config, root))
     result = summarize(config, *measured, time.perf_counter() - started)
     print_report(result)
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwrote {args.json_out}")
+    write_result(args.json_out, result)
     broken = [name for name, held in result["invariants"].items() if held is False]
     return 0 if result["server"]["exit_code"] == 0 and not broken else 1
 
