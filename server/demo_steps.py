@@ -103,13 +103,13 @@ def side_by_side(client: LoraserveClient, tasks: list[TrainedTask]) -> None:
     print(f"{len(jobs)} requests, {tokens} tokens in {elapsed:.1f}s = {tokens / elapsed:.0f} tokens/s")
     exact: dict[tuple[str, str], int] = {}
     samples: dict[str, list[tuple[str, str, str, str]]] = {}
-    for (task, conversation, adapter), result in zip(jobs, results):
+    for i, ((task, conversation, adapter), result) in enumerate(zip(jobs, results)):
         if result.adapter != adapter:
             raise DemoFailure(f"asked for adapter {adapter!r}, the result says {result.adapter!r}")
         expected = conversation[-1]["content"]
         exact[task, adapter] = exact.get((task, adapter), 0) + (result.text.strip() == expected.strip())
         if adapter and len(samples.setdefault(task, [])) < SAMPLES_PER_TASK:
-            base_text = results[jobs.index((task, conversation, ""))].text
+            base_text = results[i - 1].text  # each prompt's base job comes just before its adapter job
             samples[task].append((conversation[-2]["content"], expected, base_text, result.text))
     print(f"\n{'task':<18} {'examples':>8} {'base exact':>10} {'adapter exact':>13}")
     for task in tasks:

@@ -46,15 +46,16 @@ def write_adapter(peft_model, output_dir: str | Path, name: str, manifest: dict,
     the adapter belongs to `tenant`)."""
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
+    in_store = is_store(root)
     # In a store, a `.tmp-*` name with our pid and host keeps another process's start-up
     # from deleting the adapter while it is being saved.
-    tmp = root / (new_tmp_name("train") if is_store(root) else f".tmp-train-{name}-{uuid.uuid4().hex[:8]}")
+    tmp = root / (new_tmp_name("train") if in_store else f".tmp-train-{name}-{uuid.uuid4().hex[:8]}")
     try:
         peft_model.save_pretrained(tmp, safe_serialization=True)
         for extra in tmp.iterdir():  # PEFT also writes a model card; an adapter is the two files
             if extra.name not in (CONFIG_FILE, WEIGHTS_FILE):
                 extra.unlink()
-        if is_store(root):
+        if in_store:
             return _publish(root, tmp, adapter_key(tenant, name), manifest)
         write_durably(tmp / MANIFEST_FILE, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
         for file in (CONFIG_FILE, WEIGHTS_FILE):

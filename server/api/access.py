@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from server.access.principal import DEFAULT_TENANT, OPEN_PRINCIPAL, Principal, TenantLimits
 from server.errors import AdapterNotFound, PermissionDenied, ResourceExhausted
-from server.store.layout import check_adapter_name, check_tenant_name
+from server.store.layout import adapter_key, check_adapter_name
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,7 @@ def parse_ref(requested: str, caller: Principal) -> AdapterRef:
     """'name' -> the caller's tenant; 'tenant/name' as given. InvalidArgument when malformed."""
     if "/" in requested:
         tenant, _, name = requested.partition("/")
-        check_tenant_name(tenant)
-        check_adapter_name(name)
+        adapter_key(tenant, name)  # checks both parts
         return AdapterRef(requested, tenant, name)
     check_adapter_name(requested)
     return AdapterRef(requested, caller.tenant, requested)

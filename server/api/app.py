@@ -93,15 +93,18 @@ async def serve(settings: ServerSettings) -> int:
 
     await asyncio.to_thread(engine.start)
     await asyncio.to_thread(registry.load_store, settings.preload, settings.pin)
-    syncing = asyncio.create_task(_sync_store(registry, settings.store_sync_interval))
-    watching = asyncio.create_task(_watch_keys(keys))
+    # Follow a store shared with other replicas and training jobs, and edits of the keys file
+    # (Kubernetes Secret updates included) without a signal.
+    pollers = [asyncio.create_task(_every(settings.store_sync_interval, registry.sync, "adapter store sync"))]
+    if keys is not None:
+        pollers.append(asyncio.create_task(_every(KEYS_POLL_SECONDS, keys.reload_if_changed, "keys file check")))
     await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
     log.warning("loraserve ready: %s (%s), %d adapters", engine.base.model_type, settings.quantization,
                 len(engine.adapters()))
 
     await stop.wait()
-    syncing.cancel()
-    watching.cancel()
+    for poller in pollers:
+        poller.cancel()
     log.warning("draining: health NOT_SERVING, new requests refused, up to %.0fs for running ones",
                 settings.drain_timeout)
     await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -113,20 +116,17 @@ async def serve(settings: ServerSettings) -> int:
     return 0
 
 
-async def _sync_store(registry, interval: float) -> None:
-    """Follow a store shared with other replicas and training jobs: what they publish,
-    replace or remove is served (or dropped) here within `interval` seconds."""
-    if interval <= 0:
+async def _every(seconds: float, work, what: str) -> None:
+    """Run `work` on a worker thread every `seconds` (0: never) until cancelled; a failure
+    (a transient disk error, say) is logged and the next round runs as planned."""
+    if seconds <= 0:
         return
     while True:
-        await asyncio.sleep(interval)
+        await asyncio.sleep(seconds)
         try:
-            changed = await asyncio.to_thread(registry.sync)
-        except Exception:  # a transient disk error must not end the loop
-            log.exception("adapter store sync failed; retrying in %.0fs", interval)
-            continue
-        if changed:
-            log.info("adapter store sync: %s changed", ", ".join(changed))
+            await asyncio.to_thread(work)
+        except Exception:
+            log.exception("%s failed; retrying in %.0fs", what, seconds)
 
 
 def _load_keys(settings: ServerSettings) -> KeyFile | None:
@@ -140,15 +140,6 @@ def _load_keys(settings: ServerSettings) -> KeyFile | None:
     log.warning("API keys required: %d keys, %d tenants (reloaded on SIGHUP or when the file changes)",
                 len(keys.ring), len(keys.ring.tenants))
     return keys
-
-
-async def _watch_keys(keys: KeyFile | None) -> None:
-    """Pick up edits of the keys file (and Kubernetes Secret updates) without a signal."""
-    if keys is None:
-        return
-    while True:
-        await asyncio.sleep(KEYS_POLL_SECONDS)
-        await asyncio.to_thread(keys.reload_if_changed)
 
 
 def run(settings: ServerSettings) -> int:

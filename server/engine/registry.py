@@ -82,10 +82,10 @@ class AdapterRegistry:
             except Exception as exc:  # one bad stored adapter must not keep the server from starting
                 log.error("adapter %s in the store cannot be served: %s", manifest.name, exc)
         # Settings may name adapters of the open server's tenant without it.
-        pin = [n if "/" in n else f"{DEFAULT_TENANT}/{n}" for n in pin]
+        pin, preload = ([n if "/" in n else f"{DEFAULT_TENANT}/{n}" for n in names] for names in (pin, preload))
         for name in pin:
             self.engine.pin_adapter(name)
-        for name in (n if "/" in n else f"{DEFAULT_TENANT}/{n}" for n in preload):
+        for name in preload:
             if name not in pin:
                 self.engine.preload_adapter(name)
 
@@ -97,6 +97,8 @@ class AdapterRegistry:
         for name in changed:
             with self._lock:
                 self._follow_store(name)
+        if changed:
+            log.info("adapter store sync: %s changed", ", ".join(changed))
         return changed
 
     def ensure(self, name: str) -> bool:
