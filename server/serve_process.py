@@ -59,13 +59,19 @@ class ServerProcess:
         raise TimeoutError(f"the server was not SERVING after {timeout:.0f} s:\n{self.log_tail()}")
 
     def cpu_seconds(self) -> float | None:
-        """User + system CPU seconds of all the server's threads so far (Linux /proc; None elsewhere)."""
+        """User + system CPU seconds of the server so far, its engine process included (Linux
+        /proc; None elsewhere)."""
+        split = self.cpu_split()
+        return None if split is None else sum(split.values())
+
+    def cpu_split(self) -> dict[str, float] | None:
+        """CPU seconds so far of the server's own process ("front": gRPC, access, store) and of
+        its child processes ("engine"); None where /proc is missing."""
         try:
-            stat = Path(f"/proc/{self.process.pid}/stat").read_text()
+            return {"front": _cpu_seconds(self.process.pid),
+                    "engine": sum(_cpu_seconds(pid) for pid in _children(self.process.pid))}
         except OSError:
             return None
-        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)"; comm may hold spaces
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
     def kill(self) -> None:
         """Stop at once (nothing to drain); a no-op once the process has exited."""
@@ -84,3 +90,13 @@ class ServerProcess:
                 self.process.kill()
                 self.process.wait()
         return self.process.returncode
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of `pid` (Linux /proc)."""
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime

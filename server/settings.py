@@ -55,6 +55,11 @@ SETTINGS = (
     Setting("tls_cert", str, "", "PEM server certificate (chain); with tls_key, the port speaks TLS only"),
     Setting("tls_key", str, "", "PEM private key of tls_cert"),
     Setting("tls_client_ca", str, "", "PEM CA bundle: clients must present a certificate it signed (mTLS)"),
+    Setting("engine_threads", int, 0, "torch CPU threads of the engine process (0 = auto: OMP_NUM_THREADS if "
+            "set; else, on a host without CUDA, all CPUs but one, which stays with the gRPC front end)"),
+    Setting("front_nice", int, 10, "nice value added to this gRPC front-end process (not to its engine "
+            "process): when CPUs are short, the engine, which serves every tenant, runs first, and a flood of "
+            "calls slows only the front end that takes it (0..19; 0 = same priority)"),
     Setting("store_sync_interval", float, 10.0, "seconds between looks at the adapter store for what other "
             "replicas or training jobs changed (0 = only on a request for an unknown adapter)"),
 )
@@ -120,6 +125,10 @@ def resolve(args: argparse.Namespace, environ: dict[str, str] | None = None) -> 
         raise ConfigError("tls_cert and tls_key go together: give both for TLS, or neither")
     if values["tls_client_ca"] and not values["tls_cert"]:
         raise ConfigError("tls_client_ca (mTLS) needs TLS: give tls_cert and tls_key too")
+    if values["engine_threads"] < 0:
+        raise ConfigError(f"engine_threads must be >= 0 (0 = auto), got {values['engine_threads']}")
+    if not 0 <= values["front_nice"] <= 19:
+        raise ConfigError(f"front_nice must be in 0..19, got {values['front_nice']}")
     settings = ServerSettings(values)
     settings.engine_config()  # validates the engine's part now, naming the setting
     return settings

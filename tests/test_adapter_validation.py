@@ -49,9 +49,11 @@ def _variant(src: Path, dst: Path, config_update: dict | None = None, tensors_up
 
 
 def test_good_adapter_is_accepted(engine, good_adapter):
-    weights, digest = engine.check_adapter("good", good_adapter)
-    assert weights.rank == 8 and digest.startswith("sha256:")
-    assert any("shared_experts" in m for m in weights.modules) and any("kv_b_proj" in m for m in weights.modules)
+    checked = engine.check_adapter("good", good_adapter)
+    assert checked.rank == 8 and checked.digest.startswith("sha256:")
+    assert any("shared_experts" in m for m in checked.modules) and any("kv_b_proj" in m for m in checked.modules)
+    weights, digest = engine.read_adapter("good", good_adapter)
+    assert digest == checked.digest and tuple(sorted(weights.modules)) == checked.modules
 
 
 @pytest.mark.parametrize("update, words", [
@@ -167,7 +169,7 @@ def test_rank_and_alpha_patterns_follow_peft(engine, base_dir, tmp_path):
                         rank_pattern={"o_proj": 8}, alpha_pattern={"o_proj": 32}, use_rslora=True)
     peft_model = get_peft_model(model, config)
     peft_model.save_pretrained(tmp_path / "pat")
-    weights, _ = engine.check_adapter("pat", tmp_path / "pat")
+    weights, _ = engine.read_adapter("pat", tmp_path / "pat")
     o_proj = weights.modules["model.layers.0.self_attn.o_proj"]
     q_a = weights.modules["model.layers.0.self_attn.q_a_proj"]
     assert o_proj.a.shape[0] == 8 and q_a.a.shape[0] == 4

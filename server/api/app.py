@@ -4,13 +4,21 @@ Start-up: the gRPC port opens at once with health NOT_SERVING (probes get an ans
 large model loads), inference answers UNAVAILABLE until the engine has warmed up, then health
 turns SERVING. SIGTERM/SIGINT: health NOT_SERVING, new RPCs UNAVAILABLE, running requests get
 `drain_timeout` seconds to finish, then the process exits 0.
+
+The engine runs in a child process (`server.engine.engine_process` says why); this process holds
+the gRPC front end, access control, the adapter store and metrics. Should the engine process
+die, health turns NOT_SERVING, every open request fails UNAVAILABLE, and this process exits 1
+so that its orchestrator starts a fresh server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -31,7 +39,7 @@ from server.api.gen.loraserve.v1 import (
 from server.api.inference import InferenceServicer
 from server.api.metrics import ServerMetrics
 from server.api.server_info import ServerInfoServicer
-from server.engine.engine import Engine
+from server.engine.engine_client import EngineClient
 from server.engine.registry import AdapterRegistry
 from server.settings import ServerSettings
 
@@ -62,7 +70,10 @@ async def serve(settings: ServerSettings) -> int:
     keys = _load_keys(settings)  # before the model: a broken keys file fails in a second, not minutes
     if keys is not None:
         loop.add_signal_handler(signal.SIGHUP, keys.reload)
-    engine = await asyncio.to_thread(Engine.load, settings.engine_config())
+    engine_gone = asyncio.Event()
+    engine = await asyncio.to_thread(EngineClient.load, settings.engine_config(),
+                                     lambda: loop.call_soon_threadsafe(engine_gone.set), settings.engine_threads)
+    lower_priority(settings.front_nice)
     metrics = ServerMetrics(engine)
     engine.add_load_observer(metrics.adapter_load.observe)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -102,9 +113,17 @@ async def serve(settings: ServerSettings) -> int:
     log.warning("loraserve ready: %s (%s), %d adapters", engine.base.model_type, settings.quantization,
                 len(engine.adapters()))
 
-    await stop.wait()
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait([stopping, asyncio.create_task(engine_gone.wait())], return_when=asyncio.FIRST_COMPLETED)
     for poller in pollers:
         poller.cancel()
+    if not stopping.done():
+        stopping.cancel()
+        log.error("the engine process is gone: health NOT_SERVING, stopping with exit status 1")
+        await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.stop(grace=1.0)
+        await asyncio.to_thread(engine.stop)
+        return 1
     log.warning("draining: health NOT_SERVING, new requests refused, up to %.0fs for running ones",
                 settings.drain_timeout)
     await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -127,6 +146,22 @@ async def _every(seconds: float, work, what: str) -> None:
             await asyncio.to_thread(work)
         except Exception:
             log.exception("%s failed; retrying in %.0fs", what, seconds)
+
+
+def lower_priority(increment: int) -> None:
+    """Add `increment` to the nice value of every thread of this process; threads started later
+    inherit it from their creator. The engine process, started before, keeps its own. (On Linux
+    nice is per thread, so os.nice() alone would reach only the calling thread.)"""
+    if increment <= 0:
+        return
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        os.nice(increment)
+        return
+    for tid in (int(t) for t in os.listdir(tasks)):
+        with contextlib.suppress(OSError):  # a thread that just ended
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
+    log.info("front end at nice +%d: the engine process goes first when CPUs are short", increment)
 
 
 def _load_keys(settings: ServerSettings) -> KeyFile | None:

@@ -20,7 +20,7 @@ from server.api.gen.loraserve.v1 import inference_pb2 as pb
 from server.api.gen.loraserve.v1 import inference_pb2_grpc
 from server.api.metrics import ServerMetrics
 from server.api.status import abort, status_of
-from server.engine.engine import Engine
+from server.engine.engine_client import EngineClient
 from server.engine.request import FinishEvent, GenerationRequest, TokenEvent
 from server.errors import AdapterNotFound
 
@@ -28,7 +28,7 @@ log = logging.getLogger("loraserve.requests")
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, engine: Engine, metrics: ServerMetrics, access: AccessControl,
+    def __init__(self, engine: EngineClient, metrics: ServerMetrics, access: AccessControl,
                  on_miss: Callable[[str], bool] | None = None) -> None:
         self._engine = engine
         self._metrics = metrics

@@ -11,12 +11,12 @@ from server.api.access import AccessControl
 from server.api.gen.loraserve.v1 import server_info_pb2 as pb
 from server.api.gen.loraserve.v1 import server_info_pb2_grpc
 from server.api.status import abort
-from server.engine.engine import Engine
+from server.engine.engine_client import EngineClient
 from server.errors import LoraserveError
 
 
 class ServerInfoServicer(server_info_pb2_grpc.ServerInfoServiceServicer):
-    def __init__(self, engine: Engine, access: AccessControl) -> None:
+    def __init__(self, engine: EngineClient, access: AccessControl) -> None:
         self._engine = engine
         self._access = access
 

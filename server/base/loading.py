@@ -81,13 +81,19 @@ def quantization_config(config: BaseModelConfig, model_type: str, dtype: torch.d
                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
 
 
+def load_tokenizer(model_dir: Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The base's tokenizer with its chat template (a pad token set to EOS where it has none)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_base(config: BaseModelConfig, for_training: bool = False) -> LoadedBase:
     """Load the base named by `config`; in eval mode with frozen weights unless for training."""
     model_dir = resolve_model_dir(config.model)
     dtype = compute_dtype(config)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=config.trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
     from transformers import AutoConfig
 
     hf_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=config.trust_remote_code)

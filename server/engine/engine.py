@@ -11,17 +11,25 @@ import asyncio
 import itertools
 import threading
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 from server.base.loading import LoadedBase, load_base
 from server.config import EngineConfig
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.request import GenerationRequest, RequestStream, SamplingParams
+from server.engine.request import GenerationRequest, RequestStream, SamplingParams, encode_input
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import BatchScheduler
 from server.engine.sequence import Sequence
-from server.errors import AdapterAlreadyExists, AdapterNotFound, InvalidArgument, ResourceExhausted, Unavailable
+from server.errors import (
+    AdapterAlreadyExists,
+    AdapterIncompatible,
+    AdapterNotFound,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
 from server.lora.adapter import LoraWeights, parse_adapter
 from server.lora.layers import LoraBatchContext
 from server.lora.slots import AdapterSlots
@@ -40,6 +48,24 @@ class AdapterEntry:
     digest: str
     rank: int
     modules: int
+
+
+@dataclass(frozen=True)
+class CheckedAdapter:
+    """What `check_adapter` learned about an adapter directory. Plain data, so it crosses the
+    engine process boundary; `token` lets a following `add_adapter` reuse the decoded weights
+    instead of reading the files again."""
+
+    name: str
+    rank: int
+    modules: tuple[str, ...]
+    digest: str
+    token: str
+
+
+CHECKED_KEPT = 4
+"""Decoded adapters kept between `check_adapter` and `add_adapter`: a handful is enough, since
+the registry adds right after it checks (a validate-only check is simply dropped later)."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +110,7 @@ class Engine:
         self._adapters: dict[str, AdapterEntry] = {}
         self._versions: dict[str, AdapterEntry] = {}  # key -> entry, while any request may need it
         self._version_counter = itertools.count(1)
+        self._checked: OrderedDict[str, LoraWeights] = OrderedDict()  # token -> weights (held: _lock)
         self._accepting = False
         self._started = False
         self.max_context = getattr(base.model.config, "max_position_embeddings", None)
@@ -130,21 +157,13 @@ class Engine:
     # ---- requests ----------------------------------------------------------------------
     def encode(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None) -> list[int]:
         """Token ids of a raw prompt (with BOS) or of chat messages through the base's template."""
-        if messages:
-            for m in messages:
-                if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                    raise InvalidArgument("each message needs a string role and content")
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=False)
-        elif prompt:
-            ids = self.tokenizer(prompt, add_special_tokens=True).input_ids
-        else:
-            raise InvalidArgument("the input is empty: give a prompt or messages")
-        return list(ids)
+        return encode_input(self.tokenizer, prompt, messages)
 
-    def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None) -> RequestStream:
+    def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None,
+               stream: RequestStream | None = None) -> RequestStream:
         """Validate and queue a request; its events arrive on the returned stream (bound to
-        `loop` for `async for`, or read synchronously when loop is None)."""
+        `loop` for `async for`, or read synchronously when loop is None; or `stream` itself when
+        given, as the engine process gives one that forwards its events)."""
         if not self._accepting:
             raise Unavailable("the engine is not accepting requests (starting up or draining)")
         self._validate(request)
@@ -156,7 +175,7 @@ class Engine:
                 raise AdapterNotFound(f"adapter {request.adapter!r} is not registered")
             key = entry.key
         request.request_id = request.request_id or uuid.uuid4().hex
-        stream = RequestStream(request.request_id, loop)
+        stream = stream or RequestStream(request.request_id, loop)
         detok = IncrementalDetokenizer(self.tokenizer, tuple(request.sampling.stop))
         if not self._scheduler.post(Sequence.create(request, stream, key, detok), self.config.max_queue):
             raise ResourceExhausted(f"the queue is full ({self.config.max_queue} requests waiting); retry later")
@@ -189,20 +208,38 @@ class Engine:
             check_adapter_ref(request.adapter)
 
     # ---- adapters ----------------------------------------------------------------------
-    def check_adapter(self, name: str, path: str | Path) -> tuple[LoraWeights, str]:
-        """Full validation of an adapter directory against this base, publishing nothing."""
+    def read_adapter(self, name: str, path: str | Path) -> tuple[LoraWeights, str]:
+        """Full validation of an adapter directory against this base: its decoded weights and
+        sha256 digest, publishing nothing."""
         check_adapter_ref(name)
         config, tensors, digest = read_adapter_dir(path, name)
         weights = parse_adapter(name, config, tensors, self._base_shapes, self.config.max_lora_rank, self.base.dtype)
         return weights, digest
 
+    def check_adapter(self, name: str, path: str | Path) -> CheckedAdapter:
+        """`read_adapter`, keeping the weights a little while for the `add_adapter` that follows."""
+        weights, digest = self.read_adapter(name, path)
+        token = uuid.uuid4().hex
+        with self._lock:
+            self._checked[token] = weights
+            while len(self._checked) > CHECKED_KEPT:
+                self._checked.popitem(last=False)
+        return CheckedAdapter(name, weights.rank, tuple(sorted(weights.modules)), digest, token)
+
     def add_adapter(self, name: str, path: str | Path, replace: bool = False,
-                    checked: tuple[LoraWeights, str] | None = None) -> AdapterEntry:
+                    checked: CheckedAdapter | None = None) -> AdapterEntry:
         """Register (or with `replace`, swap) an adapter. Same name and content is a no-op;
         different content without `replace` is ALREADY_EXISTS. Requests already running on the
-        old version finish on it; later ones get the new one. `checked` is the result of
-        `check_adapter` on these exact files when the caller already has it."""
-        weights, digest = checked if checked is not None else self.check_adapter(name, path)
+        old version finish on it; later ones get the new one. `checked` is `check_adapter`'s
+        result for these exact bytes when the caller has it (its weights are then reused)."""
+        with self._lock:
+            weights = self._checked.pop(checked.token, None) if checked is not None and checked.name == name else None
+        if weights is None:
+            weights, digest = self.read_adapter(name, path)
+            if checked is not None and digest != checked.digest:
+                raise AdapterIncompatible(f"adapter {name!r} changed on disk since it was checked")
+        else:
+            digest = checked.digest
         with self._lock:
             old = self._adapters.get(name)
             if old is not None and old.digest == digest:
@@ -242,7 +279,7 @@ class Engine:
     def pin_adapter(self, name: str) -> None:
         """Keep the adapter in a slot until unpinned (never evicted)."""
         entry = self._entry(name)
-        weights, _ = self.check_adapter(name, entry.path)
+        weights, _ = self.read_adapter(name, entry.path)
 
         def pin() -> None:
             self._scheduler.slots.pin(entry.key, weights)
@@ -260,7 +297,7 @@ class Engine:
     def preload_adapter(self, name: str) -> None:
         """Decode an adapter into host memory now, so its first request skips the disk."""
         entry = self._entry(name)
-        weights, _ = self.check_adapter(name, entry.path)
+        weights, _ = self.read_adapter(name, entry.path)
         self._on_engine(lambda: self._warm_host(entry.key, weights))
 
     def _warm_host(self, key: str, weights: LoraWeights) -> None:
@@ -299,7 +336,7 @@ class Engine:
             entry = self._versions.get(key)
         if entry is None:
             raise AdapterNotFound("the adapter was removed before the request started")
-        weights, digest = self.check_adapter(entry.name, entry.path)
+        weights, digest = self.read_adapter(entry.name, entry.path)
         if digest != entry.digest:
             raise AdapterNotFound(f"adapter {entry.name!r} changed on disk since it was registered; register it again")
         return weights

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.access.principal import DEFAULT_TENANT, TenantLimits
-from server.engine.engine import Engine
+from server.engine.engine import CheckedAdapter, Engine
+from server.engine.engine_client import EngineClient
 from server.errors import AdapterIncompatible, AdapterNotFound, InvalidArgument, ResourceExhausted
-from server.lora.adapter import LoraWeights
 from server.store.adapter_store import AdapterStore, StagedAdapter
 from server.store.import_roots import resolve_import_path
 from server.store.layout import MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, now_rfc3339, split_adapter_key
@@ -42,14 +42,13 @@ class AdapterStatus:
 
 @dataclass(frozen=True)
 class Checked:
-    """What validation learned about a staged adapter: its manifest fields, and the decoded
-    weights with their digest, handed to the engine so the files are not decoded twice."""
+    """What validation learned about a staged adapter: its manifest fields, and the engine's
+    check, handed back to it so the files are not decoded twice."""
 
     r: int
     lora_alpha: float
     target_modules: tuple[str, ...]
-    weights: LoraWeights
-    digest: str
+    adapter: CheckedAdapter
 
 
 SUPERSEDED_GRACE_SECONDS = 300.0
@@ -58,7 +57,7 @@ than one store sync interval, so no replica reads a version that vanished under 
 
 
 class AdapterRegistry:
-    def __init__(self, engine: Engine, settings) -> None:
+    def __init__(self, engine: Engine | EngineClient, settings) -> None:
         self.engine = engine
         self.store = AdapterStore(Path(settings.adapters_dir), max_adapter_bytes=settings.max_adapter_bytes,
                                   max_store_bytes=settings.max_store_bytes or None,
@@ -128,10 +127,10 @@ class AdapterRegistry:
             return
         path = self.store.path_of(name)
         try:
-            weights, digest = self.engine.check_adapter(name, path)
-            if digest != manifest.digest:
+            checked = self.engine.check_adapter(name, path)
+            if checked.digest != manifest.digest:
                 raise AdapterIncompatible("its files do not match the sha256 in its manifest")
-            self.engine.add_adapter(name, path, replace=True, checked=(weights, digest))
+            self.engine.add_adapter(name, path, replace=True, checked=checked)
         except Exception as exc:  # a bad adapter from elsewhere must not break this replica
             log.error("adapter %s in the store cannot be served: %s", name, exc)
             return
@@ -173,9 +172,8 @@ class AdapterRegistry:
                                            label=f"adapter {name!r}: {WEIGHTS_FILE}")
         for key, header in headers.items():  # still nothing allocated: shapes come from the header
             _check_shape(key, tuple(header.shape), shapes, max_rank, name)
-        weights, digest = self.engine.check_adapter(name, staged.path)
-        return Checked(weights.rank, float(config.get("lora_alpha", 0)), tuple(sorted(weights.modules)),
-                       weights, digest)
+        checked = self.engine.check_adapter(name, staged.path)
+        return Checked(checked.rank, float(config.get("lora_alpha", 0)), checked.modules, checked)
 
     def validate(self, name: str, path: str) -> Manifest:
         """The manifest the adapter would get; publishes nothing."""
@@ -207,8 +205,7 @@ class AdapterRegistry:
                     base_fingerprint=self.engine.base.fingerprint, source=source, replace=replace)
                 if created or not self.engine.has_adapter(name):
                     # The committed files are the staged bytes that were just decoded.
-                    self.engine.add_adapter(name, self.store.path_of(name), replace=True,
-                                            checked=(checked.weights, checked.digest))
+                    self.engine.add_adapter(name, self.store.path_of(name), replace=True, checked=checked.adapter)
         return self.status(name, manifest), created
 
     def _check_quota(self, name: str, size_bytes: int, limits: TenantLimits) -> None:

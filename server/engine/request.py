@@ -60,6 +60,20 @@ class SamplingParams:
                 raise InvalidArgument(f"stop sequences may be at most {MAX_STOP_LENGTH} characters, got one of {len(s)}")
 
 
+def encode_input(tokenizer, prompt: str | None = None, messages: list[dict[str, str]] | None = None) -> list[int]:
+    """Token ids of a raw prompt (with BOS) or of chat messages through the tokenizer's template."""
+    if messages:
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise InvalidArgument("each message needs a string role and content")
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    elif prompt:
+        ids = tokenizer(prompt, add_special_tokens=True).input_ids
+    else:
+        raise InvalidArgument("the input is empty: give a prompt or messages")
+    return list(ids)
+
+
 @dataclass
 class GenerationRequest:
     """One generation: already tokenized prompt, optional adapter name, sampling settings."""

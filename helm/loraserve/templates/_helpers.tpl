@@ -165,7 +165,7 @@ grace period ends, so it must cover the sleep plus the server's whole drain.
 {{- $args := list "--log-level" $s.logLevel "serve" "--model" (include "loraserve.modelArg" .) "--adapters-dir" .Values.adapterStore.mountPath }}
 {{- $args = concat $args (list "--host" $s.host "--port" (toString (int64 $s.port)) "--metrics-port" (toString (int64 $s.metricsPort))) }}
 {{- $args = concat $args (list "--quantization" $s.quantization "--dtype" $s.dtype) }}
-{{- range $flag, $key := dict "--max-loras" "maxLoras" "--max-cpu-loras" "maxCpuLoras" "--max-lora-rank" "maxLoraRank" "--max-batch-size" "maxBatchSize" "--max-queue" "maxQueue" "--max-input-tokens" "maxInputTokens" "--max-new-tokens" "maxNewTokens" "--max-adapter-bytes" "maxAdapterBytes" "--max-store-bytes" "maxStoreBytes" }}
+{{- range $flag, $key := dict "--max-loras" "maxLoras" "--max-cpu-loras" "maxCpuLoras" "--max-lora-rank" "maxLoraRank" "--max-batch-size" "maxBatchSize" "--max-queue" "maxQueue" "--max-input-tokens" "maxInputTokens" "--max-new-tokens" "maxNewTokens" "--max-adapter-bytes" "maxAdapterBytes" "--max-store-bytes" "maxStoreBytes" "--engine-threads" "engineThreads" "--front-nice" "frontNice" }}
 {{- $args = concat $args (list $flag (toString (int64 (index $s $key)))) }}
 {{- end }}
 {{- $args = concat $args (list "--drain-timeout" (include "loraserve.number" $s.drainTimeout) "--store-sync-interval" (include "loraserve.number" $s.storeSyncInterval)) }}

@@ -1,0 +1,267 @@
+"""The server process's handle on the engine process (`server.engine.engine_process`, which
+says why the engine runs apart): the `Engine` methods the API and the registry use, forwarded
+over a pipe.
+
+What needs no answer from the engine stays here, so the event loop never waits on the other
+process: tokenization (the tokenizer is loaded here too), the names of registered adapters (only
+this process registers them, so its copy is exact), readiness. `submit` only sends; a request the
+engine refuses gets its error on its stream, where the reader raises it as before. Calls that
+need an answer block their caller, which is always a worker thread, never the event loop.
+
+If the engine process dies, every open stream and call fails UNAVAILABLE and `on_exit` runs:
+the server stops, and its orchestrator starts a fresh one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+
+from server.config import EngineConfig
+from server.engine.engine import AdapterEntry, CheckedAdapter, EngineStats
+from server.engine.engine_process import EngineInfo, run_engine_process
+from server.engine.request import ErrorEvent, FinishEvent, GenerationRequest, RequestStream, encode_input
+from server.errors import AdapterNotFound, Unavailable
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE_S = 30.0
+"""How long a stopping engine process may take to exit after it replied to "stop"."""
+GONE = "the engine process stopped unexpectedly; this server is shutting down, retry on another replica"
+
+
+class RemoteStream(RequestStream):
+    """A request's stream in the server process; `stream_id` names it on the pipe."""
+
+    def __init__(self, stream_id: int, request_id: str, loop: asyncio.AbstractEventLoop | None) -> None:
+        super().__init__(request_id, loop)
+        self.stream_id = stream_id
+
+
+class EngineClient:
+    """An `Engine` running in a child process. Thread-safe, like the engine itself."""
+
+    def __init__(self, config: EngineConfig, on_exit: Callable[[], None] | None = None, threads: int = 0) -> None:
+        """Start the engine process (`threads`: the engine_threads setting) and wait until its
+        base is loaded (a load error is raised here, as `Engine.load` would raise it)."""
+        from server.base.loading import load_tokenizer
+
+        self.config = config
+        self._on_exit = on_exit
+        context = multiprocessing.get_context("spawn")  # CUDA and the grpc threads survive no fork
+        self._conn, child = context.Pipe()
+        self.process = context.Process(target=run_engine_process, name="loraserve-engine",
+                                       args=(child, config, logging.getLogger().getEffectiveLevel(), threads))
+        self.process.start()
+        child.close()
+        first = self._recv_first()
+        self.info: EngineInfo = first
+        self.base = first  # fingerprint, model_type, model_dir: what the API reads of `engine.base`
+        self.max_context = first.max_context
+        self.tokenizer = load_tokenizer(first.model_dir, config.base.trust_remote_code)
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._streams: dict[int, RemoteStream] = {}
+        self._calls: dict[int, Future] = {}
+        self._ids = itertools.count(1)
+        self._adapters: dict[str, AdapterEntry] = {}
+        self._observers: list[Callable[[float], None]] = []
+        self._accepting = False
+        self._closing = False
+        self.gone = threading.Event()
+        self._reader = threading.Thread(target=self._read_loop, name="engine-reader", daemon=True)
+        self._reader.start()
+
+    @classmethod
+    def load(cls, config: EngineConfig, on_exit: Callable[[], None] | None = None, threads: int = 0) -> EngineClient:
+        return cls(config, on_exit, threads)
+
+    def _recv_first(self) -> EngineInfo:
+        try:
+            kind, value = self._conn.recv()[0]
+        except (EOFError, OSError):
+            self.process.join(STOP_GRACE_S)
+            raise RuntimeError(f"the engine process exited with status {self.process.exitcode} while loading "
+                               "the base (its log is above)") from None
+        if kind == "failed":
+            self.process.join(STOP_GRACE_S)
+            raise value
+        return value
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    def start(self, warmup: bool = True) -> None:
+        self._call("start", warmup)
+        self._accepting = True
+
+    @property
+    def ready(self) -> bool:
+        return self._accepting and not self.gone.is_set()
+
+    def drain(self, timeout: float) -> bool:
+        self._accepting = False
+        return self._call("drain", timeout)
+
+    def stop(self, drain_timeout: float = 0.0) -> None:
+        """Stop the engine and wait for its process to exit (killed after STOP_GRACE_S)."""
+        self._accepting = False
+        self._closing = True
+        if not self.gone.is_set():
+            try:
+                self._call("stop", drain_timeout)
+            except Unavailable:
+                pass
+        self.process.join(STOP_GRACE_S)
+        if self.process.is_alive():
+            log.error("the engine process did not exit: killing it")
+            self.process.kill()
+            self.process.join()
+        self._conn.close()
+
+    def add_load_observer(self, observe: Callable[[float], None]) -> None:
+        self._observers.append(observe)
+
+    # ---- requests ----------------------------------------------------------------------
+    def encode(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None) -> list[int]:
+        return encode_input(self.tokenizer, prompt, messages)
+
+    def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None) -> RequestStream:
+        """Queue a request in the engine; its events, or the engine's refusal, come on the stream."""
+        if not self.ready:
+            raise Unavailable("the engine is not accepting requests (starting up or draining)")
+        request.request_id = request.request_id or uuid.uuid4().hex
+        stream = RemoteStream(next(self._ids), request.request_id, loop)
+        with self._lock:
+            if self.gone.is_set():  # checked under the lock that `_fail_all` empties the streams with
+                raise Unavailable(GONE)
+            self._streams[stream.stream_id] = stream
+        self._send(("submit", stream.stream_id, request))
+        return stream
+
+    def generate(self, prompt: str, adapter: str | None = None, **sampling) -> str:
+        from server.engine.request import SamplingParams
+
+        request = GenerationRequest(self.encode(prompt), SamplingParams(**sampling), adapter)
+        return self.submit(request).result().text
+
+    def cancel(self, stream: RequestStream) -> None:
+        stream.cancel()
+        if isinstance(stream, RemoteStream) and not self.gone.is_set():
+            self._send(("cancel", stream.stream_id))
+
+    # ---- adapters ----------------------------------------------------------------------
+    def check_adapter(self, name: str, path: str | Path) -> CheckedAdapter:
+        return self._call("check_adapter", name, Path(path))
+
+    def add_adapter(self, name: str, path: str | Path, replace: bool = False,
+                    checked: CheckedAdapter | None = None) -> AdapterEntry:
+        entry = self._call("add_adapter", name, Path(path), replace, checked)
+        with self._lock:
+            self._adapters[name] = entry
+        return entry
+
+    def remove_adapter(self, name: str) -> None:
+        with self._lock:
+            self._adapters.pop(name, None)
+        self._call("remove_adapter", name)
+
+    def pin_adapter(self, name: str) -> None:
+        self._call("pin_adapter", name)
+
+    def unpin_adapter(self, name: str) -> None:
+        self._call("unpin_adapter", name)
+
+    def preload_adapter(self, name: str) -> None:
+        self._call("preload_adapter", name)
+
+    def adapter_tier(self, name: str) -> tuple[str, bool]:
+        if not self.has_adapter(name):
+            raise AdapterNotFound(f"adapter {name!r} is not registered")
+        return self._call("adapter_tier", name)
+
+    def has_adapter(self, name: str) -> bool:
+        with self._lock:
+            return name in self._adapters
+
+    def adapters(self) -> list[AdapterEntry]:
+        with self._lock:
+            return sorted(self._adapters.values(), key=lambda e: e.name)
+
+    def lora_module_shapes(self) -> dict[str, tuple[int, int]]:
+        return dict(self.info.lora_module_shapes)
+
+    def stats(self) -> EngineStats:
+        return self._call("stats")
+
+    # ---- the pipe ------------------------------------------------------------------------
+    def _send(self, message: tuple) -> None:
+        try:
+            with self._send_lock:
+                self._conn.send(message)
+        except (OSError, ValueError):
+            raise Unavailable(GONE) from None
+
+    def _call(self, method: str, *args, **kwargs):
+        """Run `method` in the engine process and return its result (or raise its error)."""
+        future: Future = Future()
+        call_id = next(self._ids)
+        with self._lock:
+            if self.gone.is_set():
+                raise Unavailable(GONE)
+            self._calls[call_id] = future
+        self._send(("call", call_id, method, args, kwargs))
+        return future.result()
+
+    def _read_loop(self) -> None:
+        try:
+            while True:
+                for message in self._conn.recv():
+                    self._dispatch(message)
+        except (EOFError, OSError):
+            pass
+        self._fail_all()
+
+    def _dispatch(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "event":
+            _, stream_id, event = message
+            with self._lock:
+                stream = (self._streams.pop(stream_id, None) if isinstance(event, (FinishEvent, ErrorEvent))
+                          else self._streams.get(stream_id))
+            if stream is not None:
+                stream.push(event)
+        elif kind == "reply":
+            _, call_id, ok, value = message
+            with self._lock:
+                future = self._calls.pop(call_id, None)
+            if future is not None and ok:
+                future.set_result(value)
+            elif future is not None:
+                future.set_exception(value)
+        elif kind == "adapter_load":
+            for observe in self._observers:
+                observe(message[1])
+
+    def _fail_all(self) -> None:
+        """The engine process is gone: end everything still waiting on it."""
+        self._accepting = False
+        with self._lock:
+            self.gone.set()
+            streams, self._streams = list(self._streams.values()), {}
+            calls, self._calls = list(self._calls.values()), {}
+        for stream in streams:
+            stream.push(ErrorEvent(Unavailable(GONE)))
+        for future in calls:
+            future.set_exception(Unavailable(GONE))
+        if not self._closing:
+            self.process.join(1.0)
+            log.error("the engine process exited unexpectedly (status %s)", self.process.exitcode)
+            if self._on_exit is not None:
+                self._on_exit()
+

@@ -1,0 +1,215 @@
+"""The engine process: loads the base, runs the `Engine`, and answers the server process over
+one pipe (`EngineClient` is the other end).
+
+Why a process of its own: in one process the gRPC event loop (authentication, protobuf,
+refusing a flooding tenant) and the engine thread took turns on one GIL, and each time the
+engine released it inside a torch op, it waited for the loop to give it back. Under a flood of
+refused calls another tenant's latency grew 9x (benchmarks/results/tenants.json of the issue 5
+work). Two processes have two GILs; the engine's only other work is this module's three
+threads, which do little. vLLM splits its API server and EngineCore the same way.
+
+Messages are tuples, pickled by `multiprocessing.connection`:
+  server -> engine: ("submit", stream_id, GenerationRequest) | ("cancel", stream_id)
+                    | ("call", call_id, method, args, kwargs)
+  engine -> server, in lists (one send per burst of events):
+                    ("loaded", EngineInfo) | ("failed", error) | ("event", stream_id, Event)
+                    | ("reply", call_id, ok, value or error) | ("adapter_load", seconds)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.config import EngineConfig
+from server.engine.request import ErrorEvent, Event, FinishEvent, RequestStream
+from server.errors import LoraserveError
+
+log = logging.getLogger("loraserve.engine")
+
+CALLS = frozenset({"start", "drain", "stop", "check_adapter", "add_adapter", "remove_adapter", "pin_adapter",
+                   "unpin_adapter", "preload_adapter", "adapter_tier", "stats"})
+"""The Engine methods the server process may call; nothing else is reachable over the pipe."""
+CALL_THREADS = 4
+"""Calls that block (adapter files read, a drain) run beside each other and never hold up
+`submit`: a handful covers the registry, a metrics scrape and a drain at once."""
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the server process needs to know of the loaded base, sent once after loading."""
+
+    fingerprint: str
+    model_type: str
+    model_dir: Path
+    max_context: int | None
+    lora_module_shapes: dict[str, tuple[int, int]]
+
+
+class EngineFault(Exception):
+    """An unexpected error inside the engine process, carried over the pipe by type name and
+    message (its traceback is logged there). Not a LoraserveError: the API maps it to INTERNAL."""
+
+
+def portable(error: BaseException) -> BaseException:
+    """`error` itself when it pickles as what it is (domain errors), else an EngineFault."""
+    return error if isinstance(error, LoraserveError) else EngineFault(f"{type(error).__name__}: {error}")
+
+
+class Outbox:
+    """Messages to the server process, sent by one thread in bursts: the engine thread only
+    enqueues, so a slow reader on the other side never stalls a decode step."""
+
+    def __init__(self, conn) -> None:
+        self._conn = conn
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._send_loop, name="engine-outbox", daemon=True)
+        self._thread.start()
+
+    def put(self, message: tuple) -> None:
+        self._queue.put(message)
+
+    def close(self) -> None:
+        """Send what is queued, then stop."""
+        self._queue.put(None)
+        self._thread.join(10)
+
+    def _send_loop(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            done = None in batch
+            batch = [m for m in batch if m is not None]
+            try:
+                if batch:
+                    self._conn.send(batch)
+            except (OSError, ValueError):  # the server process is gone: nobody to tell
+                return
+            if done:
+                return
+
+
+class ForwardingStream(RequestStream):
+    """A request's stream whose events go to the server process instead of a local reader."""
+
+    def __init__(self, stream_id: int, request_id: str, outbox: Outbox, streams: dict) -> None:
+        super().__init__(request_id)
+        self._id = stream_id
+        self._outbox = outbox
+        self._streams = streams
+
+    def push(self, event: Event) -> None:
+        if isinstance(event, ErrorEvent):
+            event = ErrorEvent(portable(event.error))
+        if isinstance(event, (FinishEvent, ErrorEvent)):
+            self._streams.pop(self._id, None)
+        self._outbox.put(("event", self._id, event))
+
+
+def engine_threads(requested: int) -> int | None:
+    """The torch CPU threads an engine process uses for `requested` (the engine_threads setting);
+    None leaves torch's default. Auto (0): OMP_NUM_THREADS when the operator set it; torch's
+    default on a CUDA host (the model runs on the GPU); otherwise every CPU but one. On CPU, a
+    compute thread per core leaves the front end none, and OpenMP's spinning barriers then make
+    both slow (measured with `bench tenants` on 2 CPUs: one thread gave tenant A 359 ms alone
+    against 442 ms with two)."""
+    import torch
+
+    if requested > 0:
+        return requested
+    if os.environ.get("OMP_NUM_THREADS") or torch.cuda.is_available():
+        return None
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cpus - 1)
+
+
+def run_engine_process(conn, config: EngineConfig, log_level: int, threads: int = 0) -> None:
+    """The engine process's main: load, say so, then serve messages until told to stop or the
+    server process goes away (its end of the pipe closes), and exit."""
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    chosen = engine_threads(threads)
+    if chosen is not None:
+        import torch
+
+        torch.set_num_threads(chosen)
+    log.info("engine process %d: %s torch CPU threads", os.getpid(), chosen or "default")
+    # Ctrl-C in a terminal and a closed terminal reach the whole process group; the server
+    # process decides when the engine drains and stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    outbox = Outbox(conn)
+    try:
+        from server.engine.engine import Engine
+
+        engine = Engine.load(config)
+    except BaseException as exc:  # the server process reports it and exits
+        log.exception("the engine failed to load")
+        outbox.put(("failed", portable(exc)))
+        outbox.close()
+        os._exit(1)
+    outbox.put(("loaded", EngineInfo(engine.base.fingerprint, engine.base.model_type, engine.base.model_dir,
+                                     engine.max_context, engine.lora_module_shapes())))
+    engine.add_load_observer(lambda seconds: outbox.put(("adapter_load", seconds)))
+    code = _serve(conn, engine, outbox)
+    outbox.close()
+    logging.shutdown()
+    # Exit now: a call thread may still wait on a drain that no longer matters.
+    os._exit(code)
+
+
+def _serve(conn, engine, outbox: Outbox) -> int:
+    """The receive loop; the exit status (0 after "stop", 1 when the server process vanished)."""
+    streams: dict[int, ForwardingStream] = {}
+    calls = ThreadPoolExecutor(CALL_THREADS, thread_name_prefix="engine-call")
+    stopped = threading.Event()
+
+    def call(call_id: int, method: str, args: tuple, kwargs: dict) -> None:
+        try:
+            outbox.put(("reply", call_id, True, getattr(engine, method)(*args, **kwargs)))
+        except BaseException as exc:
+            if not isinstance(exc, LoraserveError):
+                log.exception("engine call %s failed", method)
+            outbox.put(("reply", call_id, False, portable(exc)))
+        if method == "stop":
+            stopped.set()
+
+    while not stopped.is_set():
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            log.error("the server process went away: stopping the engine")
+            engine.stop()
+            return 1
+        kind = message[0]
+        if kind == "submit":
+            _, stream_id, request = message
+            stream = ForwardingStream(stream_id, request.request_id, outbox, streams)
+            streams[stream_id] = stream
+            try:
+                engine.submit(request, stream=stream)
+            except BaseException as exc:  # validation: the request's own error, on its stream
+                if not isinstance(exc, LoraserveError):
+                    log.exception("submit failed")
+                stream.push(ErrorEvent(exc))
+        elif kind == "cancel":
+            stream = streams.get(message[1])
+            if stream is not None:
+                engine.cancel(stream)
+        elif kind == "call" and message[2] in CALLS:
+            _, call_id, method, args, kwargs = message
+            calls.submit(call, call_id, method, args, kwargs)
+            if method == "stop":
+                stopped.wait()  # nothing else is taken once the engine stops
+        else:
+            log.error("unexpected message from the server process: %r", kind)
+    return 0
