@@ -1,5 +1,5 @@
 """`loraserve bench tenants` end to end at the smallest size: a real server subprocess, tenant A's
-stream and tenant B's flood process. Checks the result's shape and the isolation invariants, not
+stream and tenant B's processes (a flood, and B paced at its limits). Checks the result's shape and the isolation invariants, not
 the timing ratio (a 2-core CI box says little about it in one short round)."""
 
 from __future__ import annotations
@@ -23,9 +23,12 @@ def test_tenant_bench_reports_isolation_invariants(tmp_path):
 
     doc = json.loads(out.read_text())
     assert doc["bench"] == "tenants"
-    assert doc["config"]["b_limits"] == {"max_concurrent_requests": 2, "requests_per_second": 5.0}
+    # B's rate limit was calibrated to a quarter of one stream's rate, and the server reloaded it.
+    latency, limits = doc["config"]["a_sequential_latency_s"], doc["config"]["b_limits"]
+    assert limits["max_concurrent_requests"] == 1 and doc["config"]["b_load"] == 0.25
+    assert limits["requests_per_second"] == pytest.approx(0.25 / latency, rel=0.01)
     assert doc["config"]["a_rate_rps"] > 0 and doc["server"]["exit_code"] == 0
-    for name in ("alone", "flood"):
+    for name in ("alone", "at_limit", "flood"):
         phase = doc["phases"][name]
         assert phase["a_requests"] == 4 and len(phase["rounds"]) == 1
         assert phase["a_errors"] == {}, name  # tenant A never fails, flood or not
@@ -35,6 +38,15 @@ def test_tenant_bench_reports_isolation_invariants(tmp_path):
     b = doc["b"]
     assert b["ok"] > 0 and b["resource_exhausted"] > 0 and b["other"] == {}
     assert b["calls"] == b["ok"] + b["resource_exhausted"] and b["admitted_rps"] > 0
+    # At its limits B is paced to 90% of its rate from as many threads as it may run at once.
+    steady = doc["b_at_limit"]
+    assert steady["ok"] > 0 and steady["other"] == {}
+    assert steady["calls"] <= 1 + steady["flood_s"] * 0.9 * limits["requests_per_second"]  # the first starts at 0
+    assert steady["resource_exhausted"] * 10 < b["resource_exhausted"]
+    cpu = doc["phases"]["flood"]["rounds"][0]["cpu_s"]  # the server's two processes, measured apart
+    assert cpu["server_front"] > 0 and cpu["server_engine"] > 0 and cpu["b_flood"] > 0
+    for name in ("a_p99_flood_over_alone", "a_p99_at_limit_over_alone", "a_p99_flood_over_at_limit"):
+        assert doc["ratios"][name]["value"] > 0
     ratio = doc["ratios"]["a_p99_flood_over_alone"]
     assert ratio["target"] == "<= 1.5" and isinstance(ratio["pass"], bool) and ratio["value"] > 0
     assert doc["invariants"] == {"a_no_errors": True, "b_refused": True, "b_admitted": True}

@@ -24,11 +24,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from server.bench.engine_bench import TOPICS, BenchConfig, build_inputs, machine_info
 from server.bench.runs import measure_in, write_result
 from server.client import AsyncLoraserveClient, Generation
 from server.config import EngineConfig
 from server.engine.engine import Engine
+from server.engine.engine_process import engine_threads
 from server.engine.request import GenerationRequest, SamplingParams
 from server.serve_process import ServerProcess, free_port, server_env
 
@@ -123,7 +126,11 @@ def _measure(config: BenchConfig, root: Path) -> tuple[EngineConfig, Workload, d
     engine = None
     info: dict = {"command": ["python", "-m", "server", "serve", *flags]}
     try:
-        # The in-process engine loads while the server starts: nothing is measured yet.
+        # The in-process engine loads while the server starts: nothing is measured yet. It
+        # uses the torch threads the server's engine process chooses, so the two compare.
+        threads = engine_threads(0)
+        if threads is not None:
+            torch.set_num_threads(threads)
         engine = Engine.load(settings)
         engine.start()
         for name, path in adapter_dirs.items():

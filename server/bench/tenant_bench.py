@@ -4,9 +4,18 @@ One real `loraserve serve` process with a keys file: tenant A (no limits) and te
 `--b-max-concurrent-requests`, `--b-requests-per-second`), each with its own adapter, uploaded
 with that tenant's manage key. Tenant A sends a steady stream of Generate calls; in `flood` phases
 tenant B hammers the server from `--b-threads` threads with no pause at all, far beyond its limits;
-in `alone` phases B is silent. The two phases alternate, round after round (which goes first
-rotates), so a slow spell of the machine lands on both; A's latency percentiles are pooled over
-all rounds of a phase and compared: `a_p99_flood_over_alone <= 1.5` is the target.
+in `alone` phases B is silent; in `at_limit` phases B sends at 90% of its rate limit from as many
+threads as its concurrency limit (its allowed share, next to no refusals). The phases take turns,
+round after round (which goes first rotates), so a slow spell of the machine lands on each; A's
+latency percentiles are pooled over all rounds of a phase and compared:
+`a_p99_flood_over_alone <= 1.5` is the target. `a_p99_flood_over_at_limit` tells what the refused
+excess itself costs A, apart from the work B's limits allow it.
+
+B's default limits leave the server headroom: one request at a time and B_LOAD of one sequential
+stream's rate (measured after warm-up, like A's rate; the keys file is then rewritten and the
+server reloads it), so A and B at their limits together offer 75% of what one stream gets. Limits
+that let B take the rest of the server measure queueing at full load, not isolation: with B at 1
+concurrent and 1.5/s (~55% of a stream) and A at 50%, A's p99 rose 1.39x with B never refused.
 
 Tenant A is open loop at a fixed rate (requests are sent on a schedule, whatever the server does):
 a real tenant's traffic does not slow down because the server did, and a closed-loop client would
@@ -43,7 +52,11 @@ from server.bench.runs import add_base_flags, measure_in, write_result
 from server.bench.tenant_flood import CALL_TIMEOUT_S, FloodProcess
 from server.errors import ConfigError
 
-PHASES = ("alone", "flood")
+PHASES = ("alone", "at_limit", "flood")
+B_LOAD = 0.25
+"""B's default requests_per_second limit, as a fraction of one sequential stream's rate."""
+AT_LIMIT_LOAD = 0.9
+"""B's rate in at_limit phases, as a fraction of its requests_per_second limit."""
 RATIO_TARGET = 1.5  # a_p99_flood_over_alone <= this
 A_LOAD = 0.5
 """A's default rate, as a fraction of one sequential stream's rate on the idle server."""
@@ -71,6 +84,7 @@ class TenantBenchConfig:
     b_threads: int
     b_max_concurrent_requests: int
     b_requests_per_second: float
+    """Tenant B's rate limit; 0 = calibrated to B_LOAD of one sequential stream."""
     rank: int
 
     def __post_init__(self) -> None:
@@ -78,15 +92,14 @@ class TenantBenchConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.a_rate < 0 or self.b_requests_per_second <= 0:
-            raise ConfigError(f"a_rate must be >= 0 (0 = calibrated) and b_requests_per_second > 0, got "
+        if self.a_rate < 0 or self.b_requests_per_second < 0:
+            raise ConfigError(f"a_rate and b_requests_per_second must be >= 0 (0 = calibrated), got "
                               f"{self.a_rate!r} and {self.b_requests_per_second!r}")
 
-    @property
-    def b_limits(self) -> dict:
+    def b_limits(self, requests_per_second: float) -> dict:
         """Tenant B's section of the keys file."""
         return {"max_concurrent_requests": self.b_max_concurrent_requests,
-                "requests_per_second": self.b_requests_per_second}
+                "requests_per_second": round(requests_per_second, 3)}
 
 
 def add_flags(b: argparse.ArgumentParser, archs: tuple[str, ...], sizes: tuple[str, ...],
@@ -99,8 +112,9 @@ def add_flags(b: argparse.ArgumentParser, archs: tuple[str, ...], sizes: tuple[s
                    "one sequential stream on the idle server)")
     b.add_argument("--new-tokens", type=int, default=16, help="max_new_tokens of every request (greedy)")
     b.add_argument("--b-threads", type=int, default=6, help="tenant B's flooding threads (no pause between calls)")
-    b.add_argument("--b-max-concurrent-requests", type=int, default=2, help="tenant B's limit")
-    b.add_argument("--b-requests-per-second", type=float, default=5.0, help="tenant B's limit")
+    b.add_argument("--b-max-concurrent-requests", type=int, default=1, help="tenant B's limit")
+    b.add_argument("--b-requests-per-second", type=float, default=0.0, help=f"tenant B's limit (0: {B_LOAD:g} x "
+                   "the rate of one sequential stream on the idle server)")
     b.add_argument("--rank", type=int, default=16, help="LoRA rank of both adapters")
     b.add_argument("--workdir", default=None, help="where to build the base, adapters and keys (a temp dir when unset)")
 
@@ -122,7 +136,7 @@ class Phase:
     """A's first scheduled send to its last response."""
     cpu_s: dict[str, float | None] = field(default_factory=dict)
     b: dict | None = None
-    """flood only: B's status codes, seconds flooded and its process's CPU seconds."""
+    """flood and at_limit: B's status codes, seconds sending and its process's CPU seconds."""
 
 
 def run_tenant_bench(args: argparse.Namespace) -> int:
@@ -145,8 +159,6 @@ def run_tenant_bench(args: argparse.Namespace) -> int:
 
 def _setup(config: TenantBenchConfig, root: Path) -> tuple[Path, dict[str, Path], dict[str, str]]:
     """The base, one adapter per tenant, and the keys file (B limited); returns the keys by name."""
-    import yaml
-
     from server.access.key_admin import add_key
     from server.bench.engine_bench import BenchConfig, build_inputs
 
@@ -156,10 +168,32 @@ def _setup(config: TenantBenchConfig, root: Path) -> tuple[Path, dict[str, Path]
     adapters = dict(zip("ab", built.values()))
     keys_file = root / "keys.yaml"
     keys = {f"{t}-{role}": add_key(keys_file, f"{t}-{role}", t, role) for t in "ab" for role in ("generate", "manage")}
-    doc = yaml.safe_load(keys_file.read_text())
-    doc["tenants"] = {"b": config.b_limits}  # A: no limits
-    keys_file.write_text(yaml.safe_dump(doc, sort_keys=False))
+    _set_b_limits(keys_file, config.b_limits(config.b_requests_per_second or 1.0))  # final once calibrated
     return base_dir, adapters, keys
+
+
+def _set_b_limits(keys_file: Path, limits: dict) -> None:
+    """Write tenant B's limits into the keys file (A has none)."""
+    import yaml
+
+    doc = yaml.safe_load(keys_file.read_text())
+    doc["tenants"] = {"b": limits}
+    keys_file.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def _reload_b_limits(server, keys_file: Path, limits: dict) -> None:
+    """Rewrite B's limits and have the server reload its keys file now (SIGHUP), as an operator
+    would; returns once the server's log says it reloaded."""
+    import signal
+
+    reloads = server.log_tail(1 << 30).count("reloaded")
+    _set_b_limits(keys_file, limits)
+    server.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while server.log_tail(1 << 30).count("reloaded") == reloads:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not reload its keys file:\n{server.log_tail()}")
+        time.sleep(0.1)
 
 
 def _measure(config: TenantBenchConfig, root: Path) -> tuple[list[Phase], dict, dict]:
@@ -176,29 +210,36 @@ def _measure(config: TenantBenchConfig, root: Path) -> tuple[list[Phase], dict, 
              "--max-loras", "2", "--max-lora-rank", str(config.rank), "--api-keys-file", str(root / "keys.yaml")]
     server = ServerProcess(flags, f"127.0.0.1:{port}", root / "server.log")
     info: dict = {"command": ["python", "-m", "server", "serve", *flags]}
-    flood, phases = None, []
+    senders: dict[str, FloodProcess] = {}
+    phases = []
     try:
         info["ready_s"] = server.wait_serving()
         print(f"server SERVING on {server.target} after {info['ready_s']:.1f} s", flush=True)
         for tenant, path in adapters.items():  # each tenant registers its own, as 'bench' in its namespace
             with LoraserveClient(server.target, api_key=keys[f"{tenant}-manage"]) as client:
                 client.upload_adapter("bench", path)
-        flood = FloodProcess(server.target, keys["b-generate"], config.b_threads, config.new_tokens)
         with LoraserveClient(server.target, api_key=keys["a-generate"], timeout=CALL_TIMEOUT_S) as client:
             rate, latency = _warm_up(client, config)
-            print(f"tenant A: {rate:.2f} requests/s (sequential latency on the idle server {latency * 1000:.0f} ms)",
-                  flush=True)
+            b_rate = config.b_requests_per_second or B_LOAD / latency
+            b_limits = config.b_limits(b_rate)
+            _reload_b_limits(server, root / "keys.yaml", b_limits)
+            print(f"tenant A: {rate:.2f} requests/s (sequential latency on the idle server {latency * 1000:.0f} ms); "
+                  f"tenant B's limits: {b_limits}", flush=True)
+            senders["flood"] = FloodProcess(server.target, keys["b-generate"], config.b_threads, config.new_tokens)
+            senders["at_limit"] = FloodProcess(server.target, keys["b-generate"], config.b_max_concurrent_requests,
+                                               config.new_tokens, rate=AT_LIMIT_LOAD * b_limits["requests_per_second"])
             for r in range(config.rounds):
-                for name in PHASES[r % 2:] + PHASES[:r % 2]:
-                    phases.append(_run_phase(name, r, client, flood, server, rate, config))
+                turn = r % len(PHASES)
+                for name in PHASES[turn:] + PHASES[:turn]:
+                    phases.append(_run_phase(name, r, client, senders.get(name), server, rate, config))
                     _print_phase(phases[-1], config.rounds)
     finally:
-        if flood is not None:
-            flood.close()
+        for sender in senders.values():
+            sender.close()
         info["exit_code"] = server.stop()
         if info["exit_code"] != 0:
             print(f"the server exited with status {info['exit_code']} after SIGTERM:\n{server.log_tail()}")
-    return phases, info, {"a_rate_rps": rate, "a_sequential_latency_s": latency}
+    return phases, info, {"a_rate_rps": rate, "a_sequential_latency_s": latency, "b_limits": b_limits}
 
 
 def _prompt(i: int) -> str:
@@ -231,14 +272,15 @@ def _a_call(client, i: int, new_tokens: int, due: float) -> tuple[float, str, in
         return time.perf_counter() - due, exc.code, 0, None
 
 
-def _run_phase(name: str, r: int, client, flood: FloodProcess, server, rate: float,
+def _run_phase(name: str, r: int, client, b: FloodProcess | None, server, rate: float,
                config: TenantBenchConfig) -> Phase:
-    """A's schedule of `a_requests` calls at `rate`; B floods throughout when `name` is flood.
-    Request i has the same prompt in every phase, so both phases serve the same A workload."""
+    """A's schedule of `a_requests` calls at `rate`, with B's process `b` sending throughout
+    (None: B is silent). Request i has the same prompt in every phase, so every phase serves the
+    same A workload."""
     gc.collect()
-    here, there = time.process_time(), server.cpu_seconds()
-    if name == "flood":
-        flood.start()
+    here, there = time.process_time(), server.cpu_split()
+    if b is not None:
+        b.start()
         time.sleep(FLOOD_LEAD_S)
     # A thread per request, so a call never waits for a free one: the schedule stays open loop
     # even when latency grows to many times the interval.
@@ -251,13 +293,14 @@ def _run_phase(name: str, r: int, client, flood: FloodProcess, server, rate: flo
             futures.append(pool.submit(_a_call, client, i, config.new_tokens, due))
         calls = [f.result() for f in futures]
         elapsed = time.perf_counter() - start
-    b = flood.stop() if name == "flood" else None
-    after = server.cpu_seconds()
+    got = b.stop() if b is not None else None
+    after = server.cpu_split()
     return Phase(name, r, a_latency_s=[c[0] for c in calls], a_server_s=[c[3] for c in calls if c[3] is not None],
                  a_codes=dict(Counter(c[1] for c in calls)),
-                 a_completion_tokens=[c[2] for c in calls], elapsed_s=elapsed, b=b,
-                 cpu_s={"a_client": time.process_time() - here, "b_flood": b["cpu_s"] if b else 0.0,
-                        "server": None if there is None or after is None else after - there})
+                 a_completion_tokens=[c[2] for c in calls], elapsed_s=elapsed, b=got,
+                 cpu_s={"a_client": time.process_time() - here, "b_flood": got["cpu_s"] if got else 0.0,
+                        **{f"server_{k}": None if there is None or after is None else after[k] - there[k]
+                           for k in ("front", "engine")}})
 
 
 # ---- results ---------------------------------------------------------------------------------
@@ -278,68 +321,81 @@ def summarize(config: TenantBenchConfig, phases: list[Phase], server: dict, cali
             "a_errors": {c: n for c, n in codes.items() if c != "OK"},
             "rounds": [{**asdict(p), "a_latency_p50_s": statistics.median(p.a_latency_s)} for p in runs],
         }
-    floods = [p.b for p in phases if p.b is not None]
-    b_codes = sum((Counter(b["codes"]) for b in floods), Counter())
-    b_seconds = sum(b["elapsed_s"] for b in floods)
-    b_calls = sum(b_codes.values())
-    b = {"ok": b_codes.get("OK", 0), "resource_exhausted": b_codes.get("RESOURCE_EXHAUSTED", 0),
-         "other": {c: n for c, n in b_codes.items() if c not in ("OK", "RESOURCE_EXHAUSTED")},
-         "calls": b_calls, "flood_s": b_seconds, "attempted_rps": b_calls / b_seconds,
-         "admitted_rps": b_codes.get("OK", 0) / b_seconds}
-    alone, flood = (result_phases[n]["a_latency_s"] for n in PHASES)
-    ratios = {"a_p99_flood_over_alone": {"value": flood["p99"] / alone["p99"], "target": f"<= {RATIO_TARGET:g}"},
-              "a_p50_flood_over_alone": {"value": flood["p50"] / alone["p50"], "target": None}}
+    b = {name: _b_summary([p.b for p in phases if p.name == name]) for name in ("flood", "at_limit")}
+    lat = {name: result_phases[name]["a_latency_s"] for name in PHASES}
+    ratios = {"a_p99_flood_over_alone": {"value": lat["flood"]["p99"] / lat["alone"]["p99"],
+                                         "target": f"<= {RATIO_TARGET:g}"},
+              "a_p50_flood_over_alone": {"value": lat["flood"]["p50"] / lat["alone"]["p50"], "target": None},
+              "a_p99_at_limit_over_alone": {"value": lat["at_limit"]["p99"] / lat["alone"]["p99"], "target": None},
+              "a_p99_flood_over_at_limit": {"value": lat["flood"]["p99"] / lat["at_limit"]["p99"], "target": None}}
     ratios["a_p99_flood_over_alone"]["pass"] = ratios["a_p99_flood_over_alone"]["value"] <= RATIO_TARGET
     return {
         "bench": "tenants",
-        "config": {**asdict(config), "b_limits": config.b_limits, "a_limits": None, "greedy": True, **calibration,
-                   "a_load": None if config.a_rate else A_LOAD, "flood_lead_s": FLOOD_LEAD_S},
+        "config": {**asdict(config), "a_limits": None, "greedy": True, **calibration,
+                   "a_load": None if config.a_rate else A_LOAD,
+                   "b_load": None if config.b_requests_per_second else B_LOAD, "flood_lead_s": FLOOD_LEAD_S},
         "machine": {**machine_info(), "shared": "tenant A's client, tenant B's flood process and the server "
                     "all run on this machine and share its CPUs"},
         "server": server,
         "phases": result_phases,
-        "b": b,
+        "b": b["flood"],
+        "b_at_limit": b["at_limit"],
         "ratios": ratios,
         "invariants": {"a_no_errors": not any(result_phases[n]["a_errors"] for n in PHASES),
-                       "b_refused": (b["resource_exhausted"] > 0
+                       "b_refused": (b["flood"]["resource_exhausted"] > 0
                                      if config.b_threads > config.b_max_concurrent_requests else None),
-                       "b_admitted": b["ok"] > 0},
+                       "b_admitted": b["flood"]["ok"] > 0 and b["at_limit"]["ok"] > 0},
         "elapsed_s": elapsed,
     }
+
+
+def _b_summary(runs: list[dict]) -> dict:
+    """B's status counts and rates over the phases `runs` of one kind."""
+    codes = sum((Counter(b["codes"]) for b in runs), Counter())
+    seconds = sum(b["elapsed_s"] for b in runs)
+    calls = sum(codes.values())
+    return {"ok": codes.get("OK", 0), "resource_exhausted": codes.get("RESOURCE_EXHAUSTED", 0),
+            "other": {c: n for c, n in codes.items() if c not in ("OK", "RESOURCE_EXHAUSTED")},
+            "calls": calls, "flood_s": seconds, "attempted_rps": calls / seconds,
+            "admitted_rps": codes.get("OK", 0) / seconds}
 
 
 def _print_phase(p: Phase, rounds: int) -> None:
     c = p.cpu_s
     extra = f", B: {p.b['codes']}" if p.b else ""
-    print(f"  round {p.round + 1}/{rounds} {p.name:<5} A p50 {statistics.median(p.a_latency_s) * 1000:6.0f} ms, "
+    print(f"  round {p.round + 1}/{rounds} {p.name:<8} A p50 {statistics.median(p.a_latency_s) * 1000:6.0f} ms, "
           f"max {max(p.a_latency_s) * 1000:6.0f} ms, codes {p.a_codes}{extra}; CPU s: A client {c['a_client']:.1f}, "
-          f"B flood {c['b_flood']:.1f}, server {_cpu(c['server'])} in {p.elapsed_s:.1f} s", flush=True)
+          f"B flood {c['b_flood']:.1f}, server front {_cpu(c['server_front'])}, engine {_cpu(c['server_engine'])} "
+          f"in {p.elapsed_s:.1f} s", flush=True)
 
 
 def print_report(result: dict) -> None:
-    c, m, b = result["config"], result["machine"], result["b"]
+    c, m = result["config"], result["machine"]
     load = f" = {c['a_load']:g} x 1 / {c['a_sequential_latency_s'] * 1000:.0f} ms" if c["a_load"] else ""
-    print(f"\ntenant bench: {c['arch']} {c['size']} {c['quantization']}, {c['rounds']} rounds of alone/flood; "
+    print(f"\ntenant bench: {c['arch']} {c['size']} {c['quantization']}, {c['rounds']} rounds of alone/at_limit/flood; "
           f"tenant A: open loop {c['a_rate_rps']:.2f} req/s{load}, {c['a_requests']} requests x {c['new_tokens']} "
           f"new tokens per phase, no limits; tenant B: {c['b_threads']} threads without pause, limits "
           + ", ".join(f"{k}={v:g}" for k, v in c["b_limits"].items()))
     print(f"machine: {m['cpu_model']}, {m['cpu_count']} CPUs, torch {m['torch']}; NOTE: {m['shared']}")
-    print(f"\n{'phase':<6} {'A p50':>8} {'A p90':>8} {'A p99':>8}  samples  A errors  in the engine p50/p99   "
-          "CPU s (A client / B flood / server) per round")
+    print(f"\n{'phase':<8} {'A p50':>8} {'A p90':>8} {'A p99':>8}  samples  A errors  in the engine p50/p99   "
+          "CPU s (A client / B flood / server front / engine) per round")
     for name, p in result["phases"].items():
         lat, eng = p["a_latency_s"], p["a_server_s"]
-        cpu = ", ".join(f"{r['cpu_s']['a_client']:.1f}/{r['cpu_s']['b_flood']:.1f}/{_cpu(r['cpu_s']['server'])}"
+        cpu = ", ".join(f"{r['cpu_s']['a_client']:.1f}/{r['cpu_s']['b_flood']:.1f}/{_cpu(r['cpu_s']['server_front'])}"
+                        f"/{_cpu(r['cpu_s']['server_engine'])}"
                         for r in p["rounds"])
-        print(f"{name:<6} " + " ".join(f"{lat[q] * 1000:>5.0f} ms" for q in ("p50", "p90", "p99"))
+        print(f"{name:<8} " + " ".join(f"{lat[q] * 1000:>5.0f} ms" for q in ("p50", "p90", "p99"))
               + f"  {lat['samples']:>7}  {sum(p['a_errors'].values()) or 'none':<8}  "
               + f"{_ms(eng['p50']):>8} /{_ms(eng['p99']):>8}   {cpu}")
-    print(f"\ntenant B during floods ({b['flood_s']:.0f} s): {b['calls']} calls ({b['attempted_rps']:.0f}/s), "
-          f"OK {b['ok']} (admitted {b['admitted_rps']:.2f} req/s), RESOURCE_EXHAUSTED {b['resource_exhausted']}, "
-          f"other {b['other'] or 'none'}")
-    print(f"\n{'ratio':<24} {'value':>6}   {'target':<7} result")
+    print()
+    for what, b in (("floods", result["b"]), ("at_limit phases", result["b_at_limit"])):
+        print(f"tenant B during {what} ({b['flood_s']:.0f} s): {b['calls']} calls ({b['attempted_rps']:.1f}/s), "
+              f"OK {b['ok']} (admitted {b['admitted_rps']:.2f} req/s), RESOURCE_EXHAUSTED {b['resource_exhausted']}, "
+              f"other {b['other'] or 'none'}")
+    print(f"\n{'ratio':<26} {'value':>6}   {'target':<7} result")
     for name, r in result["ratios"].items():
         verdict = "info" if r["target"] is None else ("PASS" if r["pass"] else "MISS")
-        print(f"{name:<24} {r['value']:>6.2f}   {r['target'] or '-':<7} {verdict}")
+        print(f"{name:<26} {r['value']:>6.2f}   {r['target'] or '-':<7} {verdict}")
     print("invariants: " + ", ".join(f"{k} {'not checked' if v is None else 'yes' if v else 'NO'}"
                                      for k, v in result["invariants"].items()))
     s = result["server"]

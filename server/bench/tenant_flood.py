@@ -1,5 +1,6 @@
 """Tenant B of `loraserve bench tenants`: a separate client process whose threads call Generate
-back to back, with no pause and no backoff, and count what they get back.
+back to back, with no pause and no backoff (a flood), or paced to a rate (B at its limits), and
+count what they get back.
 
 A process of its own, as a separate client would be: threads in the bench process would contend
 with tenant A's client for its GIL, and A's latency would grow on the client side. Started with
@@ -21,11 +22,12 @@ class FloodProcess:
     """Tenant B as a separate client process: `start()` sets its threads calling Generate back
     to back; `stop()` stops them, waits for their calls in flight, and returns what they got."""
 
-    def __init__(self, target: str, api_key: str, threads: int, new_tokens: int) -> None:
+    def __init__(self, target: str, api_key: str, threads: int, new_tokens: int, rate: float = 0.0) -> None:
+        """`rate` > 0: all threads together start at most `rate` calls per second; 0: no pause."""
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
         self._process = context.Process(target=_flood_main, daemon=True,
-                                        args=(child, target, api_key, threads, new_tokens))
+                                        args=(child, target, api_key, threads, new_tokens, rate))
         self._process.start()
         if self._conn.recv() != "ready":
             raise RuntimeError("the flood process did not start")
@@ -45,7 +47,7 @@ class FloodProcess:
             self._process.kill()
 
 
-def _flood_main(conn, target: str, api_key: str, threads: int, new_tokens: int) -> None:
+def _flood_main(conn, target: str, api_key: str, threads: int, new_tokens: int, rate: float) -> None:
     """The flood process: 'start' sets `threads` threads calling, 'stop' stops them and sends back
     their status counts, 'exit' ends the process."""
     from server.client import LoraserveClient
@@ -57,7 +59,9 @@ def _flood_main(conn, target: str, api_key: str, threads: int, new_tokens: int) 
     while conn.recv() == "start":
         stop = threading.Event()
         counts = [Counter() for _ in range(threads)]
-        workers = [threading.Thread(target=_hammer, args=(client, stop, c, range(n, 1 << 62, threads), new_tokens))
+        interval = threads / rate if rate > 0 else 0.0  # each thread's start-to-start spacing
+        workers = [threading.Thread(target=_hammer, args=(client, stop, c, range(n, 1 << 62, threads), new_tokens,
+                                                          interval))
                    for n, c in enumerate(counts)]
         cpu, start = time.process_time(), time.perf_counter()
         for w in workers:
@@ -71,13 +75,17 @@ def _flood_main(conn, target: str, api_key: str, threads: int, new_tokens: int) 
     client.close()
 
 
-def _hammer(client, stop: threading.Event, codes: Counter, numbers: range, new_tokens: int) -> None:
-    """Generate calls back to back, no pause, no backoff, until `stop`; counts each status."""
+def _hammer(client, stop: threading.Event, codes: Counter, numbers: range, new_tokens: int,
+            interval: float) -> None:
+    """Generate calls until `stop`, each at least `interval` s after the previous one started (0:
+    back to back, no backoff); counts each status."""
     from server.client import LoraserveClientError
 
+    due = time.monotonic()
     for i in numbers:
-        if stop.is_set():
+        if stop.wait(max(0.0, due - time.monotonic())) if interval else stop.is_set():
             return
+        due = time.monotonic() + interval
         try:
             client.generate(f"Tenant B floods the server with request {i}", adapter="bench", max_new_tokens=new_tokens)
             codes["OK"] += 1
