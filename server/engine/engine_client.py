@@ -144,12 +144,6 @@ class EngineClient:
         self._send(("submit", stream.stream_id, request))
         return stream
 
-    def generate(self, prompt: str, adapter: str | None = None, **sampling) -> str:
-        from server.engine.request import SamplingParams
-
-        request = GenerationRequest(self.encode(prompt), SamplingParams(**sampling), adapter)
-        return self.submit(request).result().text
-
     def cancel(self, stream: RequestStream) -> None:
         stream.cancel()
         if isinstance(stream, RemoteStream) and not self.gone.is_set():
