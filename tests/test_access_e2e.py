@@ -259,7 +259,7 @@ def test_audit_log_records_management_calls_without_secrets(srv, world):
     assert denied and denied[0]["key"] == "b-man" and denied[0]["result"] == "NOT_FOUND"
     log = srv.log()
     for key in world["keys"].values():
-        assert key.split("_")[-1] not in log  # no secret ever reaches the log
+        assert key.split("_", 2)[2] not in log  # no secret ever reaches the log (a secret may hold "_")
     assert "Traceback" not in log
 
 
