@@ -21,6 +21,7 @@ from server_harness import start_server
 from server.api.gen.loraserve.v1 import inference_pb2 as ipb
 from server.config import BaseModelConfig, EngineConfig
 from server.engine.engine_client import EngineClient
+from server.engine.engine_process import EngineFault
 from server.engine.request import GenerationRequest, SamplingParams
 from server.errors import AdapterIncompatible, AdapterNotFound, InvalidArgument, Unavailable
 
@@ -98,14 +99,14 @@ def test_refusals_arrive_on_the_stream_with_their_type(remote):
 
 def test_check_then_add_reuses_the_check_and_follows_changes(remote, adapter_dirs, tmp_path):
     path = adapter_dirs(ARCH)["mlp-r4"]
-    checked = remote.check_adapter("checked", path)
+    checked = remote.check_adapter("checked", path, keep=True)
     assert checked.rank == 4 and checked.digest.startswith("sha256:") and checked.modules
     entry = remote.add_adapter("checked", path, checked=checked)
     assert entry.digest == checked.digest and remote.has_adapter("checked")
     assert remote.adapter_tier("checked")[0] in ("cpu", "gpu")
     # A check whose weights were dropped meanwhile is read again, and refused if the files are
     # not the ones checked: never served with other weights than were validated.
-    stale = remote.check_adapter("stale", adapter_dirs(ARCH)["att-r4"])
+    stale = remote.check_adapter("stale", adapter_dirs(ARCH)["att-r4"], keep=True)
     copy = tmp_path / "copy"
     copy.mkdir()
     for f in Path(path).iterdir():
@@ -119,6 +120,13 @@ def test_check_then_add_reuses_the_check_and_follows_changes(remote, adapter_dir
         remote.submit(greedy_request(remote.encode("x"), 2, "checked")).result()
     with pytest.raises(AdapterNotFound):
         remote.remove_adapter("checked")
+
+
+def test_only_engine_calls_cross_the_pipe(remote):
+    """A method outside the engine's call list is refused with an answer, never left waiting."""
+    with pytest.raises(EngineFault, match="not an engine call"):
+        remote._call("_snapshot")
+    assert remote.stats().running == 0  # the engine serves on
 
 
 def test_cancel_reaches_the_engine(remote):

@@ -64,8 +64,9 @@ class CheckedAdapter:
 
 
 CHECKED_KEPT = 4
-"""Decoded adapters kept between `check_adapter` and `add_adapter`: a handful is enough, since
-the registry adds right after it checks (a validate-only check is simply dropped later)."""
+"""Decoded adapters kept between `check_adapter(keep=True)` and `add_adapter`: a handful is
+enough, since the registry adds right after it checks (one whose publish then fails, over a quota
+say, is dropped by later ones)."""
 
 
 @dataclass(frozen=True)
@@ -216,14 +217,16 @@ class Engine:
         weights = parse_adapter(name, config, tensors, self._base_shapes, self.config.max_lora_rank, self.base.dtype)
         return weights, digest
 
-    def check_adapter(self, name: str, path: str | Path) -> CheckedAdapter:
-        """`read_adapter`, keeping the weights a little while for the `add_adapter` that follows."""
+    def check_adapter(self, name: str, path: str | Path, keep: bool = False) -> CheckedAdapter:
+        """`read_adapter` as plain data; with `keep`, the decoded weights are kept a little while
+        for the `add_adapter` that follows (a check that only validates keeps nothing)."""
         weights, digest = self.read_adapter(name, path)
         token = uuid.uuid4().hex
-        with self._lock:
-            self._checked[token] = weights
-            while len(self._checked) > CHECKED_KEPT:
-                self._checked.popitem(last=False)
+        if keep:
+            with self._lock:
+                self._checked[token] = weights
+                while len(self._checked) > CHECKED_KEPT:
+                    self._checked.popitem(last=False)
         return CheckedAdapter(name, weights.rank, tuple(sorted(weights.modules)), digest, token)
 
     def add_adapter(self, name: str, path: str | Path, replace: bool = False,

@@ -61,11 +61,10 @@ class EngineClient:
                                        args=(child, config, logging.getLogger().getEffectiveLevel(), threads))
         self.process.start()
         child.close()
-        first = self._recv_first()
-        self.info: EngineInfo = first
-        self.base = first  # fingerprint, model_type, model_dir: what the API reads of `engine.base`
-        self.max_context = first.max_context
-        self.tokenizer = load_tokenizer(first.model_dir, config.base.trust_remote_code)
+        # fingerprint, model_type, model_dir: what the API reads of `engine.base`
+        self.base: EngineInfo = self._recv_first()
+        self.max_context = self.base.max_context
+        self.tokenizer = load_tokenizer(self.base.model_dir, config.base.trust_remote_code)
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
         self._streams: dict[int, RemoteStream] = {}
@@ -150,8 +149,8 @@ class EngineClient:
             self._send(("cancel", stream.stream_id))
 
     # ---- adapters ----------------------------------------------------------------------
-    def check_adapter(self, name: str, path: str | Path) -> CheckedAdapter:
-        return self._call("check_adapter", name, Path(path))
+    def check_adapter(self, name: str, path: str | Path, keep: bool = False) -> CheckedAdapter:
+        return self._call("check_adapter", name, Path(path), keep)
 
     def add_adapter(self, name: str, path: str | Path, replace: bool = False,
                     checked: CheckedAdapter | None = None) -> AdapterEntry:
@@ -188,7 +187,7 @@ class EngineClient:
             return sorted(self._adapters.values(), key=lambda e: e.name)
 
     def lora_module_shapes(self) -> dict[str, tuple[int, int]]:
-        return dict(self.info.lora_module_shapes)
+        return dict(self.base.lora_module_shapes)
 
     def stats(self) -> EngineStats:
         return self._call("stats")

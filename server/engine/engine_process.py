@@ -205,7 +205,9 @@ def _serve(conn, engine, outbox: Outbox) -> int:
             stream = streams.get(message[1])
             if stream is not None:
                 engine.cancel(stream)
-        elif kind == "call" and message[2] in CALLS:
+        elif kind == "call" and message[2] not in CALLS:  # answered, so the caller never waits forever
+            outbox.put(("reply", message[1], False, EngineFault(f"{message[2]!r} is not an engine call")))
+        elif kind == "call":
             _, call_id, method, args, kwargs = message
             calls.submit(call, call_id, method, args, kwargs)
             if method == "stop":

@@ -45,10 +45,16 @@ class Checked:
     """What validation learned about a staged adapter: its manifest fields, and the engine's
     check, handed back to it so the files are not decoded twice."""
 
-    r: int
     lora_alpha: float
-    target_modules: tuple[str, ...]
     adapter: CheckedAdapter
+
+    @property
+    def r(self) -> int:
+        return self.adapter.rank
+
+    @property
+    def target_modules(self) -> tuple[str, ...]:
+        return self.adapter.modules
 
 
 SUPERSEDED_GRACE_SECONDS = 300.0
@@ -127,7 +133,7 @@ class AdapterRegistry:
             return
         path = self.store.path_of(name)
         try:
-            checked = self.engine.check_adapter(name, path)
+            checked = self.engine.check_adapter(name, path, keep=True)
             if checked.digest != manifest.digest:
                 raise AdapterIncompatible("its files do not match the sha256 in its manifest")
             self.engine.add_adapter(name, path, replace=True, checked=checked)
@@ -160,7 +166,9 @@ class AdapterRegistry:
             raise AdapterIncompatible(f"adapter {name!r} was built for base {str(recorded)[:19]}..., not the served "
                                       f"base {self.engine.base.fingerprint[:19]}...")
 
-    def _check_staged(self, staged: StagedAdapter) -> Checked:
+    def _check_staged(self, staged: StagedAdapter, keep: bool) -> Checked:
+        """Every check of a staged adapter; with `keep`, the engine holds the decoded weights for
+        the `add_adapter` that follows (a validation alone keeps nothing)."""
         name = staged.name
         config = json.loads((staged.path / CONFIG_FILE).read_bytes())
         for key in CODE_KEYS:
@@ -172,13 +180,12 @@ class AdapterRegistry:
                                            label=f"adapter {name!r}: {WEIGHTS_FILE}")
         for key, header in headers.items():  # still nothing allocated: shapes come from the header
             _check_shape(key, tuple(header.shape), shapes, max_rank, name)
-        checked = self.engine.check_adapter(name, staged.path)
-        return Checked(checked.rank, float(config.get("lora_alpha", 0)), checked.modules, checked)
+        return Checked(float(config.get("lora_alpha", 0)), self.engine.check_adapter(name, staged.path, keep=keep))
 
     def validate(self, name: str, path: str) -> Manifest:
         """The manifest the adapter would get; publishes nothing."""
         with self.store.stage(name, self._source_files(name, path)) as staged:
-            checked = self._check_staged(staged)
+            checked = self._check_staged(staged, keep=False)
             return Manifest(name=name, files=staged.files, r=checked.r, lora_alpha=checked.lora_alpha,
                             target_modules=checked.target_modules, base_fingerprint=self.engine.base.fingerprint,
                             size_bytes=staged.size_bytes, created_time=now_rfc3339(), source="register")
@@ -197,7 +204,7 @@ class AdapterRegistry:
     def _publish(self, name: str, files, replace: bool, source: str,
                  limits: TenantLimits | None) -> tuple[AdapterStatus, bool]:
         with self.store.stage(name, files) as staged:
-            checked = self._check_staged(staged)
+            checked = self._check_staged(staged, keep=True)
             with self._lock:
                 self._check_quota(name, staged.size_bytes, limits or TenantLimits())
                 manifest, created = self.store.commit(
