@@ -74,10 +74,12 @@ class ServerProcess:
 
 
 def start_server(tmp: Path, model: Path, adapters_dir: Path, *extra: str, env: dict | None = None,
+                 log_level: str = "WARNING",
                  credentials: grpc.ChannelCredentials | None = None) -> ServerProcess:
     port, metrics_port = free_port(), free_port()
     log_path = tmp / f"server-{port}.log"
-    args = [sys.executable, "-m", "server", "serve", "--model", str(model), "--adapters-dir", str(adapters_dir),
+    args = [sys.executable, "-m", "server", "--log-level", log_level, "serve", "--model", str(model),
+            "--adapters-dir", str(adapters_dir),
             "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port), *extra]
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
     with open(log_path, "wb") as log:
@@ -87,8 +89,9 @@ def start_server(tmp: Path, model: Path, adapters_dir: Path, *extra: str, env: d
 
 @contextmanager
 def running_server(tmp: Path, model: Path, adapters_dir: Path, *extra: str, env: dict | None = None,
+                   log_level: str = "WARNING",
                    credentials: grpc.ChannelCredentials | None = None):
-    server = start_server(tmp, model, adapters_dir, *extra, env=env, credentials=credentials)
+    server = start_server(tmp, model, adapters_dir, *extra, env=env, log_level=log_level, credentials=credentials)
     try:
         server.wait_serving()
         yield server

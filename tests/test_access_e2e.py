@@ -49,7 +49,7 @@ def world(tmp_path_factory):
 def srv(world):
     with running_server(world["root"], world["base"], world["root"] / "store", "--api-keys-file",
                         str(world["keys_file"]), "--import-roots", str(world["imports"]),
-                        "--store-sync-interval", "0") as server:
+                        "--store-sync-interval", "0", log_level="INFO") as server:  # request lines too
         yield server
 
 
@@ -215,6 +215,21 @@ def test_one_tenants_flood_is_refused_for_it_alone(srv, world):
     assert outcomes["a"] == ["OK"] * 10
     assert "RESOURCE_EXHAUSTED" in outcomes["b"] and "OK" in outcomes["b"]
     assert set(outcomes["b"]) <= {"OK", "RESOURCE_EXHAUSTED"}
+    # The request log did not grow a line per refusal: the first of each window in full, the rest
+    # in a summary (written within a window, 10 s), and together they account for every refusal.
+    refused = outcomes["b"].count("RESOURCE_EXHAUSTED")
+    deadline = time.monotonic() + 15
+    while True:
+        records = [json.loads(line.split("loraserve.requests: ", 1)[1]) for line in srv.log().splitlines()
+                   if "loraserve.requests: " in line]
+        refusals = [r for r in records if r.get("tenant") == "b" and r.get("status") == "RESOURCE_EXHAUSTED"]
+        in_full = [r for r in refusals if "request_id" in r]
+        summed = sum(r["requests"] for r in refusals if "summary" in r)
+        if len(in_full) + summed == refused or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert len(in_full) + summed == refused
+    assert len(in_full) <= min(refused, 3)  # a few windows at most, however many were refused
 
 
 def test_keys_reload_on_change_and_on_sighup(srv, world):

@@ -38,6 +38,7 @@ from server.api.gen.loraserve.v1 import (
 )
 from server.api.inference import InferenceServicer
 from server.api.metrics import ServerMetrics
+from server.api.refusal_log import WINDOW_SECONDS as REFUSAL_WINDOW_SECONDS
 from server.api.server_info import ServerInfoServicer
 from server.engine.engine_client import EngineClient
 from server.engine.registry import AdapterRegistry
@@ -84,8 +85,8 @@ async def serve(settings: ServerSettings) -> int:
     registry = AdapterRegistry(engine, settings)
     access = AccessControl(keys, settings.allow_open_management, is_shared=registry.store.is_shared)
     adapters_pb2_grpc.add_AdapterServiceServicer_to_server(AdapterServicer(registry, access), server)
-    inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-        InferenceServicer(engine, metrics, access, on_miss=registry.ensure), server)
+    inference = InferenceServicer(engine, metrics, access, on_miss=registry.ensure)
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(inference, server)
     server_info_pb2_grpc.add_ServerInfoServiceServicer_to_server(ServerInfoServicer(engine, access), server)
     reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, health_pb2.DESCRIPTOR
                                          .services_by_name["Health"].full_name), server)
@@ -106,7 +107,8 @@ async def serve(settings: ServerSettings) -> int:
     await asyncio.to_thread(registry.load_store, settings.preload, settings.pin)
     # Follow a store shared with other replicas and training jobs, and edits of the keys file
     # (Kubernetes Secret updates included) without a signal.
-    pollers = [asyncio.create_task(_every(settings.store_sync_interval, registry.sync, "adapter store sync"))]
+    pollers = [asyncio.create_task(_every(settings.store_sync_interval, registry.sync, "adapter store sync")),
+               asyncio.create_task(_every(REFUSAL_WINDOW_SECONDS, inference.refusals.flush, "refusal log"))]
     if keys is not None:
         pollers.append(asyncio.create_task(_every(KEYS_POLL_SECONDS, keys.reload_if_changed, "keys file check")))
     await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
@@ -117,6 +119,7 @@ async def serve(settings: ServerSettings) -> int:
     await asyncio.wait([stopping, asyncio.create_task(engine_gone.wait())], return_when=asyncio.FIRST_COMPLETED)
     for poller in pollers:
         poller.cancel()
+    inference.refusals.flush()
     if not stopping.done():
         stopping.cancel()
         log.error("the engine process is gone: health NOT_SERVING, stopping with exit status 1")

@@ -19,6 +19,7 @@ from server.api.convert import input_from_proto, sampling_from_proto, summary_to
 from server.api.gen.loraserve.v1 import inference_pb2 as pb
 from server.api.gen.loraserve.v1 import inference_pb2_grpc
 from server.api.metrics import ServerMetrics
+from server.api.refusal_log import RefusalLog
 from server.api.status import abort, status_of
 from server.engine.engine_client import EngineClient
 from server.engine.request import FinishEvent, GenerationRequest, TokenEvent
@@ -36,6 +37,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         # Asked (on a worker thread) about an adapter this process does not serve: another
         # replica or a training job may just have published it into the shared store.
         self._on_miss = on_miss
+        self.refusals = RefusalLog(log)
 
     def _request(self, msg: pb.GenerationInput, context: grpc.aio.ServicerContext,
                  adapter_key: str | None) -> GenerationRequest:
@@ -118,11 +120,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 t = finish.timings
                 self._metrics.observe_finish(tenant, finish.prompt_tokens, finish.completion_tokens,
                                              t.queue_s, t.first_token_s, t.total_s)
-            log.info(json.dumps({
-                "request_id": request_id, "adapter": adapter, "tenant": tenant, "status": code,
-                "prompt_tokens": finish.prompt_tokens if finish else None,
-                "completion_tokens": finish.completion_tokens if finish else None,
-                "finish_reason": finish.finish_reason if finish else None,
-                "queue_s": round(finish.timings.queue_s, 4) if finish else None,
-                "first_token_s": round(finish.timings.first_token_s, 4) if finish else None,
-                "total_s": round(time.monotonic() - started, 4)}))
+            if self.refusals.should_log(tenant, code):  # never `return` here: it would swallow the abort
+                log.info(json.dumps({
+                    "request_id": request_id, "adapter": adapter, "tenant": tenant, "status": code,
+                    "prompt_tokens": finish.prompt_tokens if finish else None,
+                    "completion_tokens": finish.completion_tokens if finish else None,
+                    "finish_reason": finish.finish_reason if finish else None,
+                    "queue_s": round(finish.timings.queue_s, 4) if finish else None,
+                    "first_token_s": round(finish.timings.first_token_s, 4) if finish else None,
+                    "total_s": round(time.monotonic() - started, 4)}))
