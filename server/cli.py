@@ -27,10 +27,19 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from server.api.app import run
+    from server.engine.engine_process import launch
     from server.settings import resolve
 
-    return run(resolve(args))
+    settings = resolve(args)
+    # The engine process first: it imports torch and loads the base while this process imports
+    # gRPC, torch and transformers (seconds each on a small CPU host, minutes of loading on a big base).
+    launched = launch(settings.engine_config(), settings.engine_threads)
+    try:
+        from server.api.app import run
+
+        return run(settings, launched)
+    finally:
+        launched.kill()  # a no-op after an orderly stop; ends it if start-up failed here
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -200,3 +200,35 @@ def test_server_exits_1_when_its_engine_dies(tmp_path, base_dirs, adapter_dirs):
         assert "the engine process is gone" in server.log()
     finally:
         server.stop()
+
+
+def _in_session(sid: int) -> list[int]:
+    """Live processes of session `sid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] not in ("Z", "X"):
+                found.append(int(entry.name))
+    return found
+
+
+def test_a_server_that_fails_to_start_leaves_no_engine_process(tmp_path, base_dirs):
+    """`serve` starts its engine process before anything else; a start-up error after that (a
+    broken keys file) still ends it."""
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("keys: [this is: not valid")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "server", "serve", "--model", str(base_dirs[ARCH]), "--quantization", "none",
+         "--adapters-dir", str(tmp_path / "store"), "--api-keys-file", str(keys), "--host", "127.0.0.1",
+         "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=Path(__file__).resolve().parents[1])
+    output = server.communicate(timeout=180)[0].decode(errors="replace")
+    assert server.returncode != 0 and "keys" in output
+    deadline = time.monotonic() + 30
+    while _in_session(server.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _in_session(server.pid) == [], "the engine process outlived a failed start"

@@ -41,6 +41,7 @@ from server.api.metrics import ServerMetrics
 from server.api.refusal_log import WINDOW_SECONDS as REFUSAL_WINDOW_SECONDS
 from server.api.server_info import ServerInfoServicer
 from server.engine.engine_client import EngineClient
+from server.engine.engine_process import LaunchedEngine
 from server.engine.registry import AdapterRegistry
 from server.settings import ServerSettings
 
@@ -61,8 +62,9 @@ async def _set_health(health: HealthServicer, status: int) -> None:
         await health.set(name, status)
 
 
-async def serve(settings: ServerSettings) -> int:
-    """Run the server until SIGTERM/SIGINT; returns the exit code."""
+async def serve(settings: ServerSettings, launched: LaunchedEngine | None = None) -> int:
+    """Run the server until SIGTERM/SIGINT; returns the exit code. `launched`: its engine process,
+    when the caller has already started it."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -73,7 +75,8 @@ async def serve(settings: ServerSettings) -> int:
         loop.add_signal_handler(signal.SIGHUP, keys.reload)
     engine_gone = asyncio.Event()
     engine = await asyncio.to_thread(EngineClient.load, settings.engine_config(),
-                                     lambda: loop.call_soon_threadsafe(engine_gone.set), settings.engine_threads)
+                                     lambda: loop.call_soon_threadsafe(engine_gone.set), settings.engine_threads,
+                                     launched)
     lower_priority(settings.front_nice)
     metrics = ServerMetrics(engine)
     engine.add_load_observer(metrics.adapter_load.observe)
@@ -180,6 +183,6 @@ def _load_keys(settings: ServerSettings) -> KeyFile | None:
     return keys
 
 
-def run(settings: ServerSettings) -> int:
+def run(settings: ServerSettings, launched: LaunchedEngine | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(serve(settings))
+    return asyncio.run(serve(settings, launched))

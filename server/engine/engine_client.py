@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import multiprocessing
 import threading
 import uuid
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from pathlib import Path
 
 from server.config import EngineConfig
 from server.engine.engine import AdapterEntry, CheckedAdapter, EngineStats
-from server.engine.engine_process import EngineInfo, run_engine_process
+from server.engine.engine_process import EngineInfo, LaunchedEngine, launch
 from server.engine.request import ErrorEvent, FinishEvent, GenerationRequest, RequestStream, encode_input
 from server.errors import AdapterNotFound, Unavailable
 
@@ -48,19 +47,17 @@ class RemoteStream(RequestStream):
 class EngineClient:
     """An `Engine` running in a child process. Thread-safe, like the engine itself."""
 
-    def __init__(self, config: EngineConfig, on_exit: Callable[[], None] | None = None, threads: int = 0) -> None:
-        """Start the engine process (`threads`: the engine_threads setting) and wait until its
-        base is loaded (a load error is raised here, as `Engine.load` would raise it)."""
+    def __init__(self, config: EngineConfig, on_exit: Callable[[], None] | None = None, threads: int = 0,
+                 launched: LaunchedEngine | None = None) -> None:
+        """Start the engine process (`threads`: the engine_threads setting), or take `launched`,
+        one already started for `config`, and wait until its base is loaded (a load error is
+        raised here, as `Engine.load` would raise it)."""
         from server.base.loading import load_tokenizer
 
         self.config = config
         self._on_exit = on_exit
-        context = multiprocessing.get_context("spawn")  # CUDA and the grpc threads survive no fork
-        self._conn, child = context.Pipe()
-        self.process = context.Process(target=run_engine_process, name="loraserve-engine",
-                                       args=(child, config, logging.getLogger().getEffectiveLevel(), threads))
-        self.process.start()
-        child.close()
+        launched = launched or launch(config, threads)
+        self.process, self._conn = launched.process, launched.conn
         # fingerprint, model_type, model_dir: what the API reads of `engine.base`
         self.base: EngineInfo = self._recv_first()
         self.max_context = self.base.max_context
@@ -79,8 +76,9 @@ class EngineClient:
         self._reader.start()
 
     @classmethod
-    def load(cls, config: EngineConfig, on_exit: Callable[[], None] | None = None, threads: int = 0) -> EngineClient:
-        return cls(config, on_exit, threads)
+    def load(cls, config: EngineConfig, on_exit: Callable[[], None] | None = None, threads: int = 0,
+             launched: LaunchedEngine | None = None) -> EngineClient:
+        return cls(config, on_exit, threads, launched)
 
     def _recv_first(self) -> EngineInfo:
         try:

@@ -19,6 +19,7 @@ Messages are tuples, pickled by `multiprocessing.connection`:
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import queue
 import signal
@@ -131,6 +132,33 @@ def engine_threads(requested: int) -> int | None:
         return None
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cpus - 1)
+
+
+@dataclass
+class LaunchedEngine:
+    """An engine process on its way up, and the server's end of its pipe."""
+
+    process: multiprocessing.Process
+    conn: object  # multiprocessing.connection.Connection
+
+    def kill(self) -> None:
+        """End the process if it still runs (the server failed before it could stop it in order)."""
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+
+
+def launch(config: EngineConfig, threads: int = 0) -> LaunchedEngine:
+    """Start an engine process loading `config`'s base (`threads`: the engine_threads setting).
+    Light to import and quick to call, so `loraserve serve` starts it before importing its own
+    gRPC, torch and transformers: both processes' imports then run side by side."""
+    context = multiprocessing.get_context("spawn")  # CUDA and the grpc threads survive no fork
+    conn, child = context.Pipe()
+    process = context.Process(target=run_engine_process, name="loraserve-engine",
+                              args=(child, config, logging.getLogger().getEffectiveLevel(), threads))
+    process.start()
+    child.close()
+    return LaunchedEngine(process, conn)
 
 
 def run_engine_process(conn, config: EngineConfig, log_level: int, threads: int = 0) -> None:
