@@ -255,9 +255,10 @@ def percentiles(samples: list[float]) -> dict:
 
 
 def torch_threads_in(env: dict[str, str]) -> int:
-    """torch.get_num_threads() of a fresh interpreter in `env`: what the server gets, as it never
-    sets the thread count itself."""
-    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], env=env,
+    """The torch threads a server's engine process gets in `env` (engine_threads left on auto),
+    asked of a fresh interpreter in that environment."""
+    probe = subprocess.run([sys.executable, "-c", "import torch; from server.engine.engine_process import "
+                            "engine_threads; print(engine_threads(0) or torch.get_num_threads())"], env=env,
                            capture_output=True, text=True, check=True)
     return int(probe.stdout.strip())
 
