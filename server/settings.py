@@ -55,6 +55,10 @@ SETTINGS = (
     Setting("tls_cert", str, "", "PEM server certificate (chain); with tls_key, the port speaks TLS only"),
     Setting("tls_key", str, "", "PEM private key of tls_cert"),
     Setting("tls_client_ca", str, "", "PEM CA bundle: clients must present a certificate it signed (mTLS)"),
+    Setting("refusal_hold", float, 1.0, "most seconds a RESOURCE_EXHAUSTED answer for a tenant's request or "
+            "rate limit is held back, until a retry could be admitted (never past the call's deadline), so a "
+            "client that retries without backoff is paced to its limit instead of spending the server's CPU on "
+            "refusals (0 = answer at once)"),
     Setting("engine_threads", int, 0, "torch CPU threads of the engine process (0 = auto: OMP_NUM_THREADS if "
             "set; else, on a host without CUDA, all CPUs but one, which stays with the gRPC front end)"),
     Setting("front_nice", int, 10, "nice value added to this gRPC front-end process (not to its engine "
@@ -127,6 +131,8 @@ def resolve(args: argparse.Namespace, environ: dict[str, str] | None = None) -> 
         raise ConfigError("tls_client_ca (mTLS) needs TLS: give tls_cert and tls_key too")
     if values["engine_threads"] < 0:
         raise ConfigError(f"engine_threads must be >= 0 (0 = auto), got {values['engine_threads']}")
+    if not 0 <= values["refusal_hold"] <= 60:
+        raise ConfigError(f"refusal_hold must be in 0..60 seconds (0 = answer at once), got {values['refusal_hold']}")
     if not 0 <= values["front_nice"] <= 19:
         raise ConfigError(f"front_nice must be in 0..19, got {values['front_nice']}")
     settings = ServerSettings(values)

@@ -10,6 +10,7 @@ import signal
 import socket
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -230,6 +231,46 @@ def test_one_tenants_flood_is_refused_for_it_alone(srv, world):
         time.sleep(0.5)
     assert len(in_full) + summed == refused
     assert len(in_full) <= min(refused, 3)  # a few windows at most, however many were refused
+
+
+def _refusal_while_b_runs(srv, key, cancel_after: float | None, timeout: float = 60):
+    """A call of tenant b's while one of its streams runs (b's limit is 1 at a time): (status,
+    message, seconds to the answer). `cancel_after`: the stream is cancelled after that long."""
+    stream = srv.inference.GenerateStream(ipb.GenerateStreamRequest(input=ipb.GenerationInput(
+        prompt="A long answer", sampling=ipb.SamplingParams(max_new_tokens=2000))),
+        metadata=md(key), timeout=120)
+    next(stream)  # b's request is running
+    if cancel_after is not None:
+        threading.Timer(cancel_after, stream.cancel).start()
+    start = time.monotonic()
+    try:
+        code, details = code_of(lambda: gen(srv, key, n=2, timeout=timeout))
+        return code, details, time.monotonic() - start
+    finally:
+        stream.cancel()
+
+
+def test_a_refusal_is_held_until_a_retry_could_pass(srv, world):
+    """Over its limit, b's call is answered RESOURCE_EXHAUSTED when one of its requests finishes
+    (at most --refusal-hold, 1 s by default, and never past the call's deadline); a retry then
+    gets in. A client retrying without backoff is so paced to its limit."""
+    key = world["keys"]["b-man"]
+    time.sleep(1.0)  # b's rate bucket is full again after earlier tests
+    code, details, took = _refusal_while_b_runs(srv, key, cancel_after=0.3)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert details.startswith("tenant 'b' already has 1 requests in flight") and "one has finished: retry now" in details
+    assert 0.25 <= took < 0.9
+    assert len(gen(srv, key, n=2).token_ids) == 2  # the retry right after the answer is admitted
+    # Nothing finishes: answered at the hold's limit; meanwhile the metrics show the held call.
+    scraped: list[str] = []
+    threading.Timer(0.5, lambda: scraped.append(urllib.request.urlopen(
+        f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).read().decode())).start()
+    code, details, took = _refusal_while_b_runs(srv, key, cancel_after=None)
+    assert 'loraserve_refusals_held{tenant="b"} 1.0' in scraped[0]
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "answered after 1.0" in details
+    assert details.endswith("retry when one finishes") and 0.95 <= took < 1.6
+    code, details, took = _refusal_while_b_runs(srv, key, cancel_after=None, timeout=0.4)  # before the deadline
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and took < 0.4
 
 
 def test_keys_reload_on_change_and_on_sighup(srv, world):

@@ -1,12 +1,17 @@
 """The access policy's decisions without a server: how names resolve per caller, what each
-tenant sees and may change, and the per-tenant gate (concurrency, token-bucket rate)."""
+tenant sees and may change, and the per-tenant gate (concurrency, token-bucket rate, and how
+long its refusals are held)."""
 
 from __future__ import annotations
+
+import asyncio
+import time
 
 import pytest
 
 from server.access.principal import OPEN_PRINCIPAL, Principal, TenantLimits
-from server.api.access import AccessControl, TenantGate, parse_ref
+from server.api.access import AccessControl, parse_ref
+from server.api.tenant_gate import TenantGate, TenantOverLimit
 from server.errors import AdapterNotFound, InvalidArgument, PermissionDenied, ResourceExhausted
 
 A_GEN = Principal("a-gen", "a", "generate")
@@ -92,3 +97,97 @@ def test_gate_rate_is_a_token_bucket():
             pass
     with gate.admit("a", limits):
         pass
+
+
+def _refused(gate: TenantGate, tenant: str, limits: TenantLimits) -> TenantOverLimit:
+    with pytest.raises(TenantOverLimit) as info, gate.admit(tenant, limits):
+        pass
+    return info.value
+
+
+def _timed_hold(gate: TenantGate, refusal: TenantOverLimit, limit_s: float,
+                time_remaining: float | None = None) -> tuple[ResourceExhausted, float]:
+    async def run():
+        start = time.monotonic()
+        sent = await gate.hold(refusal, limit_s, time_remaining)
+        return sent, time.monotonic() - start
+    return asyncio.run(run())
+
+
+def test_a_rate_refusal_is_held_until_the_next_token():
+    gate = TenantGate(clock=lambda: 0.0)
+    limits = TenantLimits(requests_per_second=4)
+    for _ in range(4):
+        with gate.admit("b", limits):
+            pass
+    refusal = _refused(gate, "b", limits)
+    assert refusal.retry_after_s == pytest.approx(0.25) and "retry in 0.25s" in refusal.message
+    sent, took = _timed_hold(gate, refusal, limit_s=1.0)
+    assert 0.24 <= took < 0.6
+    assert isinstance(sent, ResourceExhausted) and sent.code == "RESOURCE_EXHAUSTED"
+    assert "over its limit of 4 requests per second" in sent.message and sent.message.endswith("retry now")
+    assert gate.held("b") == 0
+
+
+def test_a_hold_stops_at_its_limit_and_before_the_deadline():
+    gate = TenantGate(clock=lambda: 0.0)
+    slow = TenantLimits(requests_per_second=0.5)  # the next token in 2 s
+    with gate.admit("b", slow):
+        pass
+    refusal = _refused(gate, "b", slow)
+    sent, took = _timed_hold(gate, refusal, limit_s=0.2)
+    assert 0.19 <= took < 0.5 and "retry in 1.8" in sent.message
+    sent, took = _timed_hold(gate, refusal, limit_s=5.0, time_remaining=0.3)  # answered before the deadline
+    assert 0.24 <= took < 0.3 and "retry in 1.7" in sent.message
+    sent, took = _timed_hold(gate, refusal, limit_s=5.0, time_remaining=0.01)  # no time left: at once
+    assert took < 0.05 and sent is refusal
+    sent, took = _timed_hold(gate, refusal, limit_s=0.0)  # holding turned off
+    assert took < 0.05 and sent is refusal
+
+
+def test_a_concurrency_refusal_is_answered_when_a_place_frees():
+    gate = TenantGate()
+    limits = TenantLimits(max_concurrent_requests=1)
+
+    async def run():
+        place = gate.admit("b", limits)
+        place.__enter__()
+        refusal = _refused(gate, "b", limits)
+        assert refusal.retry_after_s is None
+        asyncio.get_running_loop().call_later(0.2, place.__exit__, None, None, None)
+        start = time.monotonic()
+        sent = await gate.hold(refusal, 5.0, None)
+        return sent, time.monotonic() - start
+
+    sent, took = asyncio.run(run())
+    assert 0.19 <= took < 1.0
+    assert "already has 1 requests in flight" in sent.message and sent.message.endswith("one has finished: retry now")
+    with gate.admit("b", limits):  # and a retry now gets in
+        pass
+
+
+def test_held_refusals_are_bounded_per_tenant_and_in_all():
+    gate = TenantGate(clock=lambda: 0.0, max_held=2, max_held_total=3)
+    limits = TenantLimits(requests_per_second=1)
+    with gate.admit("b", limits), gate.admit("a", limits):
+        pass
+    b, a = _refused(gate, "b", limits), _refused(gate, "a", limits)
+
+    async def at_once(refusal):
+        start = time.monotonic()
+        sent = await gate.hold(refusal, 0.5, None)
+        return sent is refusal and time.monotonic() - start < 0.05
+
+    async def run():
+        held = [asyncio.create_task(gate.hold(b, 0.5, None)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        assert gate.held("b") == 2 and await at_once(b)  # b's third: answered at once, as refused
+        held.append(asyncio.create_task(gate.hold(a, 0.5, None)))  # another tenant has its own places...
+        await asyncio.sleep(0.05)
+        assert gate.held("a") == 1 and gate.held_by_tenant() == {"a": 1, "b": 2}
+        assert await at_once(a)  # ...up to the bound over all tenants
+        sent = await asyncio.gather(*held)
+        assert all(s is not b and s is not a for s in sent)  # the held ones were held
+
+    asyncio.run(run())
+    assert gate.held_by_tenant() == {"a": 0, "b": 0}

@@ -36,6 +36,9 @@ def test_precedence_file_env_flags(tmp_path):
     (("--model", "m"), {"LORASERVE_ALLOW_OPEN_MANAGEMENT": "maybe"}, "LORASERVE_ALLOW_OPEN_MANAGEMENT.*bool"),
     (("--model", "m", "--tls-cert", "c.pem"), {}, "tls_cert and tls_key go together"),
     (("--model", "m", "--tls-client-ca", "ca.pem"), {}, "needs TLS"),
+    (("--model", "m", "--refusal-hold", "-1"), {}, "refusal_hold must be in 0..60 seconds"),
+    (("--model", "m"), {"LORASERVE_REFUSAL_HOLD": "600"}, "refusal_hold must be in 0..60 seconds.*600"),
+    (("--model", "m", "--front-nice", "20"), {}, "front_nice must be in 0..19"),
 ])
 def test_bad_settings_name_the_setting(argv, env, words):
     with pytest.raises(ConfigError, match=words):

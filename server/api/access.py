@@ -16,12 +16,12 @@ keys or tenants beyond the '<tenant>/<name>' adapter ids.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from server.access.principal import DEFAULT_TENANT, OPEN_PRINCIPAL, Principal, TenantLimits
+from server.api.tenant_gate import TenantGate, TenantOverLimit
 from server.errors import AdapterNotFound, PermissionDenied, ResourceExhausted
 from server.store.layout import adapter_key, check_adapter_name
 
@@ -66,12 +66,14 @@ class AccessControl:
     """The server's access policy; one per process, shared by the servicers."""
 
     def __init__(self, keys=None, allow_open_management: bool = False,
-                 is_shared: Callable[[str], bool] = lambda key: False) -> None:
+                 is_shared: Callable[[str], bool] = lambda key: False, refusal_hold: float = 0.0) -> None:
         """`keys`: a reloadable keys file (`server.access.keys.KeyFile`), or None to run open.
-        `is_shared(key)`: whether an admin shared that adapter with every tenant."""
+        `is_shared(key)`: whether an admin shared that adapter with every tenant.
+        `refusal_hold`: most seconds a tenant's over-limit refusal is held (`server.api.tenant_gate`)."""
         self._keys = keys
         self._allow_open_management = allow_open_management
         self._is_shared = is_shared
+        self._refusal_hold = refusal_hold
         self._gate = TenantGate()
 
     @property
@@ -135,6 +137,17 @@ class AccessControl:
         with self._gate.admit(caller.tenant, self.limits(caller.tenant)):
             yield
 
+    async def refuse(self, refusal: ResourceExhausted, time_remaining: float | None) -> ResourceExhausted:
+        """The refusal to send for a call `admit` refused: a tenant's limit is held until a retry
+        could be admitted (see `server.api.tenant_gate`); any other goes out as it is."""
+        if isinstance(refusal, TenantOverLimit):
+            return await self._gate.hold(refusal, self._refusal_hold, time_remaining)
+        return refusal
+
+    def held_refusals(self) -> dict[str, int]:
+        """Refusals being held now, per tenant (for the metrics scrape, on its own thread)."""
+        return self._gate.held_by_tenant()
+
 
 def _bearer(metadata) -> str | None:
     for key, value in metadata or ():
@@ -142,39 +155,3 @@ def _bearer(metadata) -> str | None:
             scheme, _, token = str(value).partition(" ")
             return token.strip() if scheme.lower() == "bearer" else None
     return None
-
-
-class TenantGate:
-    """Per-tenant concurrency and rate limits (token bucket, burst = one second's worth).
-    Used from the event loop only, so plain dicts need no lock."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._running: dict[str, int] = {}
-        self._buckets: dict[str, tuple[float, float]] = {}  # tenant -> (tokens, last refill)
-
-    @contextmanager
-    def admit(self, tenant: str, limits: TenantLimits) -> Iterator[None]:
-        running = self._running.get(tenant, 0)
-        if limits.max_concurrent_requests is not None and running >= limits.max_concurrent_requests:
-            raise ResourceExhausted(f"tenant {tenant!r} already has {running} requests in flight, its limit; "
-                                    "retry when one finishes")
-        if limits.requests_per_second is not None:
-            self._take_token(tenant, limits.requests_per_second)
-        self._running[tenant] = running + 1
-        try:
-            yield
-        finally:
-            self._running[tenant] -= 1
-
-    def _take_token(self, tenant: str, rate: float) -> None:
-        now = self._clock()
-        capacity = max(1.0, rate)
-        tokens, last = self._buckets.get(tenant, (capacity, now))
-        tokens = min(capacity, tokens + (now - last) * rate)
-        if tokens < 1.0:
-            self._buckets[tenant] = (tokens, now)
-            raise ResourceExhausted(f"tenant {tenant!r} is over its limit of {rate:g} requests per second; "
-                                    f"retry in {(1.0 - tokens) / rate:.2f}s")
-        self._buckets[tenant] = (tokens - 1.0, now)
-

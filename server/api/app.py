@@ -86,7 +86,9 @@ async def serve(settings: ServerSettings, launched: LaunchedEngine | None = None
     await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     registry = AdapterRegistry(engine, settings)
-    access = AccessControl(keys, settings.allow_open_management, is_shared=registry.store.is_shared)
+    access = AccessControl(keys, settings.allow_open_management, is_shared=registry.store.is_shared,
+                           refusal_hold=settings.refusal_hold)
+    metrics.track_held_refusals(access.held_refusals)
     adapters_pb2_grpc.add_AdapterServiceServicer_to_server(AdapterServicer(registry, access), server)
     inference = InferenceServicer(engine, metrics, access, on_miss=registry.ensure)
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(inference, server)

@@ -23,7 +23,7 @@ from server.api.refusal_log import RefusalLog
 from server.api.status import abort, status_of
 from server.engine.engine_client import EngineClient
 from server.engine.request import FinishEvent, GenerationRequest, TokenEvent
-from server.errors import AdapterNotFound
+from server.errors import AdapterNotFound, ResourceExhausted
 
 log = logging.getLogger("loraserve.requests")
 
@@ -106,6 +106,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             raise
         except Exception as exc:  # mapped to a status in one place; nothing is swallowed
             code = status_of(exc)[0].name
+            if isinstance(exc, ResourceExhausted):  # a tenant's limit: answered when a retry could pass
+                exc = await self._access.refuse(exc, context.time_remaining())
             await abort(context, exc, request_id)
         finally:
             admitted.close()

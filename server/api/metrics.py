@@ -9,6 +9,7 @@ name, `tier` gpu|cpu|disk. Engine state (queue, slots, tiers) is read from `Engi
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -40,6 +41,10 @@ class ServerMetrics:
                                       buckets=LATENCY_BUCKETS, registry=r)
         r.register(_EngineCollector(engine))
 
+    def track_held_refusals(self, held: Callable[[], dict[str, int]]) -> None:
+        """Export `held()` (tenant -> refusals being held now) as a gauge at scrape time."""
+        self.registry.register(_HeldRefusalsCollector(held))
+
     def observe_finish(self, tenant: str, prompt_tokens: int, completion_tokens: int,
                        queue_s: float, first_token_s: float, total_s: float) -> None:
         self.prompt_tokens.labels(tenant=tenant).inc(prompt_tokens)
@@ -51,6 +56,23 @@ class ServerMetrics:
     def serve_http(self, port: int, host: str = "0.0.0.0") -> None:
         """Expose /metrics on `port` (a daemon thread)."""
         start_http_server(port, addr=host, registry=self.registry)
+
+
+class _HeldRefusalsCollector:
+    """Over-limit refusals being held until a retry could pass (`server.api.tenant_gate`)."""
+
+    def __init__(self, held: Callable[[], dict[str, int]]) -> None:
+        self._held = held
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        gauge = GaugeMetricFamily("loraserve_refusals_held", "Over-limit RESOURCE_EXHAUSTED answers being held "
+                                  "until a retry could pass, by tenant", labels=["tenant"])
+        for tenant, n in sorted(self._held().items()):
+            gauge.add_metric([tenant], n)
+        yield gauge
 
 
 class _EngineCollector:

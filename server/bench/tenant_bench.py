@@ -24,6 +24,12 @@ of what one sequential stream achieves on the idle server (calibrated after warm
 `--a-rate`): below capacity, so A alone mostly runs by itself. Latency counts from the scheduled
 send time.
 
+The server holds each of B's refusals until a retry could pass, up to `--refusal-hold` seconds
+(`server.api.tenant_gate`), so B's flooding threads, which wait for their answers, are paced to
+B's limits. `--refusal-hold 0` answers every refusal at once: B then calls as fast as the front
+end can refuse it, which measures what a flood of refusals costs A. A `--b-threads` above the
+server's held-refusal bound (128 per tenant) gets the excess answered at once.
+
 B's flood runs in its own process (`server.bench.tenant_flood`), as a separate client would. All
 processes (A's client, B's flood and the server) still share this machine's CPUs: the flood's own
 CPU time counts against the server, as it would not with B on another host. Each phase records
@@ -51,6 +57,9 @@ from pathlib import Path
 from server.bench.runs import add_base_flags, measure_in, write_result
 from server.bench.tenant_flood import CALL_TIMEOUT_S, FloodProcess
 from server.errors import ConfigError
+from server.settings import SETTINGS
+
+SERVER_REFUSAL_HOLD = next(s.default for s in SETTINGS if s.name == "refusal_hold")
 
 PHASES = ("alone", "at_limit", "flood")
 B_LOAD = 0.25
@@ -86,12 +95,16 @@ class TenantBenchConfig:
     b_requests_per_second: float
     """Tenant B's rate limit; 0 = calibrated to B_LOAD of one sequential stream."""
     rank: int
+    refusal_hold: float = SERVER_REFUSAL_HOLD
+    """The server's --refusal-hold: most seconds B's refusals are held until a retry could pass."""
 
     def __post_init__(self) -> None:
         for name in ("rounds", "a_requests", "new_tokens", "b_threads", "b_max_concurrent_requests", "rank"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.refusal_hold < 0:
+            raise ConfigError(f"refusal_hold must be >= 0, got {self.refusal_hold!r}")
         if self.a_rate < 0 or self.b_requests_per_second < 0:
             raise ConfigError(f"a_rate and b_requests_per_second must be >= 0 (0 = calibrated), got "
                               f"{self.a_rate!r} and {self.b_requests_per_second!r}")
@@ -116,6 +129,8 @@ def add_flags(b: argparse.ArgumentParser, archs: tuple[str, ...], sizes: tuple[s
     b.add_argument("--b-requests-per-second", type=float, default=0.0, help=f"tenant B's limit (0: {B_LOAD:g} x "
                    "the rate of one sequential stream on the idle server)")
     b.add_argument("--rank", type=int, default=16, help="LoRA rank of both adapters")
+    b.add_argument("--refusal-hold", type=float, default=SERVER_REFUSAL_HOLD, help="the server's --refusal-hold: "
+                   "most seconds B's refusals are held until a retry could pass (0 = answered at once)")
     b.add_argument("--workdir", default=None, help="where to build the base, adapters and keys (a temp dir when unset)")
 
 
@@ -147,7 +162,7 @@ def run_tenant_bench(args: argparse.Namespace) -> int:
     hf_logging.disable_progress_bar()
     config = TenantBenchConfig(args.arch, args.size, args.quantization, args.rounds, args.a_requests, args.a_rate,
                                args.new_tokens, args.b_threads, args.b_max_concurrent_requests,
-                               args.b_requests_per_second, args.rank)
+                               args.b_requests_per_second, args.rank, args.refusal_hold)
     started = time.perf_counter()
     measured = measure_in(args.workdir, "tenant", lambda root: _measure(config, root))
     result = summarize(config, *measured, time.perf_counter() - started)
@@ -208,6 +223,7 @@ def _measure(config: TenantBenchConfig, root: Path) -> tuple[list[Phase], dict, 
     flags = ["--model", str(base_dir), "--adapters-dir", str(root / "store"), "--host", "127.0.0.1",
              "--port", str(port), "--metrics-port", "0", "--quantization", config.quantization,
              "--max-loras", "2", "--max-lora-rank", str(config.rank), "--api-keys-file", str(root / "keys.yaml")]
+    flags += ["--refusal-hold", str(config.refusal_hold)]
     server = ServerProcess(flags, f"127.0.0.1:{port}", root / "server.log")
     info: dict = {"command": ["python", "-m", "server", "serve", *flags]}
     senders: dict[str, FloodProcess] = {}
@@ -375,7 +391,8 @@ def print_report(result: dict) -> None:
     print(f"\ntenant bench: {c['arch']} {c['size']} {c['quantization']}, {c['rounds']} rounds of alone/at_limit/flood; "
           f"tenant A: open loop {c['a_rate_rps']:.2f} req/s{load}, {c['a_requests']} requests x {c['new_tokens']} "
           f"new tokens per phase, no limits; tenant B: {c['b_threads']} threads without pause, limits "
-          + ", ".join(f"{k}={v:g}" for k, v in c["b_limits"].items()))
+          + ", ".join(f"{k}={v:g}" for k, v in c["b_limits"].items())
+          + f"; server: refusals held up to {c['refusal_hold']:g} s (--refusal-hold)")
     print(f"machine: {m['cpu_model']}, {m['cpu_count']} CPUs, torch {m['torch']}; NOTE: {m['shared']}")
     print(f"\n{'phase':<8} {'A p50':>8} {'A p90':>8} {'A p99':>8}  samples  A errors  in the engine p50/p99   "
           "CPU s (A client / B flood / server front / engine) per round")

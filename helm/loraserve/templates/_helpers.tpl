@@ -168,7 +168,7 @@ grace period ends, so it must cover the sleep plus the server's whole drain.
 {{- range $flag, $key := dict "--max-loras" "maxLoras" "--max-cpu-loras" "maxCpuLoras" "--max-lora-rank" "maxLoraRank" "--max-batch-size" "maxBatchSize" "--max-queue" "maxQueue" "--max-input-tokens" "maxInputTokens" "--max-new-tokens" "maxNewTokens" "--max-adapter-bytes" "maxAdapterBytes" "--max-store-bytes" "maxStoreBytes" "--engine-threads" "engineThreads" "--front-nice" "frontNice" }}
 {{- $args = concat $args (list $flag (toString (int64 (index $s $key)))) }}
 {{- end }}
-{{- $args = concat $args (list "--drain-timeout" (include "loraserve.number" $s.drainTimeout) "--store-sync-interval" (include "loraserve.number" $s.storeSyncInterval)) }}
+{{- $args = concat $args (list "--drain-timeout" (include "loraserve.number" $s.drainTimeout) "--store-sync-interval" (include "loraserve.number" $s.storeSyncInterval) "--refusal-hold" (include "loraserve.number" $s.refusalHold)) }}
 {{- range $s.importRoots }}{{ $args = concat $args (list "--import-roots" (toString .)) }}{{ end }}
 {{- range $s.preload }}{{ $args = concat $args (list "--preload" (toString .)) }}{{ end }}
 {{- range $s.pin }}{{ $args = concat $args (list "--pin" (toString .)) }}{{ end }}
