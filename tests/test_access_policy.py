@@ -191,3 +191,52 @@ def test_held_refusals_are_bounded_per_tenant_and_in_all():
 
     asyncio.run(run())
     assert gate.held_by_tenant() == {"a": 0, "b": 0}
+
+
+def test_held_refusals_are_answered_in_turn_not_as_a_herd():
+    """A freed place wakes only the oldest held concurrency refusal; the k-th held rate refusal
+    waits for the k-th next token. Only one client at a time is told to retry now."""
+    gate = TenantGate()
+    one = TenantLimits(max_concurrent_requests=1)
+
+    async def places():
+        place = gate.admit("b", one)
+        place.__enter__()
+        first, second = _refused(gate, "b", one), _refused(gate, "b", one)
+        held = [asyncio.create_task(gate.hold(r, 0.6, None)) for r in (first, second)]
+        await asyncio.sleep(0.05)
+        start = time.monotonic()
+        place.__exit__(None, None, None)
+        done, _ = await asyncio.wait(held, return_when=asyncio.FIRST_COMPLETED)
+        woke = time.monotonic() - start
+        assert done == {held[0]} and held[0].result().message.endswith("one has finished: retry now")
+        later = await held[1]
+        return woke, time.monotonic() - start, later.message
+
+    woke, second_after, message = asyncio.run(places())
+    assert woke < 0.1 and second_after >= 0.45 and message.endswith("retry when one finishes")
+
+    rate = TenantLimits(requests_per_second=5)  # a token every 0.2 s
+    now = [0.0]
+    gate = TenantGate(clock=lambda: now[0])
+    for _ in range(5):
+        with gate.admit("b", rate):
+            pass
+
+    async def tokens():
+        first = _refused(gate, "b", rate)
+        held = [asyncio.create_task(gate.hold(first, 1.0, None))]
+        await asyncio.sleep(0)  # the first is held now, so the second queues behind it
+        second = _refused(gate, "b", rate)
+        held.append(asyncio.create_task(gate.hold(second, 1.0, None)))
+        start = time.monotonic()
+        times = []
+        for task in held:
+            await task
+            times.append(time.monotonic() - start)
+        return first, second, times, [t.result().message for t in held]
+
+    first, second, times, messages = asyncio.run(tokens())
+    assert first.retry_after_s == pytest.approx(0.2) and second.retry_after_s == pytest.approx(0.4)
+    assert 0.18 <= times[0] < 0.3 and 0.38 <= times[1] < 0.55
+    assert all(m.endswith("retry now") for m in messages)

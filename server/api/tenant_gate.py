@@ -17,7 +17,9 @@ Used from the event loop only, so plain dicts need no lock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -63,7 +65,9 @@ class TenantOverLimit(ResourceExhausted):
 
 class TenantGate:
     """Per-tenant concurrency and rate limits (token bucket, burst = one second's worth), and the
-    holding of the refusals beyond them."""
+    holding of the refusals beyond them. Held refusals are answered in turn, never as a herd: a
+    freed place wakes the oldest held concurrency refusal only, and the k-th held rate refusal
+    waits for the k-th next token. Told "retry now", a client is then the only one told so."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, max_held: int = MAX_HELD_PER_TENANT,
                  max_held_total: int = MAX_HELD) -> None:
@@ -73,7 +77,8 @@ class TenantGate:
         self._running: dict[str, int] = {}
         self._buckets: dict[str, tuple[float, float]] = {}  # tenant -> (tokens, last refill)
         self._held: dict[str, int] = {}
-        self._finished: dict[str, asyncio.Event] = {}  # set (and replaced) when a tenant's request ends
+        self._waiting_for_token: dict[str, int] = {}  # held rate refusals, per tenant
+        self._waiting_for_place: dict[str, deque[asyncio.Future]] = {}  # held concurrency refusals, oldest first
 
     @contextmanager
     def admit(self, tenant: str, limits: TenantLimits) -> Iterator[None]:
@@ -89,9 +94,12 @@ class TenantGate:
             yield
         finally:
             self._running[tenant] -= 1
-            finished = self._finished.pop(tenant, None)
-            if finished is not None:
-                finished.set()
+            waiting = self._waiting_for_place.get(tenant)
+            while waiting:  # the place goes to the oldest held refusal still waiting
+                first = waiting.popleft()
+                if not first.done():
+                    first.set_result(None)
+                    break
 
     def _take_token(self, tenant: str, rate: float) -> None:
         now = self._clock()
@@ -100,8 +108,9 @@ class TenantGate:
         tokens = min(capacity, tokens + (now - last) * rate)
         if tokens < 1.0:
             self._buckets[tenant] = (tokens, now)
+            ahead = self._waiting_for_token.get(tenant, 0)  # held refusals that get the tokens before
             raise TenantOverLimit(tenant, f"is over its limit of {rate:g} requests per second",
-                                  (1.0 - tokens) / rate)
+                                  (1.0 - tokens + ahead) / rate)
         self._buckets[tenant] = (tokens - 1.0, now)
 
     def held(self, tenant: str) -> int:
@@ -113,8 +122,8 @@ class TenantGate:
         return dict(self._held)
 
     async def hold(self, refusal: TenantOverLimit, limit_s: float, time_remaining: float | None) -> ResourceExhausted:
-        """Wait until a retry could be admitted (the rate's next token, or one of the tenant's
-        requests finishing), at most `limit_s` and never past the call's deadline
+        """Wait until a retry could be admitted (its turn at the rate's tokens, or one of the
+        tenant's requests finishing), at most `limit_s` and never past the call's deadline
         (`time_remaining`, None: no deadline); return the refusal to send then."""
         tenant = refusal.tenant
         wait = limit_s if refusal.retry_after_s is None else min(limit_s, refusal.retry_after_s)
@@ -128,15 +137,29 @@ class TenantGate:
         released = False
         try:
             if refusal.retry_after_s is None:
-                finished = self._finished.setdefault(tenant, asyncio.Event())
-                try:
-                    await asyncio.wait_for(finished.wait(), wait)
-                    released = True
-                except TimeoutError:
-                    pass
+                released = await self._wait_for_place(tenant, wait)
             else:
-                await asyncio.sleep(wait)
+                self._waiting_for_token[tenant] = self._waiting_for_token.get(tenant, 0) + 1
+                try:
+                    await asyncio.sleep(wait)
+                finally:
+                    self._waiting_for_token[tenant] -= 1
         finally:
             self._held[tenant] -= 1
             self._held_total -= 1
         return refusal.after_hold(time.monotonic() - started, released)
+
+    async def _wait_for_place(self, tenant: str, wait: float) -> bool:
+        """Whether one of the tenant's places was freed for this waiter within `wait` seconds."""
+        turn = asyncio.get_running_loop().create_future()
+        waiting = self._waiting_for_place.setdefault(tenant, deque())
+        waiting.append(turn)
+        try:
+            await asyncio.wait_for(turn, wait)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            if not turn.done() or turn.cancelled():
+                with contextlib.suppress(ValueError):
+                    waiting.remove(turn)
