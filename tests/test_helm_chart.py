@@ -181,8 +181,10 @@ def test_values_reach_their_flags():
     assert (args.drain_timeout, args.store_sync_interval) == (120.0, 5.0)
     assert (args.preload, args.pin, args.import_roots) == (values["preload"], values["pin"], ["/mnt/imports"])
     odd = parse_command(server_container(render({"server": {"drainTimeout": 7.5, "allowOpenManagement": True,
+                                                                     "refusalHold": 0.25,
                                                                      "extraArgs": ["--max-queue", "9"]}})))
     assert odd.drain_timeout == 7.5 and odd.allow_open_management is True and odd.max_queue == 9
+    assert odd.refusal_hold == 0.25 and parse_command(server_container(render({}))).refusal_hold == 1.0
 
 
 # Settings the chart derives from other values instead of a `server.<camelCase>` key.

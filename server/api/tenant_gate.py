@@ -30,8 +30,8 @@ from server.errors import ResourceExhausted
 MAX_HELD_PER_TENANT = 1024
 """Refusals held at once per tenant. A flood that waits for its answers needs one per call it
 keeps in flight; beyond the bound (a client firing calls without waiting) the excess is answered
-at once, as without holding. A held call costs about 25 KiB of front-end memory (measured on
-CPython 3.11, grpcio 1.85), so this bounds a tenant's at about 25 MiB."""
+at once, as without holding. A held call costs about 26 KiB of front-end memory (measured on
+CPython 3.11, grpcio 1.85), so this bounds a tenant's at about 26 MiB."""
 MAX_HELD = 4096
 """Refusals held at once over all tenants (about 100 MiB)."""
 
