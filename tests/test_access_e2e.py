@@ -5,6 +5,7 @@ itself and timing: test_access_keys.py.)"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import signal
@@ -12,6 +13,7 @@ import socket
 import threading
 import time
 import urllib.request
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -272,6 +274,31 @@ def test_a_refusal_is_held_until_a_retry_could_pass(srv, world):
     assert details.endswith("retry when one finishes") and 0.45 <= took < 1.6  # jitter: in the last half
     code, details, took = _refusal_while_b_runs(srv, key, cancel_after=None, timeout=0.4)  # before the deadline
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and took < 0.4
+
+
+def test_async_uploads_refused_early_keep_their_status(srv, world):
+    """The server refuses an upload before reading it (unknown key, role without manage). The
+    asyncio client reports the server's status every time. Over grpc.aio such a refusal sometimes
+    reached it as INTERNAL (grpc/grpc#36066; 2-3 of 120 uploads in 2 of 3 runs), so uploads go
+    over a blocking channel. Small chunks keep writes in flight when the refusal arrives."""
+    from server.client import AsyncLoraserveClient, LoraserveClientError
+
+    async def scenario() -> Counter:
+        codes: Counter = Counter()
+        async with AsyncLoraserveClient(srv.target, timeout=30, api_key=UNKNOWN_KEY) as unknown, \
+                AsyncLoraserveClient(srv.target, timeout=30, api_key=world["keys"]["a-gen"]) as generate_only:
+            for _ in range(120):
+                for client in (unknown, generate_only):
+                    try:
+                        await client.upload_adapter("x", world["imports"] / "a0", chunk_bytes=1024)
+                        codes["OK"] += 1
+                    except LoraserveClientError as exc:
+                        codes[exc.code] += 1
+        return codes
+
+    before = store_listing(world)
+    assert asyncio.run(scenario()) == {"UNAUTHENTICATED": 120, "PERMISSION_DENIED": 120}
+    assert store_listing(world) == before
 
 
 def test_keys_reload_on_change_and_on_sighup(srv, world):
