@@ -332,7 +332,8 @@ class AsyncLoraserveClient(_Base):
         connection = Connection(target, api_key=api_key, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert,
                                 tls_key=tls_key, tls_server_name=tls_server_name)
         super().__init__(connection, timeout, connection.aio_channel())
-        self._upload_channel: grpc.Channel | None = None  # made by the first upload
+        self._upload_channel: grpc.Channel | None = None  # made by the first upload, with its stub
+        self._upload_stub: Any = None
 
     async def _call(self, method: Any, request: Any, timeout: float | None, adapter: str = "") -> Any:
         try:
@@ -375,8 +376,11 @@ class AsyncLoraserveClient(_Base):
         # flight, grpc.aio reports INTERNAL "Internal error from Core" instead of the server's
         # status (grpc/grpc#36066; here 7 of 300 refused uploads), where the blocking stack
         # reports it. That stack reads the files in its own thread: the loop is never blocked.
-        call = self._upload_stub().UploadAdapter.future(messages, timeout=self._deadline(timeout),
-                                                        metadata=self._metadata)
+        if self._upload_channel is None:
+            self._upload_channel = self._connection.channel()
+            self._upload_stub = _Stubs(self._upload_channel).adapters
+        call = self._upload_stub.UploadAdapter.future(messages, timeout=self._deadline(timeout),
+                                                      metadata=self._metadata)
         try:
             r = await asyncio.to_thread(call.result)
         except grpc.RpcError as exc:
@@ -385,11 +389,6 @@ class AsyncLoraserveClient(_Base):
             call.cancel()
             raise
         return Registration(_status(r.adapter), r.created)
-
-    def _upload_stub(self) -> Any:
-        if self._upload_channel is None:
-            self._upload_channel = self._connection.channel()
-        return _Stubs(self._upload_channel).adapters
 
     async def validate_adapter(self, name: str, path: str, timeout: float | None = None) -> Adapter:
         r = await self._call(self._stubs.adapters.ValidateAdapter, apb.ValidateAdapterRequest(name=name, path=path),

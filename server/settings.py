@@ -114,7 +114,7 @@ def resolve(args: argparse.Namespace, environ: dict[str, str] | None = None) -> 
         unknown = set(data) - set(values)
         if unknown:
             raise ConfigError(f"unknown settings in {args.config}: {', '.join(sorted(unknown))}")
-        values.update({k: _coerce(_setting(k), v, f"{args.config}:{k}") for k, v in data.items()})
+        values.update({k: _coerce(setting(k), v, f"{args.config}:{k}") for k, v in data.items()})
     for s in SETTINGS:
         raw = environ.get(f"LORASERVE_{s.name.upper()}")
         if raw is not None:
@@ -140,7 +140,8 @@ def resolve(args: argparse.Namespace, environ: dict[str, str] | None = None) -> 
     return settings
 
 
-def _setting(name: str) -> Setting:
+def setting(name: str) -> Setting:
+    """The declaration of one setting (its type, default and help)."""
     return next(s for s in SETTINGS if s.name == name)
 
 

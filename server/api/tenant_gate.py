@@ -81,7 +81,6 @@ class TenantGate:
                  max_held_total: int = MAX_HELD) -> None:
         self._clock = clock
         self._max_held, self._max_held_total = max_held, max_held_total
-        self._held_total = 0
         self._running: dict[str, int] = {}
         self._buckets: dict[str, tuple[float, float]] = {}  # tenant -> (tokens, last refill)
         self._held: dict[str, int] = {}
@@ -139,10 +138,9 @@ class TenantGate:
         wait = limit_s if refusal.retry_after_s is None else min(limit_s, refusal.retry_after_s)
         if time_remaining is not None:
             wait = min(wait, time_remaining - DEADLINE_MARGIN_S)
-        if wait <= 0 or self.held(tenant) >= self._max_held or self._held_total >= self._max_held_total:
+        if wait <= 0 or self.held(tenant) >= self._max_held or sum(self._held.values()) >= self._max_held_total:
             return refusal
         self._held[tenant] = self.held(tenant) + 1
-        self._held_total += 1
         started = time.monotonic()
         released = False
         try:
@@ -156,7 +154,6 @@ class TenantGate:
                     self._waiting_for_token[tenant] -= 1
         finally:
             self._held[tenant] -= 1
-            self._held_total -= 1
         return refusal.after_hold(time.monotonic() - started, released)
 
     async def _wait_for_place(self, tenant: str, wait: float) -> bool:

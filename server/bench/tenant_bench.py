@@ -58,9 +58,9 @@ from server.bench.runs import add_base_flags, measure_in, write_result
 from server.bench.tenant_flood import CALL_TIMEOUT_S, FloodProcess
 from server.bench.tenant_report import PHASES, print_phase, print_report, summarize
 from server.errors import ConfigError
-from server.settings import SETTINGS
+from server.settings import setting
 
-SERVER_REFUSAL_HOLD = next(s.default for s in SETTINGS if s.name == "refusal_hold")
+SERVER_REFUSAL_HOLD = setting("refusal_hold").default
 
 B_LOAD = 0.25
 """B's default requests_per_second limit, as a fraction of one sequential stream's rate."""
