@@ -57,13 +57,22 @@ def test_good_adapter_is_accepted(engine, good_adapter):
 
 
 @pytest.mark.parametrize("update, words", [
-    ({"use_dora": True}, ["'bad'", "DoRA", "use_dora=True"]),
+    ({"use_dora": True}, ["'bad'", "DoRA", "use_dora=true"]),
     ({"modules_to_save": ["lm_head"]}, ["'bad'", "modules_to_save"]),
-    ({"bias": "lora_only"}, ["'bad'", "bias='lora_only'"]),
+    ({"bias": "lora_only"}, ["'bad'", 'bias="lora_only"']),
     ({"target_parameters": ["gate_up_proj"]}, ["'bad'", "routed MoE expert", "target_parameters"]),
     ({"r": 32}, ["'bad'", "rank 32", "max_lora_rank 16"]),
     ({"peft_type": "IA3"}, ["'bad'", "peft_type", "IA3"]),
-    ({"lora_alpha": "x"}, ["'bad'", "lora_alpha"]),
+    ({"lora_alpha": "x"}, ["'bad'", "lora_alpha", '"x"']),
+    ({"lora_alpha": None}, ["'bad'", "lora_alpha", "null"]),
+    ({"lora_alpha": [1]}, ["'bad'", "lora_alpha", "[1]"]),
+    ({"lora_alpha": float("inf")}, ["'bad'", "lora_alpha", "inf"]),
+    ({"r": True}, ["'bad'", "r must be a positive integer", "true"]),
+    ({"rank_pattern": {"o_proj": "8"}}, ["'bad'", "rank_pattern['o_proj']", '"8"']),
+    ({"alpha_pattern": [1, 2]}, ["'bad'", "alpha_pattern", "a list"]),
+    ({"use_rslora": "yes"}, ["'bad'", "use_rslora", '"yes"']),
+    ({"auto_map": {"x": "y"}}, ["'bad'", "auto_map", "load code"]),
+    ({"nested": json.loads("[" * 40 + "]" * 40)}, ["'bad'", "nested more than 32"]),
 ])
 def test_unsupported_config_is_refused(engine, good_adapter, tmp_path, update, words):
     path = _variant(good_adapter, tmp_path / "bad", config_update=update)
@@ -158,6 +167,60 @@ def test_corrupt_files_are_refused(engine, good_adapter, tmp_path):
     (path / "adapter_config.json").write_text("{not json")
     with pytest.raises(AdapterIncompatible, match="not valid JSON"):
         engine.check_adapter("json", path)
+
+
+def test_json_nested_50k_deep_is_refused_without_a_recursion_error(engine, good_adapter, tmp_path):
+    path = _variant(good_adapter, tmp_path / "deep")
+    (path / "adapter_config.json").write_text('{"r": 8, "lora_alpha": 16, "x": ' + "[" * 50_000 + "]" * 50_000 + "}")
+    with pytest.raises(AdapterIncompatible, match="nested more than 32 levels"):
+        engine.check_adapter("deep", path)
+
+
+def _poison(which: str, value: float, scale: float = 1.0):
+    """A tensors update that writes `value` into one element of the first `which` (A or B) tensor
+    and multiplies all of that tensor by `scale`."""
+    def update(tensors):
+        key = next(k for k in sorted(tensors) if k.endswith(f"lora_{which}.weight"))
+        tensor = tensors[key].clone() * scale
+        tensor[0, 0] = value
+        tensors[key] = tensor
+        return tensors
+    return update
+
+
+@pytest.mark.parametrize("which, value", [("A", float("nan")), ("B", float("inf")), ("A", float("-inf")),
+                                          ("B", float("nan"))])
+def test_non_finite_weights_are_refused_naming_the_tensor(engine, good_adapter, tmp_path, which, value):
+    path = _variant(good_adapter, tmp_path / "bad", tensors_update=_poison(which, value))
+    with pytest.raises(AdapterIncompatible) as info:
+        engine.check_adapter("bad", path)
+    assert info.value.code == "FAILED_PRECONDITION"
+    assert f"lora_{which}.weight" in info.value.message and "not finite in float32" in info.value.message
+    assert "base_model.model.model.layers." in info.value.message  # the tensor's own name
+
+
+def test_a_scaling_that_overflows_the_slot_dtype_is_refused(base_dir, good_adapter, tmp_path):
+    """lora_alpha 1e38 at r=8 folds B by 1.25e37: B's values of ~1 become ~1e37, finite in float32;
+    1e39 overflows float32 and bfloat16 (same exponent range); 1e5 fits both but not float16,
+    the dtype a GPU host may serve in."""
+    from server.lora.adapter import parse_adapter
+    from server.store.peft_files import read_adapter_dir
+
+    shapes = Engine.load(EngineConfig(base=BaseModelConfig(str(base_dir), quantization="none"))).lora_module_shapes()
+
+    def check(alpha: float, dtype: torch.dtype) -> None:
+        path = _variant(good_adapter, tmp_path / f"a-{alpha:g}-{dtype}".replace("torch.", ""),
+                        config_update={"lora_alpha": alpha}, tensors_update=_poison("B", 4.0, scale=1.0))
+        config, tensors, _ = read_adapter_dir(path, "big")
+        parse_adapter("big", config, tensors, shapes, 64, dtype)
+
+    check(8.0, torch.float16)
+    check(1e38 / 4, torch.float32)
+    for alpha, dtype in [(1e39, torch.float32), (1e39, torch.bfloat16), (1e5 * 8, torch.float16)]:
+        with pytest.raises(AdapterIncompatible) as info:
+            check(alpha, dtype)
+        name = str(dtype).removeprefix("torch.")
+        assert f"lora_B.weight times its scaling" in info.value.message and f"not finite in {name}" in info.value.message
 
 
 def test_rank_and_alpha_patterns_follow_peft(engine, base_dir, tmp_path):

@@ -21,6 +21,7 @@ from server.access.principal import DEFAULT_TENANT, TenantLimits
 from server.engine.engine import CheckedAdapter, Engine
 from server.engine.engine_client import EngineClient
 from server.errors import AdapterIncompatible, AdapterNotFound, InvalidArgument, ResourceExhausted
+from server.store.adapter_config import AdapterConfig
 from server.store.adapter_store import AdapterStore, StagedAdapter
 from server.store.import_roots import resolve_import_path
 from server.store.layout import MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, now_rfc3339, split_adapter_key
@@ -28,8 +29,6 @@ from server.store.peft_files import CONFIG_FILE, PICKLE_FILES, WEIGHTS_FILE
 from server.store.safetensors_check import check_safetensors_header
 
 log = logging.getLogger(__name__)
-# Config keys that would make a loader import or run code (transformers' auto_map and friends).
-CODE_KEYS = ("auto_map", "custom_code", "trust_remote_code")
 
 
 @dataclass(frozen=True)
@@ -170,17 +169,14 @@ class AdapterRegistry:
         """Every check of a staged adapter; with `keep`, the engine holds the decoded weights for
         the `add_adapter` that follows (a validation alone keeps nothing)."""
         name = staged.name
-        config = json.loads((staged.path / CONFIG_FILE).read_bytes())
-        for key in CODE_KEYS:
-            if key in config:
-                raise AdapterIncompatible(f"adapter {name!r}: {CONFIG_FILE} has {key!r}, which would load code")
+        config = AdapterConfig.from_bytes((staged.path / CONFIG_FILE).read_bytes(), name)
         shapes = self.engine.lora_module_shapes()
         max_rank = self.engine.config.max_lora_rank
         headers = check_safetensors_header(staged.path / WEIGHTS_FILE, self.max_adapter_bytes,
                                            label=f"adapter {name!r}: {WEIGHTS_FILE}")
         for key, header in headers.items():  # still nothing allocated: shapes come from the header
             _check_shape(key, tuple(header.shape), shapes, max_rank, name)
-        return Checked(float(config.get("lora_alpha", 0)), self.engine.check_adapter(name, staged.path, keep=keep))
+        return Checked(config.lora_alpha, self.engine.check_adapter(name, staged.path, keep=keep))
 
     def validate(self, name: str, path: str) -> Manifest:
         """The manifest the adapter would get; publishes nothing."""

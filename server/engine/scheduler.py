@@ -26,7 +26,7 @@ from server.engine.request import ErrorEvent
 from server.engine.runner import ModelRunner
 from server.engine.sampling import sample_batch
 from server.engine.sequence import Sequence
-from server.errors import AdapterNotFound, Cancelled, DeadlineExceeded, LoraserveError
+from server.errors import AdapterIncompatible, AdapterNotFound, Cancelled, DeadlineExceeded, LoraserveError
 from server.lora.adapter import LoraWeights
 from server.lora.slots import AdapterSlots, HostCache
 
@@ -298,8 +298,13 @@ class BatchScheduler:
         if any(s.seen is not None for s in seqs):
             seen = [s.seen if s.seen is not None else torch.zeros_like(logits[0], dtype=torch.bool) for s in seqs]
         tokens = sample_batch(logits, [s.request.sampling for s in seqs], [s.generator for s in seqs], seen)
+        finite = torch.isfinite(logits).all(dim=-1).tolist()  # [n]: a row's own numbers went bad
         done = set()
         for i, (seq, token) in enumerate(zip(seqs, tokens)):
+            if not finite[i]:  # that row alone ends; its batch mates go on
+                seq.stream.push(ErrorEvent(_non_finite(seq)))
+                done.add(first_row + i)
+                continue
             reason = seq.append(token, self._eos_ids)
             if reason is not None:
                 seq.finish(reason)
@@ -369,3 +374,13 @@ def _early_end(seq: Sequence, now: float) -> LoraserveError | None:
     if deadline is not None and now > deadline:
         return DeadlineExceeded("the request's deadline passed before it finished")
     return None
+
+
+def _non_finite(seq: Sequence) -> LoraserveError:
+    """The error of a request whose logits came out NaN or infinite (an adapter whose weights
+    overflow the compute dtype on this input, or a fault of the base)."""
+    if seq.request.adapter:
+        return AdapterIncompatible(f"adapter {seq.request.adapter!r} produced non-finite logits (NaN or inf) for "
+                                   "this request: its weights overflow the server's compute dtype on this input")
+    log.error("the base produced non-finite logits for request %s", seq.request.request_id)
+    return LoraserveError("the base model produced non-finite logits for this request")

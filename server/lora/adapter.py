@@ -16,20 +16,9 @@ from peft.utils.other import get_pattern_key
 
 from server.errors import AdapterIncompatible
 from server.lora.wrapping import UNSUPPORTED_MODULES
+from server.store.adapter_config import AdapterConfig
 
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
-# Config fields that switch on a LoRA variant we do not serve, with how we describe them.
-_REFUSED_FLAGS = {
-    "use_dora": "DoRA (use_dora)",
-    "modules_to_save": "modules_to_save (extra full-weight modules)",
-    "target_parameters": "target_parameters (routed MoE expert weights)",
-    "trainable_token_indices": "trainable_token_indices (embedding rows)",
-    "layer_replication": "layer_replication",
-    "fan_in_fan_out": "fan_in_fan_out (Conv1D layout)",
-    "lora_bias": "LoRA bias (lora_bias)",
-    "use_qalora": "QA-LoRA (use_qalora)",
-    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
-}
 
 
 @dataclass
@@ -54,14 +43,19 @@ class LoraWeights:
         return sum(m.a.nbytes + m.b.nbytes for m in self.modules.values())
 
 
-def parse_adapter(name: str, config: dict, tensors: dict[str, torch.Tensor],
+def parse_adapter(name: str, config: dict | AdapterConfig, tensors: dict[str, torch.Tensor],
                   base_shapes: dict[str, tuple[int, int]], max_rank: int,
                   dtype: torch.dtype) -> LoraWeights:
-    """Check a PEFT LoRA adapter against the served base and decode it.
+    """Check a PEFT LoRA adapter against the served base and decode it into `dtype`.
 
     `base_shapes` maps every module that has LoRA slots to its (in_features, out_features).
+    Every value that will reach a slot (A, and B times its scaling) must be finite in `dtype`:
+    a slot's values are only ever multiplied with its own rows, but a NaN or an overflow would
+    still ruin every answer of that adapter, so it is refused here, naming the tensor.
     """
-    _check_config(name, config, max_rank)
+    config = config if isinstance(config, AdapterConfig) else AdapterConfig.from_dict(config, name)
+    if config.max_rank > max_rank:
+        raise AdapterIncompatible(f"adapter {name!r}: LoRA rank {config.max_rank} is greater than max_lora_rank {max_rank}")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = _KEY.match(key)
@@ -71,13 +65,11 @@ def parse_adapter(name: str, config: dict, tensors: dict[str, torch.Tensor],
     if not pairs:
         raise AdapterIncompatible(f"adapter {name!r} holds no LoRA weights")
     modules: dict[str, ModuleLora] = {}
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
     for module, pair in sorted(pairs.items()):
         _check_module(name, module, pair, base_shapes)
         a, b = pair["A"], pair["B"]
-        r = int(rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config["r"]))
-        alpha = float(alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config["lora_alpha"]))
+        r = int(config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r))
+        alpha = float(config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha))
         in_features, out_features = base_shapes[module]
         if a.shape != (r, in_features) or b.shape != (out_features, r):
             raise AdapterIncompatible(
@@ -87,28 +79,28 @@ def parse_adapter(name: str, config: dict, tensors: dict[str, torch.Tensor],
             raise AdapterIncompatible(f"adapter {name!r}: LoRA rank {r} of {module} is greater than max_lora_rank {max_rank}")
         if not a.is_floating_point() or not b.is_floating_point():
             raise AdapterIncompatible(f"adapter {name!r}: module {module} has non-float weights ({a.dtype})")
-        scaling = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
-        modules[module] = ModuleLora(a.to(dtype).contiguous(), b.to(dtype).contiguous(), scaling)
+        scaling = alpha / (math.sqrt(r) if config.use_rslora else r)
+        a, b = a.to(dtype).contiguous(), b.to(dtype).contiguous()
+        _check_finite(name, f"base_model.model.{module}.lora_A.weight", a, dtype)
+        _check_finite(name, f"base_model.model.{module}.lora_B.weight", b, dtype)
+        # What the slot will hold (layers.MultiLoraLinear.load_slot folds the scaling into B).
+        _check_finite(name, f"base_model.model.{module}.lora_B.weight", b * scaling, dtype, scaling)
+        modules[module] = ModuleLora(a, b, scaling)
     return LoraWeights(name=name, modules=modules, rank=max(m.a.shape[0] for m in modules.values()))
 
 
-def _check_config(name: str, config: dict, max_rank: int) -> None:
-    peft_type = config.get("peft_type", "LORA")
-    if peft_type != "LORA":
-        raise AdapterIncompatible(f"adapter {name!r}: peft_type is {peft_type!r}, only LORA is served")
-    for field, what in _REFUSED_FLAGS.items():
-        if config.get(field):
-            raise AdapterIncompatible(f"adapter {name!r}: {what} is not supported ({field}={config[field]!r})")
-    bias = config.get("bias", "none")
-    if bias != "none":
-        raise AdapterIncompatible(f"adapter {name!r}: bias={bias!r} is not supported, only bias='none'")
-    for field in ("r", "lora_alpha"):
-        value = config.get(field)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise AdapterIncompatible(f"adapter {name!r}: {field} must be a positive number, got {value!r}")
-    ranks = [config["r"], *(config.get("rank_pattern") or {}).values()]
-    if max(ranks) > max_rank:
-        raise AdapterIncompatible(f"adapter {name!r}: LoRA rank {max(ranks)} is greater than max_lora_rank {max_rank}")
+def _check_finite(name: str, key: str, tensor: torch.Tensor, dtype: torch.dtype, scaling: float | None = None) -> None:
+    if bool(torch.isfinite(tensor).all()):
+        return
+    if scaling is None:
+        raise AdapterIncompatible(f"adapter {name!r}: tensor {key} has values that are not finite in {_dtype_name(dtype)} "
+                                  "(NaN, inf, or beyond its range)")
+    raise AdapterIncompatible(f"adapter {name!r}: tensor {key} times its scaling {scaling:g} (lora_alpha / r) is not "
+                              f"finite in {_dtype_name(dtype)}; lower lora_alpha or the weights")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _check_module(name: str, module: str, pair: dict[str, torch.Tensor],

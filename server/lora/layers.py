@@ -5,25 +5,25 @@ Semantics of `MultiLoraLinear.forward` for a batch of B sequences, slot index s[
 
     y = base(x) + (x @ A[s[i]]) @ (B[s[i]] * scaling[s[i]])      (only where s[i] != 0)
 
-A is stored as [in, S, R] and B as [S, R, out] for the S = max_loras real slots (slot 0 has
-no storage: its rows are skipped, and the dense path below reads every stored slot, so an
-all-zero slot would only cost bandwidth), R = max_lora_rank: an adapter of rank r < R
-fills the first r columns/rows and leaves zeros, so one matmul serves every rank, and the
-scaling is folded into B when a slot is loaded. Rows with slot 0 are never touched, so
-base-only sequences get exactly the base output whatever their batch mates use.
+A is stored as [S, in, R] and B as [S, R, out] for the S = max_loras real slots (slot 0 has
+no storage: its rows are never touched, so base-only sequences get exactly the base output
+whatever their batch mates use), R = max_lora_rank: an adapter of rank r < R fills the first r
+columns/rows and leaves zeros, so one matmul serves every rank, and the scaling is folded into
+B when a slot is loaded. A freed slot is zeroed.
 
-Two paths, both without a Python loop over requests or adapters:
-- one adapter among the active rows (every prefill, single-adapter batches): two plain matmuls
-  with that slot's A and B;
-- several adapters, one token per sequence (a decode step): `h = x @ A.view(in, S*R)` computes
-  every slot's projection in one GEMM, a one-hot mask keeps each row's own slot block, and
-  `h @ B.view(S*R, out)` finishes in a second GEMM. Nothing is gathered per row: gathering A/B
-  per row ([B, in, R] copies per layer, per step) measured ~25% of a CPU decode step. The extra
-  work is S*R columns for one token, small next to the base layer; `MAX_DENSE_COLUMNS` bounds it;
-- several adapters, many tokens per sequence (a prefill, or MLA's kv_b_proj, which transformers
-  applies to the whole latent cache every step): each sequence's A and B are gathered once
-  and two `bmm`s run; the gather is paid once for all of the sequence's tokens, while the
-  one-hot path would multiply its S-fold extra work by every token.
+Isolation: a row only ever meets its own slot's A and B. Rows are grouped by slot and each group
+is multiplied by that slot's matrices alone (no row is multiplied by another slot's values and
+then masked away: NaN x 0 and 0 x inf are NaN, so a mask would let one adapter's bad values
+reach every row of the batch).
+
+Two paths, neither loops over requests:
+- one adapter among the active rows (every single-adapter batch): two plain matmuls with that
+  slot's (contiguous) A and B;
+- several adapters: the active rows are sorted by slot into contiguous segments and two grouped
+  GEMMs (`torch.nn.functional.grouped_mm`, one group per slot, empty groups for slots no row
+  uses) compute every segment with its own slot's A and B, after which the rows go back to
+  their places. Where grouped_mm has no kernel for the device and dtype (CUDA supports only
+  bf16 on SM80+), the segments run as one pair of matmuls per slot in use.
 
 This is our own code, not PEFT's: PEFT's mixed-batch path loops over adapters and masks rows,
 which measured 0.46x of a single-adapter batch.
@@ -32,10 +32,8 @@ which measured 0.46x of a single-adapter batch.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-
-MAX_DENSE_COLUMNS = 2048
-"""Above S*R columns, computing every slot's projection costs more than gathering per row."""
 
 
 class LoraBatchContext:
@@ -50,7 +48,8 @@ class LoraBatchContext:
         """The one slot all active rows share, or None when they use several."""
         self._slots: list[int] = []
         self._active: list[int] = []
-        self._per_device: dict[tuple[torch.device, torch.dtype], dict[str, torch.Tensor | None]] = {}
+        self._segments: dict[int, tuple[list[int], list[int]]] = {}  # tokens per row -> (order, bounds)
+        self._per_device: dict[tuple[torch.device, int], dict[str, torch.Tensor | None]] = {}
 
     def set(self, slots: list[int]) -> None:
         """Bind the slot of each sequence (batch order) for the next forward."""
@@ -59,29 +58,65 @@ class LoraBatchContext:
         self._active = [i for i, s in enumerate(slots) if s != 0]
         distinct = {slots[i] for i in self._active}
         self.single_slot = next(iter(distinct)) if len(distinct) == 1 else None
+        self._segments = {}
         self._per_device = {}
 
     @property
     def any_active(self) -> bool:
         return bool(self._active)
 
-    def tensors(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor | None]:
-        """Per-forward index tensors on `device`, built once per device (layers may sit on
-        several GPUs): `rows` (active row indices, None when all rows are active), `slots`
-        (slot per active row) and `onehot` ([b, S] in `dtype`, 1 at each active row's slot)."""
-        cached = self._per_device.get((device, dtype))
+    def segments(self, tokens: int) -> tuple[list[int], list[int]]:
+        """For `tokens` rows per sequence, over the active sequences' rows (in active order):
+        (`order`: row indices sorted by slot, stable; `bounds`: S + 1 segment boundaries, slot
+        s + 1's rows being order[bounds[s]:bounds[s + 1]]). Plain lists, computed once per forward."""
+        cached = self._segments.get(tokens)
+        if cached is None:
+            stored = self.num_slots - 1
+            by_slot: list[list[int]] = [[] for _ in range(stored)]
+            for position, i in enumerate(self._active):
+                by_slot[self._slots[i] - 1].extend(range(position * tokens, (position + 1) * tokens))
+            order = [row for rows in by_slot for row in rows]
+            bounds = [0]
+            for rows in by_slot:
+                bounds.append(bounds[-1] + len(rows))
+            cached = (order, bounds)
+            self._segments[tokens] = cached
+        return cached
+
+    def tensors(self, device: torch.device, tokens: int) -> dict[str, torch.Tensor | None]:
+        """Per-forward index tensors on `device` (layers may sit on several GPUs): `rows` (active
+        sequence indices, None when all are active) and, for several adapters, `order` (row
+        permutation sorting the active rows by slot) and `offs` (int32 segment ends per slot,
+        as grouped_mm takes them)."""
+        cached = self._per_device.get((device, tokens))
         if cached is None:
             all_active = len(self._active) == self.batch_size
             rows = None if all_active else torch.tensor(self._active, dtype=torch.long, device=device)
-            # Storage index of each active row's slot (slot 0 has no storage, so slot s is s - 1).
-            slots = torch.tensor([self._slots[i] - 1 for i in self._active], dtype=torch.long, device=device)
-            onehot = None
+            order = offs = None
             if self.single_slot is None:
-                onehot = torch.zeros(len(self._active), self.num_slots - 1, device=device, dtype=dtype)
-                onehot[torch.arange(len(self._active), device=device), slots] = 1.0
-            cached = {"rows": rows, "slots": slots, "onehot": onehot}
-            self._per_device[(device, dtype)] = cached
+                order_list, bounds = self.segments(tokens)
+                order = torch.tensor(order_list, dtype=torch.long, device=device)
+                offs = torch.tensor(bounds[1:], dtype=torch.int32, device=device)
+            cached = {"rows": rows, "order": order, "offs": offs}
+            self._per_device[(device, tokens)] = cached
         return cached
+
+
+_GROUPED_MM_WORKS: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch's grouped_mm runs on this device and dtype (probed once on tiny tensors)."""
+    key = (device.type, dtype)
+    if key not in _GROUPED_MM_WORKS:
+        try:
+            a = torch.ones(3, 8, device=device, dtype=dtype)
+            b = torch.ones(2, 8, 8, device=device, dtype=dtype)
+            out = F.grouped_mm(a, b, offs=torch.tensor([1, 3], dtype=torch.int32, device=device))
+            _GROUPED_MM_WORKS[key] = bool(out.shape == (3, 8) and float(out[0, 0]) == 8.0)
+        except (RuntimeError, NotImplementedError, TypeError, AttributeError):
+            _GROUPED_MM_WORKS[key] = False
+    return _GROUPED_MM_WORKS[key]
 
 
 class MultiLoraLinear(nn.Module):
@@ -98,22 +133,28 @@ class MultiLoraLinear(nn.Module):
         self.max_rank = max_rank
         self.context = context
         device = _device_of(base_layer)
-        self.register_buffer("lora_a", torch.zeros(self.in_features, self.stored, max_rank, dtype=dtype, device=device),
-                             persistent=False)  # [in, S, R]
+        self.register_buffer("lora_a", torch.zeros(self.stored, self.in_features, max_rank, dtype=dtype, device=device),
+                             persistent=False)  # [S, in, R]
         self.register_buffer("lora_b", torch.zeros(self.stored, max_rank, self.out_features, dtype=dtype, device=device),
                              persistent=False)  # [S, R, out], scaling folded in
+        # CUDA's grouped GEMM wants 16-byte aligned rows; real model dims are, a rank may not be.
+        aligned = device.type == "cpu" or all(d % 8 == 0 for d in (self.in_features, max_rank, self.out_features))
+        self._grouped = aligned and grouped_mm_works(device, dtype)
 
     def load_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scaling: float) -> None:
         """Write one adapter's A ([r, in], PEFT layout) and B ([out, r]) into `slot`; None clears it
         (the adapter does not target this module). Slots are numbered from 1."""
-        index = slot - 1
-        self.lora_a[:, index].zero_()
-        self.lora_b[index].zero_()
+        self.clear_slot(slot)
         if a is None:
             return
         r = a.shape[0]
-        self.lora_a[:, index, :r].copy_(a.t())
-        self.lora_b[index, :r, :].copy_(b.t() * scaling)
+        self.lora_a[slot - 1, :, :r].copy_(a.t())
+        self.lora_b[slot - 1, :r, :].copy_(b.t() * scaling)
+
+    def clear_slot(self, slot: int) -> None:
+        """Zero `slot` (numbered from 1): a freed slot holds nothing of its last adapter."""
+        self.lora_a[slot - 1].zero_()
+        self.lora_b[slot - 1].zero_()
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
@@ -125,26 +166,21 @@ class MultiLoraLinear(nn.Module):
             raise RuntimeError(
                 f"LoRA layer got {x.shape[0]} rows but the batch has {batch} sequences; "
                 "this module flattens its input and cannot take per-sequence adapters")
-        index = ctx.tensors(x.device, self.lora_a.dtype)
-        rows = index["rows"]
         xs = x.reshape(batch, -1, self.in_features)  # [B, N, in]; any input rank (kv_b_proj gets 4-D)
+        n = xs.shape[1]
+        index = ctx.tensors(x.device, n)
+        rows = index["rows"]
         if rows is not None:
             xs = xs.index_select(0, rows)  # [b, N, in], only rows that use an adapter
         if xs.dtype != self.lora_a.dtype:
             xs = xs.to(self.lora_a.dtype)
-        b, n = xs.shape[0], xs.shape[1]
-        flat = xs.reshape(b * n, self.in_features)  # 2-D: one GEMM, not b GEMMs of n rows
+        b = xs.shape[0]
+        flat = xs.reshape(b * n, self.in_features)  # [M, in], M = b*N: one GEMM, not b GEMMs of N rows
         if ctx.single_slot is not None:
-            index_of_slot = ctx.single_slot - 1
-            delta = (flat @ self.lora_a[:, index_of_slot]) @ self.lora_b[index_of_slot]  # [b*N, R] -> [b*N, out]
-        elif n == 1 and self.stored * self.max_rank <= MAX_DENSE_COLUMNS:
-            h = flat @ self.lora_a.view(self.in_features, -1)  # [b*N, S*R]: every slot at once
-            h = h.view(b, n, self.stored, self.max_rank) * index["onehot"][:, None, :, None]
-            delta = h.view(b * n, -1) @ self.lora_b.view(-1, self.out_features)  # [b*N, out]
+            s = ctx.single_slot - 1
+            delta = (flat @ self.lora_a[s]) @ self.lora_b[s]  # [M, R] -> [M, out]
         else:
-            slots = index["slots"]
-            a = self.lora_a.index_select(1, slots).permute(1, 0, 2)  # [b, in, R]
-            delta = torch.bmm(torch.bmm(xs, a), self.lora_b.index_select(0, slots))  # [b, N, out]
+            delta = self._segmented(flat, index["order"], index["offs"], ctx.segments(n)[1])
         delta = delta.view(b, n, self.out_features)
         if delta.dtype != y.dtype:
             delta = delta.to(y.dtype)
@@ -154,6 +190,23 @@ class MultiLoraLinear(nn.Module):
         else:
             out.index_add_(0, rows, delta)
         return y
+
+    def _segmented(self, flat: torch.Tensor, order: torch.Tensor, offs: torch.Tensor,
+                   bounds: list[int]) -> torch.Tensor:
+        """Rows of several adapters, each multiplied by its own slot only: [M, in] -> [M, out]."""
+        grouped = flat.index_select(0, order)  # [M, in], rows sorted by slot
+        if self._grouped:
+            h = F.grouped_mm(grouped, self.lora_a, offs=offs)  # [M, R]
+            sorted_delta = F.grouped_mm(h, self.lora_b, offs=offs)  # [M, out]
+        else:
+            sorted_delta = grouped.new_empty(grouped.shape[0], self.out_features)
+            for s in range(self.stored):
+                lo, hi = bounds[s], bounds[s + 1]
+                if hi > lo:
+                    torch.mm(grouped[lo:hi] @ self.lora_a[s], self.lora_b[s], out=sorted_delta[lo:hi])
+        delta = torch.empty_like(sorted_delta)
+        delta.index_copy_(0, order, sorted_delta)  # back to row order
+        return delta
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -123,9 +123,12 @@ class AdapterSlots:
         return None
 
     def _free(self, key: str) -> int:
-        # The slot's tensors are left as they are: nothing reads a slot no sequence holds, and
-        # the next `_place` overwrites every layer's copy of it.
-        return self._slot_of.pop(key)
+        # Zeroed, not left for the next `_place` to overwrite: a freed slot must hold nothing of
+        # an adapter that was removed (its values could be the reason it was removed).
+        slot = self._slot_of.pop(key)
+        for layer in self._layers.values():
+            layer.clear_slot(slot)
+        return slot
 
 
 class HostCache:

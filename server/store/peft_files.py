@@ -7,13 +7,13 @@ refused and never opened. The config is parsed as plain JSON data.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load as load_safetensors
 
 from server.errors import AdapterIncompatible
+from server.store.adapter_config import AdapterConfig
 from server.store.layout import CONFIG_FILE, WEIGHTS_FILE  # noqa: E402  (one definition, torch-free)
 
 PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
@@ -38,12 +38,7 @@ def read_adapter_dir(path: str | Path, name: str) -> tuple[dict, dict[str, torch
     config_bytes = config_path.read_bytes()
     weights_bytes = weights_path.read_bytes()
     digest = hashlib.sha256(hashlib.sha256(config_bytes).digest() + hashlib.sha256(weights_bytes).digest())
-    try:
-        config = json.loads(config_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterIncompatible(f"adapter {name!r}: {CONFIG_FILE} is not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise AdapterIncompatible(f"adapter {name!r}: {CONFIG_FILE} must hold a JSON object")
+    config = AdapterConfig.from_bytes(config_bytes, name).raw
     try:
         tensors = load_safetensors(weights_bytes)
     except Exception as exc:  # safetensors raises its own error types for corrupt files

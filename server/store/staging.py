@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Mapping
@@ -11,6 +10,7 @@ from pathlib import Path
 from typing import Self
 
 from server.errors import AdapterIncompatible, InvalidArgument, ResourceExhausted
+from server.store.adapter_config import AdapterConfig
 from server.store.layout import (
     ADAPTER_FILES,
     CONFIG_FILE,
@@ -80,7 +80,7 @@ def stage_files(root: Path, name: str, files: Mapping[str, bytes | Path], max_ad
         digests = tuple(copy_in_durably(staging / f, files[f], sizes[f], f"adapter {name!r}: {f}")
                         for f in ADAPTER_FILES)
         fsync_dir(staging)
-        _check_config((staging / CONFIG_FILE).read_bytes(), name)
+        AdapterConfig.from_bytes((staging / CONFIG_FILE).read_bytes(), name)
         check_safetensors_header(staging / WEIGHTS_FILE, max_adapter_bytes,
                                  label=f"adapter {name!r}: {WEIGHTS_FILE}")
     except BaseException:
@@ -89,14 +89,6 @@ def stage_files(root: Path, name: str, files: Mapping[str, bytes | Path], max_ad
     return StagedAdapter(name, staging, digests)
 
 
-def _check_config(data: bytes, name: str) -> None:
-    try:
-        config = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
-        raise AdapterIncompatible(f"adapter {name!r}: {CONFIG_FILE} is not valid JSON ({reason})") from None
-    if not isinstance(config, dict):
-        raise AdapterIncompatible(f"adapter {name!r}: {CONFIG_FILE} must hold a JSON object")
 
 
 def _source_size(source: bytes | Path, label: str) -> int:

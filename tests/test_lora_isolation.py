@@ -1,0 +1,136 @@
+"""One tenant's adapter can never change another's output: a slot's values reach only the rows
+that use that slot, a freed slot holds nothing, and a row whose numbers go bad ends alone.
+
+Validation refuses NaN and overflowing weights (test_adapter_validation.py), so these tests
+write such weights past it, into the engine's host tier, as a bug, a bit flip or an adapter
+that only overflows on some inputs would put them there. Every other request is compared token
+for token with a clean run of the same batch, while the bad adapters sit in slots and after
+they are unregistered.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import PROMPTS, collect, greedy_request, running_engine
+
+from server.engine.engine import Engine
+from server.errors import AdapterIncompatible
+from server.lora.adapter import LoraWeights, ModuleLora
+
+pytestmark = pytest.mark.usefixtures("single_threaded_torch")
+
+HEALTHY = ("att-r4", "mlp-r8", "all-r16")
+# Each bad adapter is registered with a healthy adapter's files, then its decoded weights are
+# replaced: NaN in one A, +inf in one B.
+BAD = {"bad-nan": ("all-r8-a32", "A", float("nan")), "bad-inf": ("att-r16", "B", float("inf"))}
+STAND_INS = {"bad-nan": "all-r8-a32", "bad-inf": "att-r16"}  # the clean run uses these instead
+N = 12
+
+
+def _poisoned(weights: LoraWeights, which: str, value: float) -> LoraWeights:
+    modules = dict(weights.modules)
+    name = sorted(modules)[0]
+    m = modules[name]
+    a, b = m.a.clone(), m.b.clone()
+    (a if which == "A" else b)[0, 0] = value
+    modules[name] = ModuleLora(a, b, m.scaling)
+    return LoraWeights(weights.name, modules, weights.rank)
+
+
+def _poison(engine: Engine, name: str, which: str, value: float) -> None:
+    """Replace the decoded weights of registered adapter `name` in the host tier (the engine
+    thread's state, so the change runs there between two steps)."""
+    entry = next(e for e in engine.adapters() if e.name == name)
+    scheduler = engine._scheduler
+
+    def swap() -> None:
+        weights = scheduler.host.get(entry.key)
+        assert weights is not None, "a just-registered adapter is in host memory"
+        scheduler.host.put(entry.key, _poisoned(weights, which, value), keep=set())
+    engine._on_engine(swap)
+
+
+def _batch(engine: Engine, adapters: list[str | None]) -> list:
+    """Submit one request per adapter (prompts cycle), all at once; the streams, in order."""
+    ids = [engine.encode(p) for p in PROMPTS]
+    return [engine.submit(greedy_request(ids[i % len(ids)], N, a)) for i, a in enumerate(adapters)]
+
+
+def _layout(bad: tuple[str, str]) -> list[str | None]:
+    """Healthy adapters and base rows around the two bad ones, so every step mixes them."""
+    return [HEALTHY[0], None, bad[0], HEALTHY[1], HEALTHY[2], bad[1], HEALTHY[0], None, HEALTHY[1]]
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "none"])
+@pytest.mark.parametrize("arch", ["deepseek-v3", "deepseek-llm"])
+def test_poisoned_slots_change_no_other_request(base_dirs, adapter_dirs, arch: str, quantization: str) -> None:
+    adapters = adapter_dirs(arch)
+    clean_layout = _layout((STAND_INS["bad-nan"], STAND_INS["bad-inf"]))
+    registered = {name: adapters[name] for name in (*HEALTHY, *STAND_INS.values())}
+    with running_engine(base_dirs[arch], quantization, registered, max_loras=5, max_cpu_loras=16) as engine:
+        clean = [collect(s)[1].token_ids for s in _batch(engine, clean_layout)]
+
+    others = [i for i, a in enumerate(clean_layout) if a not in STAND_INS.values()]
+    registered = {name: adapters[name] for name in HEALTHY}
+    with running_engine(base_dirs[arch], quantization, registered, max_loras=5, max_cpu_loras=16) as engine:
+        for bad, (files, which, value) in BAD.items():
+            engine.add_adapter(bad, adapters[files])
+            _poison(engine, bad, which, value)
+        streams = _batch(engine, _layout(("bad-nan", "bad-inf")))
+        for i, stream in enumerate(streams):
+            if i in others:
+                assert collect(stream)[1].token_ids == clean[i], f"request {i} ({clean_layout[i]}) changed"
+            else:  # the bad adapter's own request ends with its own error, nobody else's
+                with pytest.raises(AdapterIncompatible, match="non-finite logits"):
+                    collect(stream)
+        assert {"bad-nan", "bad-inf"} <= {k.rsplit("#", 1)[0] for k in engine.stats().slots_resident}
+
+        # The bad adapters stay resident in their slots while healthy batches mix around them.
+        again = [collect(s)[1].token_ids for s in
+                 _batch(engine, [a if a not in STAND_INS.values() else HEALTHY[2] for a in clean_layout])]
+        for i in others:
+            assert again[i] == clean[i], f"request {i} ({clean_layout[i]}) changed beside resident bad slots"
+
+        # Unregistered: their slots are freed and zeroed; the stand-ins load into those slots.
+        for bad in BAD:
+            engine.remove_adapter(bad)
+        for name, stand_in in STAND_INS.items():
+            engine.add_adapter(stand_in, adapters[stand_in])
+        slots = engine._scheduler.slots
+        for layer in slots._layers.values():
+            free = set(range(1, slots.max_loras + 1)) - set(slots._slot_of.values())
+            for slot in free:
+                assert not layer.lora_a[slot - 1].any() and not layer.lora_b[slot - 1].any()
+        after = [collect(s)[1].token_ids for s in _batch(engine, clean_layout)]
+    assert after == clean, "every request, the stand-ins' included, equals the clean run after unregistering"
+
+
+def test_freed_slot_is_zeroed_in_every_layer(base_dirs, adapter_dirs) -> None:
+    adapters = adapter_dirs("deepseek-v3")
+    with running_engine(base_dirs["deepseek-v3"], "none", {"all-r16": adapters["all-r16"]}, max_loras=2) as engine:
+        collect(_batch(engine, ["all-r16"])[0])
+        slots = engine._scheduler.slots
+        key = next(e.key for e in engine.adapters())
+        slot = slots.slot_of(key)
+        layers = list(slots._layers.values())
+        assert any(layer.lora_a[slot - 1].any() for layer in layers)
+        engine.remove_adapter("all-r16")
+        engine.stats()  # a round trip through the engine thread: the removal has run
+        assert slots.slot_of(key) is None
+        assert all(not layer.lora_a[slot - 1].any() and not layer.lora_b[slot - 1].any() for layer in layers)
+
+
+def test_grouped_and_per_slot_paths_agree(base_dirs, adapter_dirs) -> None:
+    """The fallback for devices without grouped_mm gives the same numbers as grouped_mm."""
+    from server.lora import layers as lora_layers
+
+    adapters = adapter_dirs("deepseek-llm")
+    names = ["att-r4", "mlp-r8", "all-r16"]
+    outputs = []
+    for grouped in (True, False):
+        with running_engine(base_dirs["deepseek-llm"], "none", {n: adapters[n] for n in names}, max_loras=4) as engine:
+            for layer in engine._scheduler.slots._layers.values():
+                layer._grouped = grouped and lora_layers.grouped_mm_works(layer.lora_a.device, layer.lora_a.dtype)
+            outputs.append([collect(s)[1].token_ids for s in _batch(engine, [names[0], None, names[1], names[2],
+                                                                              names[0]])])
+    assert outputs[0] == outputs[1]
