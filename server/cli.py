@@ -33,7 +33,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = resolve(args)
     # The engine process first: it imports torch and loads the base while this process imports
     # gRPC, torch and transformers (seconds each on a small CPU host, minutes of loading on a big base).
-    launched = launch(settings.engine_config(), settings.engine_threads)
+    launched = launch(settings.engine_config(), settings.engine_threads, settings.heartbeat_interval)
     try:
         from server.api.app import run
 
@@ -83,6 +83,12 @@ def _bench_tenants(args: argparse.Namespace) -> int:
     from server.bench.tenant_bench import run_tenant_bench
 
     return run_tenant_bench(args)
+
+
+def _bench_abuse(args: argparse.Namespace) -> int:
+    from server.bench.abuse_bench import run_abuse_bench
+
+    return run_abuse_bench(args)
 
 
 def _client_command(name: str) -> Callable[[argparse.Namespace], int]:
@@ -266,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_tenant_bench_flags(b, ARCHS, SIZES, QUANTIZATIONS)
     b.set_defaults(func=_bench_tenants)
+    from server.bench.abuse_bench import add_flags as add_abuse_bench_flags  # torch-free
+
+    b = bench.add_parser("abuse", help="what huge inputs, big uploads, stream floods, a stopped engine and "
+                         "poisoned adapters cost a real server", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_abuse_bench_flags(b, ARCHS, SIZES, QUANTIZATIONS)
+    b.set_defaults(func=_bench_abuse)
 
     _add_client_commands(sub)
     _add_keys_commands(sub)

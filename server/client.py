@@ -76,10 +76,15 @@ def _generation_input(prompt: str | None, messages: Sequence[Mapping[str, str]] 
     return msg
 
 
+MAX_CHUNK_BYTES = 4 * 1024 * 1024
+"""Largest upload chunk a loraserve server accepts in one message (its UPLOAD_MESSAGE_BYTES, less framing)."""
+
+
 def _upload_files(directory: str | Path, chunk_bytes: int) -> list[Path]:
     """The files to upload, checked before the RPC starts so a typo fails without a round trip."""
-    if chunk_bytes <= 0:
-        raise LoraserveClientError("INVALID_ARGUMENT", f"chunk_bytes must be positive, got {chunk_bytes}")
+    if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
+        raise LoraserveClientError("INVALID_ARGUMENT", f"chunk_bytes must be in 1..{MAX_CHUNK_BYTES:,} (the largest "
+                                   f"upload message a server accepts), got {chunk_bytes}")
     paths = [Path(directory) / name for name in UPLOAD_FILES]
     missing = [p.name for p in paths if not p.is_file()]
     if missing:

@@ -104,6 +104,8 @@ class Limits:
     max_queue: int
     max_input_tokens: int
     max_new_tokens: int
+    max_input_bytes: int = 0
+    """Longest prompt in UTF-8 bytes that can fit max_input_tokens (0: an older server)."""
 
 
 @dataclass(frozen=True)

@@ -33,11 +33,23 @@ class AdapterAlreadyExists(LoraserveError):
     code = "ALREADY_EXISTS"
 
 
-class AdapterIncompatible(LoraserveError):
+class FailedPrecondition(LoraserveError):
+    """The request is well formed but the server's state cannot serve it (e.g. messages sent to
+    a base without a chat template)."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class AdapterIncompatible(FailedPrecondition):
     """The adapter cannot run on this base: unsupported kind, wrong shapes, rank over the limit,
     modules the base lacks, or built for another base."""
 
-    code = "FAILED_PRECONDITION"
+
+class AdapterDataLoss(LoraserveError):
+    """A stored adapter's files no longer match the sha256 its manifest recorded (tampering, or a
+    disk fault): it is never served until published again."""
+
+    code = "DATA_LOSS"
 
 
 class ResourceExhausted(LoraserveError):

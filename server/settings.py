@@ -64,6 +64,18 @@ SETTINGS = (
     Setting("front_nice", int, 10, "nice value added to this gRPC front-end process (not to its engine "
             "process): when CPUs are short, the engine, which serves every tenant, runs first, and a flood of "
             "calls slows only the front end that takes it (0..19; 0 = same priority)"),
+    Setting("max_concurrent_rpcs", int, 8192, "most RPCs in flight on the server (health checks aside); beyond "
+            "it a call is refused RESOURCE_EXHAUSTED at once (at most half of them may be held refusals)"),
+    Setting("max_streams_per_connection", int, 1024, "most concurrent gRPC streams one client connection may "
+            "open (HTTP/2 MAX_CONCURRENT_STREAMS); a client queues the rest itself"),
+    Setting("max_concurrent_uploads", int, 4, "adapter uploads received at once by this server; beyond, "
+            "RESOURCE_EXHAUSTED"),
+    Setting("max_concurrent_uploads_per_tenant", int, 2, "adapter uploads one tenant may have in progress at once; "
+            "beyond, RESOURCE_EXHAUSTED for that tenant"),
+    Setting("heartbeat_interval", float, 1.0, "seconds between the engine's heartbeats; health turns NOT_SERVING "
+            "when three in a row are missing (the engine process is stopped or hung)"),
+    Setting("engine_stall_timeout", float, 60.0, "seconds the engine may go without finishing a step while it "
+            "has work before health turns NOT_SERVING (a wedged kernel or a deadlock)"),
     Setting("store_sync_interval", float, 10.0, "seconds between looks at the adapter store for what other "
             "replicas or training jobs changed (0 = only on a request for an unknown adapter)"),
 )
@@ -133,6 +145,15 @@ def resolve(args: argparse.Namespace, environ: dict[str, str] | None = None) -> 
         raise ConfigError(f"engine_threads must be >= 0 (0 = auto), got {values['engine_threads']}")
     if not 0 <= values["refusal_hold"] <= 60:
         raise ConfigError(f"refusal_hold must be in 0..60 seconds (0 = answer at once), got {values['refusal_hold']}")
+    for name in ("max_concurrent_rpcs", "max_streams_per_connection", "max_concurrent_uploads",
+                 "max_concurrent_uploads_per_tenant"):
+        if values[name] < 1:
+            raise ConfigError(f"{name} must be at least 1, got {values[name]}")
+    if not 0.05 <= values["heartbeat_interval"] <= 60:
+        raise ConfigError(f"heartbeat_interval must be in 0.05..60 seconds, got {values['heartbeat_interval']}")
+    if values["engine_stall_timeout"] < 3 * values["heartbeat_interval"]:
+        raise ConfigError(f"engine_stall_timeout ({values['engine_stall_timeout']}) must be at least three "
+                          f"heartbeat intervals ({3 * values['heartbeat_interval']})")
     if not 0 <= values["front_nice"] <= 19:
         raise ConfigError(f"front_nice must be in 0..19, got {values['front_nice']}")
     settings = ServerSettings(values)

@@ -74,11 +74,15 @@ class ServerProcess:
 
 
 def start_server(tmp: Path, model: Path, adapters_dir: Path, *extra: str, env: dict | None = None,
-                 log_level: str = "WARNING",
-                 credentials: grpc.ChannelCredentials | None = None) -> ServerProcess:
-    port, metrics_port = free_port(), free_port()
-    log_path = tmp / f"server-{port}.log"
-    args = [sys.executable, "-m", "server", "--log-level", log_level, "serve", "--model", str(model),
+                 log_level: str = "WARNING", credentials: grpc.ChannelCredentials | None = None,
+                 prefix: tuple[str, ...] = (), port: int | None = None,
+                 metrics_port: int | None = None) -> ServerProcess:
+    """`prefix`: a command the server runs under (it must exec the server's own command line,
+    given as its arguments); `port` / `metrics_port`: fixed ports instead of free ones."""
+    port = port if port is not None else free_port()
+    metrics_port = metrics_port if metrics_port is not None else free_port()
+    log_path = tmp / f"server-{port}-{time.monotonic_ns()}.log"
+    args = [*prefix, sys.executable, "-m", "server", "--log-level", log_level, "serve", "--model", str(model),
             "--adapters-dir", str(adapters_dir),
             "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port), *extra]
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
@@ -89,9 +93,10 @@ def start_server(tmp: Path, model: Path, adapters_dir: Path, *extra: str, env: d
 
 @contextmanager
 def running_server(tmp: Path, model: Path, adapters_dir: Path, *extra: str, env: dict | None = None,
-                   log_level: str = "WARNING",
-                   credentials: grpc.ChannelCredentials | None = None):
-    server = start_server(tmp, model, adapters_dir, *extra, env=env, log_level=log_level, credentials=credentials)
+                   log_level: str = "WARNING", credentials: grpc.ChannelCredentials | None = None,
+                   prefix: tuple[str, ...] = ()):
+    server = start_server(tmp, model, adapters_dir, *extra, env=env, log_level=log_level, credentials=credentials,
+                          prefix=prefix)
     try:
         server.wait_serving()
         yield server

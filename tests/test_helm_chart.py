@@ -207,10 +207,12 @@ def test_every_serve_setting_is_a_value():
 
 def test_probes_are_native_grpc_on_the_server_port():
     container = server_container(scenario("default"))
-    port, service = container_port(container, "grpc"), _chart().values["probes"]["service"]
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    port = container_port(container, "grpc")
+    # Readiness (and start-up) ask whether the server takes requests; liveness only whether its
+    # engine is alive: a draining or loading server is not restarted (test_health_and_overload_e2e).
+    expected = {"startupProbe": "readiness", "readinessProbe": "readiness", "livenessProbe": "liveness"}
+    for probe, service in expected.items():
         assert container[probe]["grpc"] == {"port": port, "service": service}
-    assert service == "loraserve.v1.InferenceService"
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 30 * 60  # a large model loads for minutes
     longer = server_container(render({"probes": {"startup": {"periodSeconds": 20, "failureThreshold": 540,
@@ -225,11 +227,12 @@ def test_probes_with_tls_run_loraserve_health_over_tls(name):
     pod = one(objects, "Deployment")["spec"]["template"]["spec"]
     container = server_container(objects)
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe, service in (("startupProbe", "readiness"), ("readinessProbe", "readiness"),
+                           ("livenessProbe", "liveness")):
         assert "grpc" not in container[probe]
         health = parse_loraserve(container[probe]["exec"]["command"][1:])
         assert health.command == "health" and health.server == f"127.0.0.1:{container_port(container, 'grpc')}"
-        assert health.service == "loraserve.v1.InferenceService"
+        assert health.service == service
         assert health.timeout == container[probe]["timeoutSeconds"]
         for path in (health.tls_ca, health.tls_cert, health.tls_key):  # mTLS: the probe has a client cert
             volume = next(v for v in pod["volumes"] if v["name"] == mounts[str(Path(path).parent)])

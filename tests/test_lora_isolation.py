@@ -2,8 +2,7 @@
 that use that slot, a freed slot holds nothing, and a row whose numbers go bad ends alone.
 
 Validation refuses NaN and overflowing weights (test_adapter_validation.py), so these tests
-write such weights past it, into the engine's host tier, as a bug, a bit flip or an adapter
-that only overflows on some inputs would put them there. Every other request is compared token
+write such weights past it (`server.bench.poison`). Every other request is compared token
 for token with a clean run of the same batch, while the bad adapters sit in slots and after
 they are unregistered.
 """
@@ -13,9 +12,9 @@ from __future__ import annotations
 import pytest
 from conftest import PROMPTS, collect, greedy_request, running_engine
 
+from server.bench.poison import poison
 from server.engine.engine import Engine
 from server.errors import AdapterIncompatible
-from server.lora.adapter import LoraWeights, ModuleLora
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
@@ -25,29 +24,6 @@ HEALTHY = ("att-r4", "mlp-r8", "all-r16")
 BAD = {"bad-nan": ("all-r8-a32", "A", float("nan")), "bad-inf": ("att-r16", "B", float("inf"))}
 STAND_INS = {"bad-nan": "all-r8-a32", "bad-inf": "att-r16"}  # the clean run uses these instead
 N = 12
-
-
-def _poisoned(weights: LoraWeights, which: str, value: float) -> LoraWeights:
-    modules = dict(weights.modules)
-    name = sorted(modules)[0]
-    m = modules[name]
-    a, b = m.a.clone(), m.b.clone()
-    (a if which == "A" else b)[0, 0] = value
-    modules[name] = ModuleLora(a, b, m.scaling)
-    return LoraWeights(weights.name, modules, weights.rank)
-
-
-def _poison(engine: Engine, name: str, which: str, value: float) -> None:
-    """Replace the decoded weights of registered adapter `name` in the host tier (the engine
-    thread's state, so the change runs there between two steps)."""
-    entry = next(e for e in engine.adapters() if e.name == name)
-    scheduler = engine._scheduler
-
-    def swap() -> None:
-        weights = scheduler.host.get(entry.key)
-        assert weights is not None, "a just-registered adapter is in host memory"
-        scheduler.host.put(entry.key, _poisoned(weights, which, value), keep=set())
-    engine._on_engine(swap)
 
 
 def _batch(engine: Engine, adapters: list[str | None]) -> list:
@@ -75,7 +51,7 @@ def test_poisoned_slots_change_no_other_request(base_dirs, adapter_dirs, arch: s
     with running_engine(base_dirs[arch], quantization, registered, max_loras=5, max_cpu_loras=16) as engine:
         for bad, (files, which, value) in BAD.items():
             engine.add_adapter(bad, adapters[files])
-            _poison(engine, bad, which, value)
+            poison(engine, bad, which, value)
         streams = _batch(engine, _layout(("bad-nan", "bad-inf")))
         for i, stream in enumerate(streams):
             if i in others:

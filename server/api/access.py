@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from server.access.principal import DEFAULT_TENANT, OPEN_PRINCIPAL, Principal, TenantLimits
-from server.api.tenant_gate import TenantGate, TenantOverLimit
+from server.api.tenant_gate import MAX_HELD, TenantGate, TenantOverLimit
 from server.errors import AdapterNotFound, PermissionDenied, ResourceExhausted
 from server.store.layout import adapter_key, check_adapter_name
 
@@ -66,15 +66,17 @@ class AccessControl:
     """The server's access policy; one per process, shared by the servicers."""
 
     def __init__(self, keys=None, allow_open_management: bool = False,
-                 is_shared: Callable[[str], bool] = lambda key: False, refusal_hold: float = 0.0) -> None:
+                 is_shared: Callable[[str], bool] = lambda key: False, refusal_hold: float = 0.0,
+                 max_held: int = MAX_HELD) -> None:
         """`keys`: a reloadable keys file (`server.access.keys.KeyFile`), or None to run open.
         `is_shared(key)`: whether an admin shared that adapter with every tenant.
-        `refusal_hold`: most seconds a tenant's over-limit refusal is held (`server.api.tenant_gate`)."""
+        `refusal_hold`: most seconds a tenant's over-limit refusal is held (`server.api.tenant_gate`);
+        `max_held`: most refusals held at once over all tenants."""
         self._keys = keys
         self._allow_open_management = allow_open_management
         self._is_shared = is_shared
         self._refusal_hold = refusal_hold
-        self._gate = TenantGate()
+        self._gate = TenantGate(max_held_total=min(MAX_HELD, max_held))
 
     @property
     def open(self) -> bool:

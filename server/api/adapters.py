@@ -6,6 +6,7 @@ engine work runs in a worker thread so the event loop keeps serving generation t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -14,9 +15,9 @@ from server.api.access import AccessControl, AdapterRef
 from server.api.audit import audit
 from server.api.gen.loraserve.v1 import adapters_pb2 as pb
 from server.api.gen.loraserve.v1 import adapters_pb2_grpc
-from server.api.status import abort, status_of
+from server.api.status import abort, as_named, status_of
 from server.engine.registry import AdapterRegistry, AdapterStatus
-from server.errors import AdapterNotFound, InvalidArgument, ResourceExhausted, Unavailable
+from server.errors import AdapterNotFound, InvalidArgument, LoraserveError, ResourceExhausted, Unavailable
 from server.store.layout import split_adapter_key
 from server.store.peft_files import CONFIG_FILE, WEIGHTS_FILE
 
@@ -40,9 +41,15 @@ def status_to_proto(s: AdapterStatus) -> pb.AdapterStatus:
 
 
 class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
-    def __init__(self, registry: AdapterRegistry, access: AccessControl) -> None:
+    def __init__(self, registry: AdapterRegistry, access: AccessControl, max_uploads: int = 4,
+                 max_uploads_per_tenant: int = 2) -> None:
+        """`max_uploads` / `max_uploads_per_tenant`: uploads in progress at once on this server /
+        for one tenant; beyond, RESOURCE_EXHAUSTED (each holds a staging file and a disk writer)."""
         self._registry = registry
         self._access = access
+        self._max_uploads = max_uploads
+        self._max_uploads_per_tenant = max_uploads_per_tenant
+        self._uploads: dict[str, int] = {}  # tenant -> uploads in progress (event loop only: no lock)
 
     async def _serve(self, context, action: str, adapter: str | Callable[[], str], role: str, work: Work,
                      management: bool = True):
@@ -57,7 +64,7 @@ class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
             return response
         except Exception as exc:  # mapped to a status in one place; nothing is swallowed
             result = status_of(exc)[0].name
-            await abort(context, exc)
+            await abort(context, exc, call=action)
         finally:
             if management:
                 audit(caller, action, adapter() if callable(adapter) else adapter, digest, result, context.peer())
@@ -72,6 +79,8 @@ class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
             if ref is None:
                 raise
             raise AdapterNotFound(f"adapter {ref.requested!r} is not registered") from None
+        except LoraserveError as exc:
+            raise exc if ref is None else as_named(exc, ref.key, ref.requested)
 
     async def RegisterAdapter(self, request, context):
         async def work(caller):
@@ -86,38 +95,60 @@ class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
 
         async def work(caller):  # authenticated before a byte of the upload is read
             nonlocal header_name
-            header, files = await self._read_upload(request_iterator)
+            messages = aiter(request_iterator)
+            header = await self._read_header(messages)
             header_name = header.name
             ref = self._access.for_change(header.name, caller, creating=True)
-            status, created = await self._run(ref, self._registry.upload, ref.key, files, header.replace,
-                                              self._access.limits(ref.tenant))
+            with self._upload_place(ref.tenant):
+                upload = await self._run(ref, self._registry.open_upload, ref.key)
+                try:
+                    await self._receive(messages, upload)
+                    status, created = await self._run(ref, self._registry.upload, upload, header.replace,
+                                                      self._access.limits(ref.tenant))
+                finally:
+                    await asyncio.to_thread(upload.discard)
             return pb.UploadAdapterResponse(adapter=status_to_proto(status), created=created), status.manifest.digest
         return await self._serve(context, "UploadAdapter", lambda: header_name, "manage", work)
 
-    async def _read_upload(self, request_iterator) -> tuple[pb.UploadHeader, dict[str, bytes]]:
-        header = None
-        files: dict[str, bytearray] = {}
-        total = 0
-        async for message in request_iterator:
-            part = message.WhichOneof("part")
-            if header is None:
-                if part != "header":
-                    raise InvalidArgument("the first upload message must be the header (name, options)")
-                header = message.header
-                continue
-            if part != "chunk":
+    @staticmethod
+    async def _read_header(messages) -> pb.UploadHeader:
+        try:
+            first = await anext(messages)
+        except StopAsyncIteration:
+            raise InvalidArgument("the upload is empty: send a header, then file chunks") from None
+        if first.WhichOneof("part") != "header":
+            raise InvalidArgument("the first upload message must be the header (name, options)")
+        return first.header
+
+    @staticmethod
+    async def _receive(messages, upload) -> None:
+        """Write each chunk to the staging files as it arrives (memory: one chunk at a time)."""
+        async for message in messages:
+            if message.WhichOneof("part") != "chunk":
                 raise InvalidArgument("only one header is allowed, at the start")
-            name = message.chunk.file_name
-            if name not in (CONFIG_FILE, WEIGHTS_FILE):
-                raise InvalidArgument(f"only {CONFIG_FILE} and {WEIGHTS_FILE} may be uploaded, got {name!r}")
-            total += len(message.chunk.data)
-            if total > self._registry.max_adapter_bytes:
-                raise ResourceExhausted(f"upload is over the per-adapter limit of "
-                                        f"{self._registry.max_adapter_bytes:,} bytes")
-            files.setdefault(name, bytearray()).extend(message.chunk.data)
-        if header is None:
-            raise InvalidArgument("the upload is empty: send a header, then file chunks")
-        return header, {k: bytes(v) for k, v in files.items()}
+            chunk = message.chunk
+            if chunk.file_name not in (CONFIG_FILE, WEIGHTS_FILE):
+                raise InvalidArgument(f"only {CONFIG_FILE} and {WEIGHTS_FILE} may be uploaded, "
+                                      f"got {chunk.file_name!r}")
+            if chunk.data:
+                await asyncio.to_thread(upload.write, chunk.file_name, chunk.data)
+
+    @contextlib.contextmanager
+    def _upload_place(self, tenant: str):
+        """One of the server's and the tenant's upload places, for the upload's duration."""
+        total = sum(self._uploads.values())
+        if total >= self._max_uploads:
+            raise ResourceExhausted(f"the server is receiving {total} uploads, its limit "
+                                    "(max_concurrent_uploads); retry when one has finished")
+        mine = self._uploads.get(tenant, 0)
+        if mine >= self._max_uploads_per_tenant:
+            raise ResourceExhausted(f"tenant {tenant!r} has {mine} uploads in progress, its limit "
+                                    "(max_concurrent_uploads_per_tenant); retry when one has finished")
+        self._uploads[tenant] = mine + 1
+        try:
+            yield
+        finally:
+            self._uploads[tenant] -= 1
 
     async def ValidateAdapter(self, request, context):
         async def work(caller):

@@ -1,9 +1,13 @@
 """The server process: gRPC services, health, reflection, metrics, and a graceful drain.
 
-Start-up: the gRPC port opens at once with health NOT_SERVING (probes get an answer while a
-large model loads), inference answers UNAVAILABLE until the engine has warmed up, then health
-turns SERVING. SIGTERM/SIGINT: health NOT_SERVING, new RPCs UNAVAILABLE, running requests get
-`drain_timeout` seconds to finish, then the process exits 0.
+Start-up: the gRPC and metrics ports are bound first (one taken stops the server at once, with
+one line naming it), then the gRPC port answers with health NOT_SERVING while the base loads
+(probes get an answer while a large model loads), inference answers UNAVAILABLE until the engine
+has warmed up, then health turns SERVING. SIGTERM/SIGINT: health NOT_SERVING, new RPCs
+UNAVAILABLE, running requests get `drain_timeout` seconds to finish, then the process exits 0.
+
+Health (`server.api.health`): `liveness` and `readiness`, kept apart, and a stopped or wedged
+engine seen within three heartbeat intervals.
 
 The engine runs in a child process (`server.engine.engine_process` says why); this process holds
 the gRPC front end, access control, the adapter store and metrics. Should the engine process
@@ -22,12 +26,12 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from server.access.keys import KeyFile
 from server.api.access import AccessControl
 from server.api.adapters import AdapterServicer
+from server.api.call_guard import CallGuard
 from server.api.gen.loraserve.v1 import (
     adapters_pb2,
     adapters_pb2_grpc,
@@ -36,10 +40,14 @@ from server.api.gen.loraserve.v1 import (
     server_info_pb2,
     server_info_pb2_grpc,
 )
+from server.api.health import HealthState, ServerHealth
 from server.api.inference import InferenceServicer
 from server.api.metrics import ServerMetrics
+from server.api.ports import PortInUse, check_port_free
 from server.api.refusal_log import WINDOW_SECONDS as REFUSAL_WINDOW_SECONDS
 from server.api.server_info import ServerInfoServicer
+from server.api.status import log_refusal
+from server.api.status import mistakes as client_mistakes
 from server.engine.engine_client import EngineClient
 from server.engine.engine_process import LaunchedEngine
 from server.engine.registry import AdapterRegistry
@@ -52,14 +60,39 @@ SERVICE_NAMES = (
     adapters_pb2.DESCRIPTOR.services_by_name["AdapterService"].full_name,
     server_info_pb2.DESCRIPTOR.services_by_name["ServerInfoService"].full_name,
 )
-# Uploads arrive in chunks, but one message may still carry a few MB.
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+INFERENCE_SERVICE, ADAPTER_SERVICE = SERVICE_NAMES[:2]
+UPLOAD_MESSAGE_BYTES = 4 * 1024 * 1024 + 64 * 1024
+"""Largest AdapterService message: an upload chunk of up to 4 MiB (the client sends 1 MiB) and its framing."""
+MAX_SEND_BYTES = 64 * 1024 * 1024
+TOKEN_BYTES_BOUND = 256
+"""An upper bound of any tokenizer's longest token, for the receive limit set before the base is
+loaded (the exact one, 128 bytes on DeepSeek's, applies to InferenceService once it is)."""
 KEYS_POLL_SECONDS = 2.0
 
 
-async def _set_health(health: HealthServicer, status: int) -> None:
-    for name in ("", *SERVICE_NAMES):
-        await health.set(name, status)
+def inference_request_bytes(max_input_bytes: int, max_input_tokens: int) -> int:
+    """Largest InferenceService request: the longest input that can fit, each message's framing
+    (a few bytes; at most max_input_tokens messages), and room for the sampling fields."""
+    return max_input_bytes + 16 * max_input_tokens + 64 * 1024
+
+
+def grpc_options(settings: ServerSettings) -> list[tuple[str, int]]:
+    """The gRPC server's channel arguments.
+
+    gRPC keeps a backlog of calls that arrived before the application took them, and past 1,000
+    (soft, with random early drops) or 3,000 (hard) it cancels calls before any handler sees them:
+    10,000 streams opened at once ended ~6,000 CANCELLED, uncounted, and a client cannot tell that
+    from its own cancellation. The backlog is raised well above what can arrive at once (every
+    call of four full connections, and the server's own bound), so calls reach `CallGuard`, which
+    refuses the excess honestly (RESOURCE_EXHAUSTED) as fast as they come."""
+    largest_prompt = inference_request_bytes(settings.max_input_tokens * TOKEN_BYTES_BOUND, settings.max_input_tokens)
+    backlog = max(settings.max_concurrent_rpcs, 4 * settings.max_streams_per_connection)
+    return [("grpc.max_receive_message_length", max(UPLOAD_MESSAGE_BYTES, largest_prompt)),
+            ("grpc.max_send_message_length", MAX_SEND_BYTES),
+            ("grpc.so_reuseport", 0),  # a second server on a busy port fails instead of sharing it
+            ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+            ("grpc.server.max_pending_requests", backlog),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * backlog)]
 
 
 async def serve(settings: ServerSettings, launched: LaunchedEngine | None = None) -> int:
@@ -74,73 +107,134 @@ async def serve(settings: ServerSettings, launched: LaunchedEngine | None = None
     if keys is not None:
         loop.add_signal_handler(signal.SIGHUP, keys.reload)
     engine_gone = asyncio.Event()
-    engine = await asyncio.to_thread(EngineClient.load, settings.engine_config(),
-                                     lambda: loop.call_soon_threadsafe(engine_gone.set), settings.engine_threads,
-                                     launched)
-    lower_priority(settings.front_nice)
+    engine = EngineClient(settings.engine_config(), lambda: loop.call_soon_threadsafe(engine_gone.set),
+                          settings.engine_threads, launched, heartbeat_interval=settings.heartbeat_interval,
+                          stall_timeout=settings.engine_stall_timeout)
     metrics = ServerMetrics(engine)
-    engine.add_load_observer(metrics.adapter_load.observe)
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
-    health = HealthServicer()
-    await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
+    guard = CallGuard(settings.max_concurrent_rpcs, {ADAPTER_SERVICE: UPLOAD_MESSAGE_BYTES},
+                      on_refused=_refused(metrics))
+    server = grpc.aio.server(interceptors=[guard], options=grpc_options(settings))
+    health = ServerHealth()
+    state = HealthState(health, SERVICE_NAMES)
+    await state.update(live=True)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     registry = AdapterRegistry(engine, settings)
     access = AccessControl(keys, settings.allow_open_management, is_shared=registry.store.is_shared,
-                           refusal_hold=settings.refusal_hold)
+                           refusal_hold=settings.refusal_hold, max_held=settings.max_concurrent_rpcs // 2)
     metrics.track_held_refusals(access.held_refusals)
-    adapters_pb2_grpc.add_AdapterServiceServicer_to_server(AdapterServicer(registry, access), server)
+    adapters_pb2_grpc.add_AdapterServiceServicer_to_server(
+        AdapterServicer(registry, access, settings.max_concurrent_uploads, settings.max_concurrent_uploads_per_tenant),
+        server)
     inference = InferenceServicer(engine, metrics, access, on_miss=registry.ensure)
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(inference, server)
     server_info_pb2_grpc.add_ServerInfoServiceServicer_to_server(ServerInfoServicer(engine, access), server)
     reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, health_pb2.DESCRIPTOR
                                          .services_by_name["Health"].full_name), server)
-    address = f"{settings.host}:{settings.port}"
-    if settings.tls_cert:
-        from server.access.tls import server_credentials
-
-        credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
-        port = server.add_secure_port(address, credentials)
-    else:
-        port = server.add_insecure_port(address)
+    try:
+        port = _listen(server, settings)
+        if settings.metrics_port:
+            check_port_free("0.0.0.0", settings.metrics_port, "metrics port")
+            metrics.serve_http(settings.metrics_port)
+    except (PortInUse, OSError) as exc:
+        log.error("cannot start: %s", exc.message if isinstance(exc, PortInUse) else exc)
+        await asyncio.to_thread(engine.stop)
+        return 1
     await server.start()
-    log.warning("loraserve listening on port %d (health NOT_SERVING until warmed up)", port)
-    if settings.metrics_port:
-        metrics.serve_http(settings.metrics_port)
+    log.warning("loraserve listening on port %d (health NOT_SERVING until the base is loaded and warmed up)", port)
 
+    loading = asyncio.create_task(asyncio.to_thread(engine.wait_loaded))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait([loading, stopping], return_when=asyncio.FIRST_COMPLETED)
+    if not loading.done() or loading.exception() is not None:
+        if loading.done():
+            log.error("cannot start: the engine failed to load the base: %s", loading.exception())
+        await server.stop(grace=0)
+        await asyncio.to_thread(engine.stop)
+        return 1 if loading.done() else 0
+    guard.request_bytes[INFERENCE_SERVICE] = inference_request_bytes(engine.input_limits.max_input_bytes,
+                                                                     settings.max_input_tokens)
+    engine.add_load_observer(metrics.adapter_load.observe)
     await asyncio.to_thread(engine.start)
     await asyncio.to_thread(registry.load_store, settings.preload, settings.pin)
     # Follow a store shared with other replicas and training jobs, and edits of the keys file
     # (Kubernetes Secret updates included) without a signal.
     pollers = [asyncio.create_task(_every(settings.store_sync_interval, registry.sync, "adapter store sync")),
-               asyncio.create_task(_every(REFUSAL_WINDOW_SECONDS, inference.refusals.flush, "refusal log"))]
+               asyncio.create_task(_every(REFUSAL_WINDOW_SECONDS, _flush_logs(inference), "refusal log")),
+               asyncio.create_task(_watch_engine(engine, state))]
     if keys is not None:
         pollers.append(asyncio.create_task(_every(KEYS_POLL_SECONDS, keys.reload_if_changed, "keys file check")))
-    await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
+    state.accepting = True
+    await state.update(live=engine.health() is None)
     log.warning("loraserve ready: %s (%s), %d adapters", engine.base.model_type, settings.quantization,
                 len(engine.adapters()))
 
-    stopping = asyncio.create_task(stop.wait())
     await asyncio.wait([stopping, asyncio.create_task(engine_gone.wait())], return_when=asyncio.FIRST_COMPLETED)
+    state.accepting = False
     for poller in pollers:
         poller.cancel()
-    inference.refusals.flush()
+    _flush_logs(inference)()
     if not stopping.done():
         stopping.cancel()
         log.error("the engine process is gone: health NOT_SERVING, stopping with exit status 1")
-        await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await state.update(live=False)
         await server.stop(grace=1.0)
         await asyncio.to_thread(engine.stop)
         return 1
     log.warning("draining: health NOT_SERVING, new requests refused, up to %.0fs for running ones",
                 settings.drain_timeout)
-    await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await state.update(live=engine.health() is None)
     finished = await asyncio.to_thread(engine.drain, settings.drain_timeout)
     if not finished:
         log.warning("drain timeout: cancelling what is still running")
     await server.stop(grace=1.0)
     await asyncio.to_thread(engine.stop)
     return 0
+
+
+def _listen(server: grpc.aio.Server, settings: ServerSettings) -> int:
+    """Bind the gRPC port (PortInUse, naming it, when taken); the port bound."""
+    check_port_free(settings.host, settings.port, "gRPC port")
+    address = f"{settings.host}:{settings.port}"
+    try:
+        if settings.tls_cert:
+            from server.access.tls import server_credentials
+
+            credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+            return server.add_secure_port(address, credentials)
+        return server.add_insecure_port(address)
+    except RuntimeError:  # taken between the check and the bind
+        raise PortInUse(f"gRPC port {settings.port} on {settings.host} could not be bound (in use?)") from None
+
+
+def _refused(metrics: ServerMetrics):
+    """What CallGuard does with a call it refused before its servicer ran: count it (adapter and
+    tenant unknown yet) and log its one line."""
+    def refused(method: str, code: str, message: str) -> None:
+        metrics.requests.labels(adapter="", tenant="", code=code).inc()
+        log_refusal(method.rsplit("/", 1)[-1], code, message)
+    return refused
+
+
+def _flush_logs(inference: InferenceServicer):
+    def flush() -> None:
+        inference.refusals.flush()
+        client_mistakes.flush()
+    return flush
+
+
+async def _watch_engine(engine: EngineClient, state: HealthState) -> None:
+    """Follow the engine's health: NOT_SERVING (liveness and readiness) while it is stopped,
+    hung or stuck in a step, SERVING again if it recovers; every change logged once."""
+    problem: str | None = None
+    while True:
+        now = engine.health()
+        if now is not None and problem is None:
+            log.error("engine unhealthy, health NOT_SERVING: %s", now)
+        elif now is None and problem is not None:
+            log.warning("engine healthy again (%s no longer holds): health follows readiness", problem)
+        problem = now
+        await state.update(live=problem is None)
+        await asyncio.sleep(engine.heartbeat_interval / 4)
 
 
 async def _every(seconds: float, work, what: str) -> None:

@@ -1,16 +1,22 @@
 """InferenceService: translates Generate / GenerateStream to engine requests. Validation and
 tokenization happen before queueing; a client that goes away or whose deadline passes has its
-request dropped by the engine within one step."""
+request dropped by the engine within one step.
+
+Bounded work before any work: an input too large to fit max_input_tokens is refused from its
+size (`server.engine.input_limits`) before it is tokenized, and tokenizing runs on a small pool of
+its own, never on the event loop, so a large prompt delays nobody else's call."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
@@ -20,12 +26,16 @@ from server.api.gen.loraserve.v1 import inference_pb2 as pb
 from server.api.gen.loraserve.v1 import inference_pb2_grpc
 from server.api.metrics import ServerMetrics
 from server.api.refusal_log import RefusalLog
-from server.api.status import abort, status_of
+from server.api.status import abort, as_named, status_of
 from server.engine.engine_client import EngineClient
 from server.engine.request import FinishEvent, GenerationRequest, TokenEvent
-from server.errors import AdapterNotFound, ResourceExhausted
+from server.errors import AdapterNotFound, ResourceExhausted, Unavailable
 
 log = logging.getLogger("loraserve.requests")
+TOKENIZER_THREADS = 2
+"""Threads tokenizing prompts. A prompt at the size bound (512 KiB for DeepSeek's tokenizers at 4,096
+tokens) takes ~0.25 s on one CPU; two let a short prompt pass a long one."""
+_CALL = "InferenceService"
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -38,11 +48,19 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         # replica or a training job may just have published it into the shared store.
         self._on_miss = on_miss
         self.refusals = RefusalLog(log)
+        self._tokenizers = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenize")
 
-    def _request(self, msg: pb.GenerationInput, context: grpc.aio.ServicerContext,
-                 adapter_key: str | None) -> GenerationRequest:
+    async def _request(self, msg: pb.GenerationInput, context: grpc.aio.ServicerContext,
+                       adapter_key: str | None) -> GenerationRequest:
+        limits = self._engine.input_limits
+        kind = msg.WhichOneof("input")
+        if kind == "prompt":
+            limits.check_prompt(msg.prompt)
+        elif kind == "messages":
+            limits.check_messages(msg.messages.messages)
         prompt, messages = input_from_proto(msg)
-        ids = self._engine.encode(prompt=prompt, messages=messages)
+        ids = await asyncio.get_running_loop().run_in_executor(
+            self._tokenizers, functools.partial(self._engine.encode, prompt=prompt, messages=messages))
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         return GenerationRequest(ids, sampling_from_proto(msg.sampling), adapter_key,
@@ -79,10 +97,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         caller = ref = None
         admitted = contextlib.ExitStack()
         try:
+            if not self._engine.ready:
+                raise Unavailable("the server is starting up or draining; retry shortly")
             caller = self._access.caller(context.invocation_metadata(), context.peer(), "generate")
             ref = self._access.for_use(adapter, caller) if adapter else None
             admitted.enter_context(self._access.admit(caller))
-            request = self._request(msg, context, ref.key if ref else None)
+            request = await self._request(msg, context, ref.key if ref else None)
             request_id = request.request_id
             if ref and self._on_miss is not None and not self._engine.has_adapter(ref.key):
                 await asyncio.to_thread(self._on_miss, ref.key)
@@ -108,7 +128,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             code = status_of(exc)[0].name
             if isinstance(exc, ResourceExhausted):  # a tenant's limit: answered when a retry could pass
                 exc = await self._access.refuse(exc, context.time_remaining())
-            await abort(context, exc, request_id)
+            if ref is not None:
+                exc = as_named(exc, ref.key, ref.requested)
+            await abort(context, exc, request_id, call=_CALL)
         finally:
             admitted.close()
             if stream is not None and finish is None:
@@ -118,6 +140,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             label = ref.name if ref and self._engine.has_adapter(ref.key) else ""
             tenant = caller.tenant if caller else ""
             self._metrics.requests.labels(adapter=label, tenant=tenant, code=code).inc()
+            if code == "DATA_LOSS":
+                self._metrics.data_loss.labels(adapter=label, tenant=tenant).inc()
             if finish is not None:
                 t = finish.timings
                 self._metrics.observe_finish(tenant, finish.prompt_tokens, finish.completion_tokens,

@@ -24,7 +24,8 @@ class ServerMetrics:
     def __init__(self, engine) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("loraserve_requests", "Finished RPCs by adapter, tenant and gRPC status code",
+        self.requests = Counter("loraserve_requests", "Finished generation RPCs, and RPCs of any service refused "
+                                "before they ran, by adapter, tenant and gRPC status code",
                                 ["adapter", "tenant", "code"], registry=r)
         self.ttft = Histogram("loraserve_time_to_first_token_seconds", "Time from arrival to the first token",
                               buckets=LATENCY_BUCKETS, registry=r)
@@ -39,6 +40,8 @@ class ServerMetrics:
         self.generation_tokens = Counter("loraserve_generation_tokens", "Generated tokens", ["tenant"], registry=r)
         self.adapter_load = Histogram("loraserve_adapter_load_seconds", "Reading and decoding an adapter from disk",
                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.data_loss = Counter("loraserve_adapter_data_loss", "Requests refused because a stored adapter's files "
+                                 "no longer match its manifest", ["adapter", "tenant"], registry=r)
         r.register(_EngineCollector(engine))
 
     def track_held_refusals(self, held: Callable[[], dict[str, int]]) -> None:

@@ -22,11 +22,19 @@ WINDOW_SECONDS = 10.0
 
 
 class RefusalLog:
-    """Decides which request lines to write; thread-safe."""
+    """Decides which request lines to write; thread-safe. The key of a line is (tenant, status)
+    for the request log; any pair of short strings serves (the client-mistake log keys by call)."""
 
-    def __init__(self, log: logging.Logger, window_s: float = WINDOW_SECONDS) -> None:
+    def __init__(self, log: logging.Logger, window_s: float = WINDOW_SECONDS,
+                 summarized: frozenset[str] = SUMMARIZED_CODES, level: int = logging.INFO,
+                 key_name: str = "tenant") -> None:
+        """`summarized`: statuses written once per window and key, then counted; `level` and
+        `key_name` (what the key is called): those of the summary lines."""
         self._log = log
         self._window_s = window_s
+        self._summarized = summarized
+        self._level = level
+        self._key_name = key_name
         self._lock = threading.Lock()
         self._started = time.monotonic()
         self._seen: set[tuple[str, str]] = set()  # logged in full in this window
@@ -34,7 +42,7 @@ class RefusalLog:
 
     def should_log(self, tenant: str, code: str) -> bool:
         """Whether this request's own line is written; False means it was counted instead."""
-        if code not in SUMMARIZED_CODES:
+        if code not in self._summarized:
             return True
         self.flush(only_if_due=True)
         with self._lock:
@@ -55,5 +63,6 @@ class RefusalLog:
             counted, elapsed = self._counted, now - self._started
             self._counted, self._seen, self._started = Counter(), set(), now
         for (tenant, code), n in sorted(counted.items()):
-            self._log.info(json.dumps({"summary": "refused requests not logged one by one", "tenant": tenant,
-                                       "status": code, "requests": n, "seconds": round(elapsed, 1)}))
+            self._log.log(self._level, json.dumps({"summary": "refused requests not logged one by one",
+                                                   self._key_name: tenant, "status": code, "requests": n,
+                                                   "seconds": round(elapsed, 1)}))

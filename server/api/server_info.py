@@ -12,7 +12,7 @@ from server.api.gen.loraserve.v1 import server_info_pb2 as pb
 from server.api.gen.loraserve.v1 import server_info_pb2_grpc
 from server.api.status import abort
 from server.engine.engine_client import EngineClient
-from server.errors import LoraserveError
+from server.errors import LoraserveError, Unavailable
 
 
 class ServerInfoServicer(server_info_pb2_grpc.ServerInfoServiceServicer):
@@ -23,9 +23,11 @@ class ServerInfoServicer(server_info_pb2_grpc.ServerInfoServiceServicer):
     async def GetServerInfo(self, request: pb.GetServerInfoRequest,
                             context: grpc.aio.ServicerContext) -> pb.GetServerInfoResponse:
         try:
+            if not self._engine.loaded:
+                raise Unavailable("the server is still loading its base model; retry shortly")
             self._access.caller(context.invocation_metadata(), context.peer(), "generate")
         except LoraserveError as exc:
-            await abort(context, exc)
+            await abort(context, exc, call="GetServerInfo")
         c = self._engine.config
         model = c.base.model
         # A local directory is named by its last component only; a hub id as it is.
@@ -35,4 +37,5 @@ class ServerInfoServicer(server_info_pb2_grpc.ServerInfoServiceServicer):
             architecture=self._engine.base.model_type, version=__version__,
             limits=pb.Limits(max_lora_rank=c.max_lora_rank, max_loras=c.max_loras, max_cpu_loras=c.max_cpu_loras,
                              max_batch_size=c.max_batch_size, max_queue=c.max_queue,
-                             max_input_tokens=c.max_input_tokens, max_new_tokens=c.max_new_tokens_limit))
+                             max_input_tokens=c.max_input_tokens, max_new_tokens=c.max_new_tokens_limit,
+                             max_input_bytes=self._engine.input_limits.max_input_bytes))

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -18,12 +20,14 @@ from pathlib import Path
 from server.base.loading import LoadedBase, load_base
 from server.config import EngineConfig
 from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.input_limits import InputLimits, max_token_bytes
 from server.engine.request import GenerationRequest, RequestStream, SamplingParams, encode_input
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import BatchScheduler
 from server.engine.sequence import Sequence
 from server.errors import (
     AdapterAlreadyExists,
+    AdapterDataLoss,
     AdapterIncompatible,
     AdapterNotFound,
     InvalidArgument,
@@ -36,6 +40,8 @@ from server.lora.slots import AdapterSlots
 from server.lora.wrapping import wrap_model
 from server.store.layout import check_adapter_ref
 from server.store.peft_files import read_adapter_dir
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,16 @@ CHECKED_KEPT = 4
 """Decoded adapters kept between `check_adapter(keep=True)` and `add_adapter`: a handful is
 enough, since the registry adds right after it checks (one whose publish then fails, over a quota
 say, is dropped by later ones)."""
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """The engine's sign of life, sent by the engine process every heartbeat interval."""
+
+    since_progress_s: float
+    """Seconds since the engine thread last went round its loop (steps, messages, idle wakes)."""
+    waiting: int
+    running: int
 
 
 @dataclass(frozen=True)
@@ -115,6 +131,7 @@ class Engine:
         self._accepting = False
         self._started = False
         self.max_context = getattr(base.model.config, "max_position_embeddings", None)
+        self.input_limits = InputLimits(config.max_input_tokens, max_token_bytes(self.tokenizer))
 
     @classmethod
     def load(cls, config: EngineConfig) -> Engine:
@@ -339,9 +356,19 @@ class Engine:
             entry = self._versions.get(key)
         if entry is None:
             raise AdapterNotFound("the adapter was removed before the request started")
-        weights, digest = self.read_adapter(entry.name, entry.path)
+        if not entry.path.is_dir():  # another replica removed it from a shared store meanwhile
+            raise AdapterNotFound(f"adapter {entry.name!r} was removed before the request started")
+        try:
+            weights, digest = self.read_adapter(entry.name, entry.path)
+        except AdapterIncompatible as exc:  # it passed these checks when it was registered
+            digest, reason = None, exc.message
+        else:
+            reason = "their sha256 differs"
         if digest != entry.digest:
-            raise AdapterNotFound(f"adapter {entry.name!r} changed on disk since it was registered; register it again")
+            log.error("adapter %s: its stored files no longer match what was registered (%s); not served",
+                      entry.name, reason)
+            raise AdapterDataLoss(f"adapter {entry.name!r}: its stored files no longer match what was registered "
+                                  "(changed on disk); the operator must publish it again")
         return weights
 
     def _on_engine(self, fn) -> object:
@@ -350,6 +377,16 @@ class Engine:
         return self._scheduler.call(fn).result()
 
     # ---- observability -----------------------------------------------------------------
+    def heartbeat(self) -> Heartbeat:
+        """Read from any thread without waiting for the engine thread (that is the point: it
+        tells whether the engine thread is stuck)."""
+        s = self._scheduler
+        return Heartbeat(time.monotonic() - s.progress_at, s.num_waiting, s.num_running)
+
+    def set_idle_wait(self, seconds: float) -> None:
+        """How long an idle engine thread sleeps between looks at its inbox (<= a heartbeat)."""
+        self._scheduler.idle_wait_s = seconds
+
     def stats(self) -> EngineStats:
         """A consistent snapshot, taken on the engine thread between two steps."""
         return self._on_engine(self._snapshot)

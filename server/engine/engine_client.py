@@ -18,19 +18,24 @@ import asyncio
 import itertools
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
 from server.config import EngineConfig
-from server.engine.engine import AdapterEntry, CheckedAdapter, EngineStats
+from server.engine.engine import AdapterEntry, CheckedAdapter, EngineStats, Heartbeat
 from server.engine.engine_process import EngineInfo, LaunchedEngine, launch
+from server.engine.input_limits import InputLimits, max_token_bytes
 from server.engine.request import ErrorEvent, FinishEvent, GenerationRequest, RequestStream, encode_input
 from server.errors import AdapterNotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
+HEARTBEATS_MISSED = 2.5
+"""Intervals without a heartbeat after which the engine counts as stopped: past two missed ones
+(a heartbeat is sent every interval), so a stopped engine is seen within three intervals."""
 STOP_GRACE_S = 30.0
 """How long a stopping engine process may take to exit after it replied to "stop"."""
 GONE = "the engine process stopped unexpectedly; this server is shutting down, retry on another replica"
@@ -48,20 +53,24 @@ class EngineClient:
     """An `Engine` running in a child process. Thread-safe, like the engine itself."""
 
     def __init__(self, config: EngineConfig, on_exit: Callable[[], None] | None = None, threads: int = 0,
-                 launched: LaunchedEngine | None = None) -> None:
+                 launched: LaunchedEngine | None = None, heartbeat_interval: float = 1.0,
+                 stall_timeout: float = 60.0) -> None:
         """Start the engine process (`threads`: the engine_threads setting), or take `launched`,
-        one already started for `config`, and wait until its base is loaded (a load error is
-        raised here, as `Engine.load` would raise it)."""
-        from server.base.loading import load_tokenizer
-
+        one already started for `config`. Returns at once; `wait_loaded` waits for the base.
+        `heartbeat_interval` and `stall_timeout`: how `health` judges the engine (settings of
+        the same names)."""
         self.config = config
         self._on_exit = on_exit
-        launched = launched or launch(config, threads)
+        self.heartbeat_interval = heartbeat_interval
+        self.stall_timeout = stall_timeout
+        self._last_heartbeat: tuple[float, Heartbeat] | None = None  # (when it arrived, what it said)
+        launched = launched or launch(config, threads, heartbeat_interval)
         self.process, self._conn = launched.process, launched.conn
-        # fingerprint, model_type, model_dir: what the API reads of `engine.base`
-        self.base: EngineInfo = self._recv_first()
-        self.max_context = self.base.max_context
-        self.tokenizer = load_tokenizer(self.base.model_dir, config.base.trust_remote_code)
+        self.base: EngineInfo | None = None
+        """fingerprint, model_type, model_dir...: what the API reads of the loaded base (None until loaded)."""
+        self.max_context: int | None = None
+        self.tokenizer = None
+        self.input_limits: InputLimits | None = None
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
         self._streams: dict[int, RemoteStream] = {}
@@ -72,13 +81,33 @@ class EngineClient:
         self._accepting = False
         self._closing = False
         self.gone = threading.Event()
-        self._reader = threading.Thread(target=self._read_loop, name="engine-reader", daemon=True)
-        self._reader.start()
+        self._reader: threading.Thread | None = None
 
     @classmethod
     def load(cls, config: EngineConfig, on_exit: Callable[[], None] | None = None, threads: int = 0,
-             launched: LaunchedEngine | None = None) -> EngineClient:
-        return cls(config, on_exit, threads, launched)
+             launched: LaunchedEngine | None = None, **health) -> EngineClient:
+        """Start the engine process and wait until its base is loaded."""
+        client = cls(config, on_exit, threads, launched, **health)
+        client.wait_loaded()
+        return client
+
+    def wait_loaded(self) -> None:
+        """Block until the engine process has loaded the base (its load error is raised here, as
+        `Engine.load` would raise it), then load the tokenizer here too and start reading."""
+        from server.base.loading import load_tokenizer
+
+        info = self._recv_first()
+        self.tokenizer = load_tokenizer(info.model_dir, self.config.base.trust_remote_code)
+        self.input_limits = InputLimits(self.config.max_input_tokens, max_token_bytes(self.tokenizer))
+        self.max_context = info.max_context
+        self._last_heartbeat = (time.monotonic(), Heartbeat(0.0, 0, 0))  # loaded: as good as a first beat
+        self.base = info
+        self._reader = threading.Thread(target=self._read_loop, name="engine-reader", daemon=True)
+        self._reader.start()
+
+    @property
+    def loaded(self) -> bool:
+        return self.base is not None
 
     def _recv_first(self) -> EngineInfo:
         try:
@@ -99,7 +128,26 @@ class EngineClient:
 
     @property
     def ready(self) -> bool:
-        return self._accepting and not self.gone.is_set()
+        """Warmed up, not draining, and alive (see `health`)."""
+        return self._accepting and not self.gone.is_set() and self.health() is None
+
+    def health(self) -> str | None:
+        """None while the engine is alive and making progress, else why not. Alive means: a
+        heartbeat arrived within the last 2.5 intervals (three missing in a row are never waited
+        for), and the engine thread last went round its loop within `stall_timeout` seconds.
+        A base still loading is alive: the start-up probe, not this, bounds a load."""
+        if self.gone.is_set():
+            return "the engine process has exited"
+        if self._last_heartbeat is None:
+            return None
+        received, beat = self._last_heartbeat
+        silent = time.monotonic() - received
+        if silent > HEARTBEATS_MISSED * self.heartbeat_interval:
+            return f"the engine process has sent no heartbeat for {silent:.1f}s (stopped or hung)"
+        if beat.since_progress_s > self.stall_timeout:
+            return (f"the engine has made no progress for {beat.since_progress_s:.0f}s with {beat.running} requests "
+                    f"running and {beat.waiting} waiting (a step that does not end)")
+        return None
 
     def drain(self, timeout: float) -> bool:
         self._accepting = False
@@ -109,6 +157,11 @@ class EngineClient:
         """Stop the engine and wait for its process to exit (killed after STOP_GRACE_S)."""
         self._accepting = False
         self._closing = True
+        if not self.loaded:  # still loading: nothing runs yet, nothing to drain
+            self.process.kill()
+            self.process.join()
+            self._conn.close()
+            return
         if not self.gone.is_set():
             try:
                 self._call("stop", drain_timeout)
@@ -188,6 +241,8 @@ class EngineClient:
         return dict(self.base.lora_module_shapes)
 
     def stats(self) -> EngineStats:
+        if not self.loaded:
+            raise Unavailable("the engine is still loading its base")
         return self._call("stats")
 
     # ---- the pipe ------------------------------------------------------------------------
@@ -238,6 +293,8 @@ class EngineClient:
         elif kind == "adapter_load":
             for observe in self._observers:
                 observe(message[1])
+        elif kind == "heartbeat":
+            self._last_heartbeat = (time.monotonic(), message[1])
 
     def _fail_all(self) -> None:
         """The engine process is gone: end everything still waiting on it."""

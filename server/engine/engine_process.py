@@ -14,6 +14,12 @@ Messages are tuples, pickled by `multiprocessing.connection`:
   engine -> server, in lists (one send per burst of events):
                     ("loaded", EngineInfo) | ("failed", error) | ("event", stream_id, Event)
                     | ("reply", call_id, ok, value or error) | ("adapter_load", seconds)
+                    | ("heartbeat", Heartbeat)
+
+Heartbeats: a thread of this process sends one every `heartbeat_interval` seconds, carrying how
+long ago the engine thread last went round its loop. The server process reads a missing
+heartbeat as this process stopped or hung as a whole, and an old loop time as the engine thread
+stuck in a step (`EngineClient.health`).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import os
 import queue
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,20 +155,22 @@ class LaunchedEngine:
             self.process.join()
 
 
-def launch(config: EngineConfig, threads: int = 0) -> LaunchedEngine:
+def launch(config: EngineConfig, threads: int = 0, heartbeat_interval: float = 1.0) -> LaunchedEngine:
     """Start an engine process loading `config`'s base (`threads`: the engine_threads setting).
     Light to import and quick to call, so `loraserve serve` starts it before importing its own
     gRPC, torch and transformers: both processes' imports then run side by side."""
     context = multiprocessing.get_context("spawn")  # CUDA and the grpc threads survive no fork
     conn, child = context.Pipe()
     process = context.Process(target=run_engine_process, name="loraserve-engine",
-                              args=(child, config, logging.getLogger().getEffectiveLevel(), threads))
+                              args=(child, config, logging.getLogger().getEffectiveLevel(), threads,
+                                    heartbeat_interval))
     process.start()
     child.close()
     return LaunchedEngine(process, conn)
 
 
-def run_engine_process(conn, config: EngineConfig, log_level: int, threads: int = 0) -> None:
+def run_engine_process(conn, config: EngineConfig, log_level: int, threads: int = 0,
+                       heartbeat_interval: float = 1.0) -> None:
     """The engine process's main: load, say so, then serve messages until told to stop or the
     server process goes away (its end of the pipe closes), and exit."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -188,11 +197,21 @@ def run_engine_process(conn, config: EngineConfig, log_level: int, threads: int 
     outbox.put(("loaded", EngineInfo(engine.base.fingerprint, engine.base.model_type, engine.base.model_dir,
                                      engine.max_context, engine.lora_module_shapes())))
     engine.add_load_observer(lambda seconds: outbox.put(("adapter_load", seconds)))
+    engine.set_idle_wait(min(0.5, heartbeat_interval))
+    threading.Thread(target=_beat, args=(engine, outbox, heartbeat_interval), name="engine-heartbeat",
+                     daemon=True).start()
     code = _serve(conn, engine, outbox)
     outbox.close()
     logging.shutdown()
     # Exit now: a call thread may still wait on a drain that no longer matters.
     os._exit(code)
+
+
+def _beat(engine, outbox: Outbox, interval: float) -> None:
+    """Send a heartbeat every `interval` seconds for as long as the process lives."""
+    while True:
+        outbox.put(("heartbeat", engine.heartbeat()))
+        time.sleep(interval)
 
 
 def _serve(conn, engine, outbox: Outbox) -> int:

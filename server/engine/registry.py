@@ -23,6 +23,7 @@ from server.engine.engine_client import EngineClient
 from server.errors import AdapterIncompatible, AdapterNotFound, InvalidArgument, ResourceExhausted
 from server.store.adapter_config import AdapterConfig
 from server.store.adapter_store import AdapterStore, StagedAdapter
+from server.store.staging import UploadStaging
 from server.store.import_roots import resolve_import_path
 from server.store.layout import MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, now_rfc3339, split_adapter_key
 from server.store.peft_files import CONFIG_FILE, PICKLE_FILES, WEIGHTS_FILE
@@ -191,15 +192,24 @@ class AdapterRegistry:
                  limits: TenantLimits | None = None) -> tuple[AdapterStatus, bool]:
         """Publish the directory `path` (under an import root) as adapter id `name`
         ('<tenant>/<name>'), within the tenant's `limits`."""
-        return self._publish(name, self._source_files(name, path), replace, "register", limits)
+        return self._publish((name, self._source_files(name, path)), replace, "register", limits)
 
-    def upload(self, name: str, files: dict[str, bytes], replace: bool,
+    def open_upload(self, name: str) -> UploadStaging:
+        """Where an upload for adapter id `name` writes its chunks as they arrive."""
+        return self.store.open_upload(name)
+
+    def upload(self, upload: UploadStaging, replace: bool,
                limits: TenantLimits | None = None) -> tuple[AdapterStatus, bool]:
-        return self._publish(name, files, replace, "upload", limits)
+        """Publish a finished upload (its files are checked here, then committed)."""
+        return self._publish(upload.finish(), replace, "upload", limits)
 
-    def _publish(self, name: str, files, replace: bool, source: str,
+    def _publish(self, staged: StagedAdapter | tuple[str, dict], replace: bool, source: str,
                  limits: TenantLimits | None) -> tuple[AdapterStatus, bool]:
-        with self.store.stage(name, files) as staged:
+        """Check and commit a staged adapter (or stage (name, files) first), then serve it."""
+        if isinstance(staged, tuple):
+            staged = self.store.stage(*staged)
+        name = staged.name
+        with staged:
             checked = self._check_staged(staged, keep=True)
             with self._lock:
                 self._check_quota(name, staged.size_bytes, limits or TenantLimits())
@@ -234,12 +244,15 @@ class AdapterRegistry:
         return self.status(name)
 
     def unregister(self, name: str) -> None:
+        """Stop serving the adapter, then delete it from the store. In that order: requests
+        queued for it end NOT_FOUND in the engine before its files go, so none of them can try to
+        read files that are no longer there."""
         with self._lock:
-            self.store.remove(name)
             try:
                 self.engine.remove_adapter(name)
             except AdapterNotFound:  # stored but never served (e.g. built for another base)
                 pass
+            self.store.remove(name)
 
     # ---- reads -------------------------------------------------------------------------
     def status(self, name: str, manifest: Manifest | None = None) -> AdapterStatus:

@@ -10,7 +10,9 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator
 
-from server.errors import InvalidArgument, LoraserveError
+from jinja2 import TemplateError
+
+from server.errors import FailedPrecondition, InvalidArgument, LoraserveError
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
@@ -61,12 +63,21 @@ class SamplingParams:
 
 
 def encode_input(tokenizer, prompt: str | None = None, messages: list[dict[str, str]] | None = None) -> list[int]:
-    """Token ids of a raw prompt (with BOS) or of chat messages through the tokenizer's template."""
+    """Token ids of a raw prompt (with BOS) or of chat messages through the tokenizer's template.
+    A template's refusal (an unsupported role, say) is INVALID_ARGUMENT with its reason; a base
+    without a template cannot take messages (FAILED_PRECONDITION)."""
     if messages:
         for m in messages:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise InvalidArgument("each message needs a string role and content")
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        if not getattr(tokenizer, "chat_template", None):
+            raise FailedPrecondition("this base model has no chat template, so it cannot take messages; "
+                                     "send a prompt instead")
+        try:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                return_dict=False)
+        except TemplateError as exc:  # raise_exception() in the template, or a template bug
+            raise InvalidArgument(f"the chat template refused these messages: {exc.message or exc}") from None
     elif prompt:
         ids = tokenizer(prompt, add_special_tokens=True).input_ids
     else:

@@ -74,6 +74,10 @@ class BatchScheduler:
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.last_batch_size = 0
+        self.progress_at = time.monotonic()
+        """When the engine thread last went round its loop (a step, a message, or an idle wake):
+        read by the heartbeat, so a step that never ends shows as no progress."""
+        self.idle_wait_s = 0.5
         self.load_observers: list[Callable[[float], None]] = []
         """Called (on the engine thread) with the seconds each disk load took."""
 
@@ -128,6 +132,7 @@ class BatchScheduler:
     # ---- the engine thread -------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stop:
+            self.progress_at = time.monotonic()
             idle = not self._running and not self._ready_to_admit()
             self._drain_inbox(block=idle)
             if self._stop:
@@ -146,7 +151,7 @@ class BatchScheduler:
 
     def _drain_inbox(self, block: bool) -> None:
         try:
-            message = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            message = self._inbox.get(timeout=self.idle_wait_s) if block else self._inbox.get_nowait()
         except queue.Empty:
             return
         while True:

@@ -46,12 +46,13 @@ from server.store.layout import (
     new_version_name,
     now_rfc3339,
     split_adapter_key,
+    store_full_is_resource_exhausted,
     swap_symlink,
     tmp_is_leftover,
     verify_version,
     write_durably,
 )
-from server.store.staging import StagedAdapter, stage_files
+from server.store.staging import StagedAdapter, UploadStaging, stage_files
 from server.store.versions import has_old_versions, link_target, prune_versions, read_current, remove_path
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,10 @@ class AdapterStore:
         """Copy an adapter's files into the staging area, checked (see `stage_files`)."""
         return stage_files(self.root, name, files, self.max_adapter_bytes)
 
+    def open_upload(self, name: str) -> UploadStaging:
+        """A staging area an upload writes into chunk by chunk (see `UploadStaging`)."""
+        return UploadStaging(self.root, name, self.max_adapter_bytes)
+
     def commit(self, staged: StagedAdapter, *, r: int, lora_alpha: float, target_modules: Sequence[str],
                base_fingerprint: str, source: str, replace: bool = False,
                training: dict | None = None) -> tuple[Manifest, bool]:
@@ -167,13 +172,14 @@ class AdapterStore:
                                 target_modules=tuple(target_modules), base_fingerprint=base_fingerprint,
                                 size_bytes=staged.size_bytes, created_time=now_rfc3339(), source=source,
                                 training=training)
-            write_durably(staged.path / MANIFEST_FILE, manifest.to_json())
-            fsync_dir(staged.path)
-            with self._lock, self._writer():
-                self._sync_name(staged.name)
-                if self.max_store_bytes is not None:
-                    self._sync_all()
-                return self._commit_locked(staged, manifest, replace)
+            with store_full_is_resource_exhausted():
+                write_durably(staged.path / MANIFEST_FILE, manifest.to_json())
+                fsync_dir(staged.path)
+                with self._lock, self._writer():
+                    self._sync_name(staged.name)
+                    if self.max_store_bytes is not None:
+                        self._sync_all()
+                    return self._commit_locked(staged, manifest, replace)
         finally:
             staged.discard()
 

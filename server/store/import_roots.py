@@ -22,6 +22,8 @@ from server.errors import InvalidArgument
 from server.store.layout import ADAPTER_FILES
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".zst", ".7z")
+MAX_PATH_CHARS = 1024
+"""Longer than any adapter directory an operator sets up; Linux refuses paths past 4,096 bytes."""
 
 
 def resolve_import_path(path: str, roots: Sequence[Path]) -> Path:
@@ -33,6 +35,8 @@ def resolve_import_path(path: str, roots: Sequence[Path]) -> Path:
         raise InvalidArgument("path is empty; give an adapter directory under an import root")
     if "\x00" in path:
         raise InvalidArgument("path contains a NUL character")
+    if len(path) > MAX_PATH_CHARS:
+        raise InvalidArgument(f"path is {len(path):,} characters, longer than the {MAX_PATH_CHARS:,} this server reads")
     given = Path(path)
     # '..' inside a root is harmless after resolution, but refusing it outright keeps the
     # rule simple to state and removes a whole class of lexical tricks.
@@ -51,12 +55,16 @@ def resolve_import_path(path: str, roots: Sequence[Path]) -> Path:
         if not resolved.is_relative_to(root):
             continue  # e.g. a symlink under the root pointing elsewhere
         outside = False
-        if not resolved.exists():
+        try:
+            exists, is_file, is_dir = resolved.exists(), resolved.is_file(), resolved.is_dir()
+        except OSError as exc:  # a component too long, a permission: nothing to read there
+            raise InvalidArgument(f"path {path!r} cannot be read ({exc.strerror})") from None
+        if not exists:
             continue  # a relative path may exist under a later root
-        if resolved.is_file() and resolved.name.lower().endswith(ARCHIVE_SUFFIXES):
+        if is_file and resolved.name.lower().endswith(ARCHIVE_SUFFIXES):
             raise InvalidArgument(f"path {path!r} is an archive; archives are not accepted, "
                                   "unpack the adapter into a directory")
-        if not resolved.is_dir():
+        if not is_dir:
             raise InvalidArgument(f"path {path!r} is not a directory")
         _check_files_inside(resolved, root, path)
         return resolved

@@ -28,6 +28,8 @@ A version directory is never rewritten or reused (the nonce makes every name new
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -41,7 +43,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from server.errors import AdapterIncompatible, InvalidArgument
+from server.errors import AdapterIncompatible, InvalidArgument, ResourceExhausted
 
 # The PEFT file names are repeated from `peft_files` rather than imported: that module
 # imports torch, and the store (and the crash tests' child processes) must stay torch-free.
@@ -240,6 +242,20 @@ class Manifest:
 
 
 # ---- durable file operations ---------------------------------------------------------------
+@contextlib.contextmanager
+def store_full_is_resource_exhausted() -> Iterator[None]:
+    """A write that finds the store's disk (or the caller's quota on it) full raises
+    ResourceExhausted, a status a client can act on, instead of an OSError; the caller removes
+    what it had written."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ResourceExhausted("the adapter store is full (no space left on its disk); "
+                                    "remove adapters or ask the operator for more space") from None
+        raise
+
+
 def fsync_dir(path: Path) -> None:
     """Make the entries of directory `path` (creations, renames) survive a power loss."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

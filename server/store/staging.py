@@ -1,8 +1,15 @@
 """Staging: an adapter's files copied into the store's private area, hashed and checked
-(sizes, config as plain JSON, the safetensors header) before anything is published."""
+(sizes, config as plain JSON, the safetensors header) before anything is published.
+
+Two ways in: `stage_files` copies files that exist whole (a registration from an import root),
+`UploadStaging` writes an upload chunk by chunk as it arrives, so an upload costs the server one
+chunk of memory whatever its size. A full disk while staging is RESOURCE_EXHAUSTED ("the adapter
+store is full") and leaves nothing behind."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import shutil
 from collections.abc import Mapping
@@ -22,6 +29,7 @@ from server.store.layout import (
     fsync_dir,
     new_tmp_name,
     split_adapter_key,
+    store_full_is_resource_exhausted,
 )
 from server.store.safetensors_check import check_safetensors_header
 
@@ -75,18 +83,98 @@ def stage_files(root: Path, name: str, files: Mapping[str, bytes | Path], max_ad
         raise AdapterIncompatible(f"adapter {name!r}: {CONFIG_FILE} is {sizes[CONFIG_FILE]:,} bytes, "
                                   f"over the limit of {MAX_CONFIG_BYTES:,}")
     staging = root / new_tmp_name("stage")
-    os.mkdir(staging)
     try:
-        digests = tuple(copy_in_durably(staging / f, files[f], sizes[f], f"adapter {name!r}: {f}")
-                        for f in ADAPTER_FILES)
-        fsync_dir(staging)
-        AdapterConfig.from_bytes((staging / CONFIG_FILE).read_bytes(), name)
-        check_safetensors_header(staging / WEIGHTS_FILE, max_adapter_bytes,
-                                 label=f"adapter {name!r}: {WEIGHTS_FILE}")
+        with store_full_is_resource_exhausted():
+            os.mkdir(staging)
+            digests = tuple(copy_in_durably(staging / f, files[f], sizes[f], f"adapter {name!r}: {f}")
+                            for f in ADAPTER_FILES)
+            fsync_dir(staging)
+        _check_staged_files(staging, name, max_adapter_bytes)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return StagedAdapter(name, staging, digests)
+
+
+def _check_staged_files(staging: Path, name: str, max_adapter_bytes: int) -> None:
+    if (staging / CONFIG_FILE).stat().st_size > MAX_CONFIG_BYTES:
+        raise AdapterIncompatible(f"adapter {name!r}: {CONFIG_FILE} is over the limit of {MAX_CONFIG_BYTES:,} bytes")
+    AdapterConfig.from_bytes((staging / CONFIG_FILE).read_bytes(), name)
+    check_safetensors_header(staging / WEIGHTS_FILE, max_adapter_bytes, label=f"adapter {name!r}: {WEIGHTS_FILE}")
+
+
+class UploadStaging:
+    """An upload written into a new `.tmp-upload-*` directory of the store as its chunks arrive,
+    each file hashed on the way. Blocking (disk writes): callers run it on a worker thread.
+    `finish()` checks what arrived and hands it on as a StagedAdapter; `discard()` (or leaving
+    a `with` block without finishing) deletes it."""
+
+    def __init__(self, root: Path, name: str, max_adapter_bytes: int) -> None:
+        split_adapter_key(name)
+        self.name = name
+        self.max_adapter_bytes = max_adapter_bytes
+        self.path = root / new_tmp_name("upload")
+        self._files: dict[str, tuple[object, object]] = {}  # file name -> (open file, sha256)
+        self._sizes = dict.fromkeys(ADAPTER_FILES, 0)
+        self._done = False
+        with store_full_is_resource_exhausted():
+            os.mkdir(self.path)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(self._sizes.values())
+
+    def write(self, file_name: str, data: bytes) -> None:
+        """Append `data` to `file_name` (one of the two adapter files)."""
+        if file_name not in ADAPTER_FILES:
+            raise InvalidArgument(f"only {CONFIG_FILE} and {WEIGHTS_FILE} may be uploaded, got {file_name!r}")
+        if self.size_bytes + len(data) > self.max_adapter_bytes:
+            raise ResourceExhausted(f"upload is over the per-adapter limit of {self.max_adapter_bytes:,} bytes")
+        if file_name == CONFIG_FILE and self._sizes[CONFIG_FILE] + len(data) > MAX_CONFIG_BYTES:
+            raise AdapterIncompatible(f"adapter {self.name!r}: {CONFIG_FILE} is over the limit of "
+                                      f"{MAX_CONFIG_BYTES:,} bytes")
+        with store_full_is_resource_exhausted():
+            if file_name not in self._files:
+                self._files[file_name] = (open(self.path / file_name, "xb"), hashlib.sha256())
+            f, digest = self._files[file_name]
+            f.write(data)
+            f.flush()  # in the file now, not in a buffer of this process
+        digest.update(data)
+        self._sizes[file_name] += len(data)
+
+    def finish(self) -> StagedAdapter:
+        """Make what arrived durable and check it (both files present, sizes, config, header)."""
+        for file_name in ADAPTER_FILES:
+            if file_name not in self._files:
+                raise AdapterIncompatible(f"adapter {self.name!r} has no {file_name}: the upload sent none of it")
+        digests = []
+        with store_full_is_resource_exhausted():
+            for file_name in ADAPTER_FILES:
+                f, digest = self._files.pop(file_name)
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+                digests.append(FileDigest(file_name, digest.hexdigest(), self._sizes[file_name]))
+            fsync_dir(self.path)
+        _check_staged_files(self.path, self.name, self.max_adapter_bytes)
+        self._done = True
+        return StagedAdapter(self.name, self.path, tuple(digests))
+
+    def discard(self) -> None:
+        """Delete what was written (a no-op once finished: the StagedAdapter owns it then)."""
+        if self._done:
+            return
+        self._done = True
+        for f, _ in self._files.values():
+            with contextlib.suppress(OSError):
+                f.close()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
 
 
 

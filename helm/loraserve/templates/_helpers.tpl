@@ -165,10 +165,11 @@ grace period ends, so it must cover the sleep plus the server's whole drain.
 {{- $args := list "--log-level" $s.logLevel "serve" "--model" (include "loraserve.modelArg" .) "--adapters-dir" .Values.adapterStore.mountPath }}
 {{- $args = concat $args (list "--host" $s.host "--port" (toString (int64 $s.port)) "--metrics-port" (toString (int64 $s.metricsPort))) }}
 {{- $args = concat $args (list "--quantization" $s.quantization "--dtype" $s.dtype) }}
-{{- range $flag, $key := dict "--max-loras" "maxLoras" "--max-cpu-loras" "maxCpuLoras" "--max-lora-rank" "maxLoraRank" "--max-batch-size" "maxBatchSize" "--max-queue" "maxQueue" "--max-input-tokens" "maxInputTokens" "--max-new-tokens" "maxNewTokens" "--max-adapter-bytes" "maxAdapterBytes" "--max-store-bytes" "maxStoreBytes" "--engine-threads" "engineThreads" "--front-nice" "frontNice" }}
+{{- range $flag, $key := dict "--max-loras" "maxLoras" "--max-cpu-loras" "maxCpuLoras" "--max-lora-rank" "maxLoraRank" "--max-batch-size" "maxBatchSize" "--max-queue" "maxQueue" "--max-input-tokens" "maxInputTokens" "--max-new-tokens" "maxNewTokens" "--max-adapter-bytes" "maxAdapterBytes" "--max-store-bytes" "maxStoreBytes" "--engine-threads" "engineThreads" "--front-nice" "frontNice" "--max-concurrent-rpcs" "maxConcurrentRpcs" "--max-streams-per-connection" "maxStreamsPerConnection" "--max-concurrent-uploads" "maxConcurrentUploads" "--max-concurrent-uploads-per-tenant" "maxConcurrentUploadsPerTenant" }}
 {{- $args = concat $args (list $flag (toString (int64 (index $s $key)))) }}
 {{- end }}
 {{- $args = concat $args (list "--drain-timeout" (include "loraserve.number" $s.drainTimeout) "--store-sync-interval" (include "loraserve.number" $s.storeSyncInterval) "--refusal-hold" (include "loraserve.number" $s.refusalHold)) }}
+{{- $args = concat $args (list "--heartbeat-interval" (include "loraserve.number" $s.heartbeatInterval) "--engine-stall-timeout" (include "loraserve.number" $s.engineStallTimeout)) }}
 {{- range $s.importRoots }}{{ $args = concat $args (list "--import-roots" (toString .)) }}{{ end }}
 {{- range $s.preload }}{{ $args = concat $args (list "--preload" (toString .)) }}{{ end }}
 {{- range $s.pin }}{{ $args = concat $args (list "--pin" (toString .)) }}{{ end }}
@@ -194,7 +195,7 @@ container and checks the same service over TLS (exit 0 only when SERVING).
 {{- define "loraserve.probeAction" -}}
 {{- $v := .root.Values }}
 {{- if $v.tls.enabled }}
-{{- $cmd := list "loraserve" "health" "--server" (printf "127.0.0.1:%d" (int64 $v.server.port)) "--service" $v.probes.service "--timeout" (toString (int64 .timeout)) }}
+{{- $cmd := list "loraserve" "health" "--server" (printf "127.0.0.1:%d" (int64 $v.server.port)) "--service" .service "--timeout" (toString (int64 .timeout)) }}
 {{- $cmd = concat $cmd (list "--tls-ca" (printf "%s/ca.crt" $v.tls.mountPath) "--tls-server-name" (include "loraserve.tlsServerName" .root)) }}
 {{- if $v.tls.clientAuth.enabled }}
 {{- $cmd = concat $cmd (list "--tls-cert" (printf "%s/tls.crt" $v.tls.probeClient.mountPath) "--tls-key" (printf "%s/tls.key" $v.tls.probeClient.mountPath)) }}
@@ -205,7 +206,7 @@ exec:
 {{- else }}
 grpc:
   port: {{ int64 $v.server.port }}
-  service: {{ $v.probes.service | quote }}
+  service: {{ .service | quote }}
 {{- end }}
 {{- end }}
 

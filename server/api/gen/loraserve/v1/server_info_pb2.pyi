@@ -10,7 +10,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_lora_rank", "max_loras", "max_cpu_loras", "max_batch_size", "max_queue", "max_input_tokens", "max_new_tokens")
+    __slots__ = ("max_lora_rank", "max_loras", "max_cpu_loras", "max_batch_size", "max_queue", "max_input_tokens", "max_new_tokens", "max_input_bytes")
     MAX_LORA_RANK_FIELD_NUMBER: _ClassVar[int]
     MAX_LORAS_FIELD_NUMBER: _ClassVar[int]
     MAX_CPU_LORAS_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class Limits(_message.Message):
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     MAX_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_INPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
     max_lora_rank: int
     max_loras: int
     max_cpu_loras: int
@@ -25,7 +26,8 @@ class Limits(_message.Message):
     max_queue: int
     max_input_tokens: int
     max_new_tokens: int
-    def __init__(self, max_lora_rank: _Optional[int] = ..., max_loras: _Optional[int] = ..., max_cpu_loras: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
+    max_input_bytes: int
+    def __init__(self, max_lora_rank: _Optional[int] = ..., max_loras: _Optional[int] = ..., max_cpu_loras: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_input_bytes: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
     __slots__ = ("base_model", "base_fingerprint", "quantization", "architecture", "limits", "version")
