@@ -138,19 +138,19 @@ def test_oversized_prompts_are_refused_before_tokenizing_while_health_answers(sr
     results = {}
 
     def send() -> None:
-        # Over gRPC's receive limit for the whole server: refused by gRPC itself.
-        results["14MB"] = code_of(lambda: generate(srv, prompt="a" * 14_000_000))
+        # Over gRPC's receive limit for the whole server (16 MiB): refused by gRPC itself.
+        results["20MB"] = code_of(lambda: generate(srv, prompt="a" * 20_000_000))
         # Over InferenceService's limit, under the server's: refused before it is even decoded.
-        results["3MB"] = code_of(lambda: generate(srv, prompt="a" * 3_000_000))
+        results["14MB"] = code_of(lambda: generate(srv, prompt="a" * 14_000_000))
         # Just over what max_input_tokens can hold in bytes: refused without tokenizing.
         results["bound"] = code_of(lambda: generate(srv, prompt="a" * (limits.max_input_bytes + 1)))
         results["chat"] = code_of(lambda: generate(srv, messages=ipb.Messages(messages=[
             ipb.ChatMessage(role="user", content="hi")] * (limits.max_input_tokens + 1))))
     _health_answers_throughout(srv, send)
-    assert results["14MB"][0] == grpc.StatusCode.RESOURCE_EXHAUSTED, results["14MB"]
-    size = request(prompt="a" * 3_000_000).ByteSize()
-    assert results["3MB"] == (grpc.StatusCode.INVALID_ARGUMENT,
-                              f"the request is {size:,} bytes, over the {_inference_limit(limits):,} bytes this call accepts")
+    assert results["20MB"][0] == grpc.StatusCode.RESOURCE_EXHAUSTED, results["20MB"]
+    size = request(prompt="a" * 14_000_000).ByteSize()
+    assert results["14MB"] == (grpc.StatusCode.INVALID_ARGUMENT,
+                               f"the request is {size:,} bytes, over the {_inference_limit(limits):,} bytes this call accepts")
     code, details = results["bound"]
     assert code == grpc.StatusCode.INVALID_ARGUMENT, details
     assert f"at most {limits.max_input_bytes:,} can fit max_input_tokens 256" in details

@@ -30,6 +30,8 @@ HEALTH_SERVICE = "grpc.health.v1.Health"
 DECODE_ON_THREAD_BYTES = 64 * 1024
 """Requests larger than this are decoded on a worker thread (a 2.9 MB request of 200,000 chat
 messages took ~0.1 s to parse, every other call waiting meanwhile)."""
+LARGE_MESSAGE_BYTES = 1024 * 1024
+"""A message this large sets `large_message_seen`, so the server gives its memory back soon after."""
 DEFAULT_REQUEST_BYTES = 64 * 1024
 """Request size accepted by a service with no limit of its own (health, reflection, server info:
 their requests are a few bytes)."""
@@ -50,6 +52,8 @@ class CallGuard(grpc.aio.ServerInterceptor):
         self.request_bytes = dict(request_bytes)
         self._on_refused = on_refused
         self.in_flight = 0
+        self.large_message_seen = False
+        """Set when a message over LARGE_MESSAGE_BYTES arrived; the server clears it when it trims."""
         self._wrapped: dict[str, tuple[object, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
@@ -74,20 +78,28 @@ class CallGuard(grpc.aio.ServerInterceptor):
         if handler.request_streaming:
             behavior = handler.stream_unary or handler.stream_stream
 
-            def prepare(raw_iterator, context):
-                return self._decoded_stream(method, raw_iterator, deserialize)
+            async def prepare(raw_iterator, context):
+                return self._decoded_stream(method, raw_iterator, deserialize), None
         else:
             behavior = handler.unary_unary or handler.unary_stream
 
             async def prepare(raw, context):
-                return await self._decode(method, raw, deserialize)
+                """(the request, None) or (None, why it cannot be decoded): returned, not raised,
+                so no traceback keeps the raw bytes alive until the garbage collector runs."""
+                try:
+                    return await self._decode(method, raw, deserialize), None
+                except MalformedRequest as exc:
+                    return None, exc.message
         streaming_response = handler.response_streaming
         if streaming_response and inspect.isasyncgenfunction(behavior):
             async def run_stream(request, context):
                 if not await self._enter(method, context, exempt):
                     return
                 try:
-                    decoded = await self._prepare(prepare, request, context)
+                    decoded, problem = await prepare(request, context)
+                    request = None  # this frame may end up in an abort's traceback: not with the bytes
+                    if problem is not None:
+                        await self._refuse(method, context, grpc.StatusCode.INVALID_ARGUMENT, problem)
                     async for response in behavior(decoded, context):
                         yield response
                 except MalformedRequest as exc:  # met inside a streamed request
@@ -100,7 +112,10 @@ class CallGuard(grpc.aio.ServerInterceptor):
                 if not await self._enter(method, context, exempt):
                     return None
                 try:
-                    decoded = await self._prepare(prepare, request, context)
+                    decoded, problem = await prepare(request, context)
+                    request = None
+                    if problem is not None:
+                        await self._refuse(method, context, grpc.StatusCode.INVALID_ARGUMENT, problem)
                     return await behavior(decoded, context)
                 except MalformedRequest as exc:
                     await self._refuse(method, context, grpc.StatusCode.INVALID_ARGUMENT, exc.message)
@@ -121,17 +136,14 @@ class CallGuard(grpc.aio.ServerInterceptor):
         self.in_flight += 1
         return True
 
-    @staticmethod
-    async def _prepare(prepare, request, context):
-        result = prepare(request, context)
-        return await result if inspect.isawaitable(result) else result
-
     async def _refuse(self, method: str, context, code: grpc.StatusCode, message: str) -> None:
         self._on_refused(method, code.name, message)
         await context.abort(code, message)
 
     # ---- decoding ------------------------------------------------------------------------
     async def _decode(self, method: str, raw: bytes, deserialize):
+        if len(raw) > LARGE_MESSAGE_BYTES:
+            self.large_message_seen = True
         limit = self.limit_for(method)
         if len(raw) > limit:
             raise MalformedRequest(f"the request is {len(raw):,} bytes, over the {limit:,} bytes this call accepts")

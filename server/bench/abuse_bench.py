@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import json
 import signal
 import statistics
@@ -26,6 +27,8 @@ from pathlib import Path
 from server.bench.runs import measure_in, write_result
 
 MB = 1_000_000
+SETTLE_S = 2.0
+"""Seconds before the 'settled' RSS reading: the server gives large messages' memory back within one."""
 
 
 def run_abuse_bench(args: argparse.Namespace) -> int:
@@ -45,7 +48,8 @@ def _measure(root: Path, args: argparse.Namespace) -> dict:
     port = free_port()
     server = ServerProcess(["--model", str(base), "--adapters-dir", str(root / "store"), "--host", "127.0.0.1",
                             "--port", str(port), "--metrics-port", "0", "--quantization", args.quantization,
-                            "--heartbeat-interval", str(args.heartbeat_interval)],
+                            "--heartbeat-interval", str(args.heartbeat_interval),
+                            "--max-concurrent-uploads-per-tenant", "3"],  # the three uploads are one tenant's
                            f"127.0.0.1:{port}", root / "server.log")
     try:
         server.wait_serving()
@@ -135,12 +139,34 @@ def _huge_inputs(target: str, front) -> dict:
                     seconds.append(time.perf_counter() - started)
                 return {"refused_ms_median": round(1000 * statistics.median(seconds), 1),
                         "refused_ms_max": round(1000 * max(seconds), 1), "codes": dict(codes)}
-            measured = _health_while(target, send)
+            with _peak_rss(front) as peak:
+                measured = _health_while(target, send)
             measured.update(measured.pop("result"))
             measured["request_mb"] = round(request.ByteSize() / MB, 1)
+            measured["front_rss_peak_growth_mb"] = round((peak[0] - rss_before) / MB, 1)
             measured["front_rss_growth_mb"] = round((front.memory_info().rss - rss_before) / MB, 1)
+            time.sleep(SETTLE_S)
+            measured["front_rss_growth_settled_mb"] = round((front.memory_info().rss - rss_before) / MB, 1)
             out[name] = measured
     return out
+
+
+@contextlib.contextmanager
+def _peak_rss(process):
+    """The highest RSS of `process` while the block runs (sampled every 50 ms), in a one-item list."""
+    peak, done = [process.memory_info().rss], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss)
+            time.sleep(0.05)
+    thread = threading.Thread(target=sample)
+    thread.start()
+    try:
+        yield peak
+    finally:
+        done.set()
+        thread.join()
 
 
 def _upload_messages(name: str, size: int):
@@ -168,12 +194,7 @@ def _uploads(target: str, front, size_mb: int) -> dict:
 
     from server.api.gen.loraserve.v1 import adapters_pb2_grpc
 
-    rss_before, peak, done = front.memory_info().rss, [0], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], front.memory_info().rss)
-            time.sleep(0.05)
+    rss_before = front.memory_info().rss
     codes: collections.Counter = collections.Counter()
 
     def upload(i: int) -> None:
@@ -184,20 +205,20 @@ def _uploads(target: str, front, size_mb: int) -> dict:
                 codes["OK"] += 1
             except grpc.RpcError as exc:
                 codes[exc.code().name] += 1
-    sampler = threading.Thread(target=sample)
-    sampler.start()
     started = time.perf_counter()
-    threads = [threading.Thread(target=upload, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with _peak_rss(front) as peak:
+        threads = [threading.Thread(target=upload, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     seconds = time.perf_counter() - started
-    done.set()
-    sampler.join()
+    after = front.memory_info().rss
+    time.sleep(SETTLE_S)
     return {"uploads": 3, "mb_each": size_mb, "seconds": round(seconds, 1), "codes": dict(codes),
             "front_rss_before_mb": round(rss_before / MB, 1), "front_rss_peak_growth_mb": round((peak[0] - rss_before) / MB, 1),
-            "front_rss_growth_after_mb": round((front.memory_info().rss - rss_before) / MB, 1)}
+            "front_rss_growth_mb": round((after - rss_before) / MB, 1),
+            "front_rss_growth_settled_mb": round((front.memory_info().rss - rss_before) / MB, 1)}
 
 
 def _streams(target: str, count: int, connections: int) -> dict:
