@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-serve clean
+.PHONY: install demo test bench bench-serve bench-abuse clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ bench: $(STAMP)
 
 bench-serve: $(STAMP)
 	$(BIN)/loraserve bench serve --json benchmarks/results/serve.json
+
+bench-abuse: $(STAMP)
+	$(BIN)/loraserve bench abuse --json benchmarks/results/abuse.json
 
 clean:
 	rm -rf $(VENV)
