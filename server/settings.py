@@ -66,8 +66,9 @@ SETTINGS = (
             "calls slows only the front end that takes it (0..19; 0 = same priority)"),
     Setting("max_concurrent_rpcs", int, 8192, "most RPCs in flight on the server (health checks aside); beyond "
             "it a call is refused RESOURCE_EXHAUSTED at once (at most half of them may be held refusals)"),
-    Setting("max_streams_per_connection", int, 1024, "most concurrent gRPC streams one client connection may "
-            "open (HTTP/2 MAX_CONCURRENT_STREAMS); a client queues the rest itself"),
+    Setting("max_streams_per_connection", int, 2048, "most concurrent gRPC streams one client connection may "
+            "open (HTTP/2 MAX_CONCURRENT_STREAMS); a client queues the rest itself. Above the 1,024 refusals held "
+            "per tenant, so one tenant's held calls cannot fill a connection a gateway shares between tenants"),
     Setting("max_concurrent_uploads", int, 4, "adapter uploads received at once by this server; beyond, "
             "RESOURCE_EXHAUSTED"),
     Setting("max_concurrent_uploads_per_tenant", int, 2, "adapter uploads one tenant may have in progress at once; "

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import signal
 import socket
+import threading
 import time
 import urllib.request
 
@@ -16,7 +18,7 @@ import grpc
 import psutil
 import pytest
 from grpc_health.v1 import health_pb2
-from server_harness import free_port, running_server, start_server
+from server_harness import running_server, start_server
 
 from server.api.gen.loraserve.v1 import inference_pb2 as ipb
 from server.api.gen.loraserve.v1 import inference_pb2_grpc
@@ -93,7 +95,7 @@ def test_engine_health_verdicts():
     """EngineClient.health's rules, on the heartbeats it would have received."""
     client = EngineClient.__new__(EngineClient)  # its judgement only: no process behind it
     client.heartbeat_interval, client.stall_timeout = 1.0, 60.0
-    client.gone = __import__("threading").Event()
+    client.gone = threading.Event()
     now = time.monotonic()
     client._last_heartbeat = (now, Heartbeat(since_progress_s=0.2, waiting=3, running=2))
     assert client.health() is None
@@ -112,11 +114,17 @@ def _exits_with_one_line(srv, words: str) -> None:
     assert "Traceback" not in log and "Errno" not in log, log[-3000:]
 
 
-def test_a_busy_grpc_port_stops_the_server_with_one_line(base, tmp_path):
+@contextlib.contextmanager
+def listening(host: str):
+    """A port another process listens on (this test's socket), for as long as the block runs."""
     with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
+        holder.bind((host, 0))
         holder.listen()
-        port = holder.getsockname()[1]
+        yield holder.getsockname()[1]
+
+
+def test_a_busy_grpc_port_stops_the_server_with_one_line(base, tmp_path):
+    with listening("127.0.0.1") as port:
         srv = start_server(tmp_path, base, tmp_path / "store", "--quantization", "none", port=port)
         _exits_with_one_line(srv, f"cannot start: gRPC port {port} is already in use on 127.0.0.1")
     # And beside a running loraserve: gRPC's SO_REUSEPORT would have let it share the port.
@@ -127,13 +135,9 @@ def test_a_busy_grpc_port_stops_the_server_with_one_line(base, tmp_path):
 
 
 def test_a_busy_metrics_port_stops_the_server_with_one_line(base, tmp_path):
-    with socket.socket() as holder:
-        holder.bind(("0.0.0.0", 0))
-        holder.listen()
-        port = holder.getsockname()[1]
+    with listening("0.0.0.0") as port:
         srv = start_server(tmp_path, base, tmp_path / "store", "--quantization", "none", metrics_port=port)
         _exits_with_one_line(srv, f"cannot start: metrics port {port} is already in use")
-    assert free_port() > 0
 
 
 def test_more_calls_than_the_server_takes_are_resource_exhausted_and_counted(base, tmp_path):

@@ -10,6 +10,7 @@ they are unregistered.
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import PROMPTS, collect, greedy_request, running_engine
 
 from server.bench.poison import poison
@@ -110,3 +111,42 @@ def test_grouped_and_per_slot_paths_agree(base_dirs, adapter_dirs) -> None:
             outputs.append([collect(s)[1].token_ids for s in _batch(engine, [names[0], None, names[1], names[2],
                                                                               names[0]])])
     assert outputs[0] == outputs[1]
+
+
+def _layer_cases():
+    cases = [("cpu", torch.float32), ("cpu", torch.bfloat16)]
+    if torch.cuda.is_available():
+        cases += [("cuda", torch.bfloat16), ("cuda", torch.float16)]
+    return [pytest.param(d, t, marks=[pytest.mark.gpu] if d == "cuda" else [], id=f"{d}-{t}".replace("torch.", ""))
+            for d, t in cases]
+
+
+@pytest.mark.parametrize("device, dtype", _layer_cases())
+def test_a_nan_slot_reaches_no_other_row_in_the_layer(device: str, dtype: torch.dtype) -> None:
+    """The layer alone, on each device and dtype it runs in (grouped_mm where it has a kernel,
+    the per-slot matmuls elsewhere): rows of healthy slots and of slot 0 are the same whether
+    another slot holds NaN and inf or zeros, in a decode-shaped and a prefill-shaped batch."""
+    from torch import nn
+
+    from server.lora.layers import LoraBatchContext, MultiLoraLinear
+
+    torch.manual_seed(0)
+    base = nn.Linear(64, 48, bias=False).to(device=device, dtype=dtype)
+    context = LoraBatchContext()
+    context.num_slots = 5
+    layer = MultiLoraLinear(base, 5, 16, context, dtype)
+    for slot in (1, 2, 3):
+        layer.load_slot(slot, torch.randn(8, 64, device=device), torch.randn(48, 8, device=device), 0.5)
+    slots = [1, 0, 4, 2, 3, 4, 1, 0]  # slot 4: the bad one
+    for tokens in (1, 5):
+        x = torch.randn(len(slots), tokens, 64, device=device, dtype=dtype)
+        context.set(slots)
+        layer.clear_slot(4)
+        clean = layer(x)
+        bad = torch.full((8, 64), float("nan"), device=device)
+        layer.load_slot(4, bad, torch.full((48, 8), float("inf"), device=device), 1.0)
+        context.set(slots)
+        poisoned = layer(x)
+        others = [i for i, s in enumerate(slots) if s != 4]
+        assert torch.equal(poisoned[others], clean[others]), f"{device}/{dtype}, {tokens} tokens per row"
+        assert torch.isnan(poisoned[[i for i, s in enumerate(slots) if s == 4]]).all()

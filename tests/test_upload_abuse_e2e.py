@@ -114,10 +114,22 @@ def test_a_cancelled_upload_leaves_nothing_behind(world):
             time.sleep(0.05)
         call.cancel()
         stop.set()
+        # And cancelled at other moments: before the server has the header, between two chunks.
+        for delay in (0.0, 0.005, 0.02, 0.05, 0.1):
+            def chunks():
+                yield apb.UploadAdapterRequest(header=apb.UploadHeader(name=f"gone-{delay}"))
+                for start in range(0, len(weights), 512):
+                    yield apb.UploadAdapterRequest(chunk=apb.FileChunk(file_name=WEIGHTS,
+                                                                       data=weights[start:start + 512]))
+                    time.sleep(0.002)
+            late = srv.adapters.UploadAdapter.future(chunks(), timeout=60)
+            time.sleep(delay)
+            late.cancel()
         deadline = time.monotonic() + 10
         while any(p.name.startswith(".tmp-") for p in store.iterdir()) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not any(p.name.startswith(".tmp-") for p in store.iterdir())
+        assert not srv.adapters.ListAdapters(apb.ListAdaptersRequest()).adapters
 
 
 def _unshare_works() -> bool:

@@ -100,13 +100,13 @@ class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
             header_name = header.name
             ref = self._access.for_change(header.name, caller, creating=True)
             with self._upload_place(ref.tenant):
-                upload = await self._run(ref, self._registry.open_upload, ref.key)
+                upload = self._registry.open_upload(ref.key)  # no I/O: held before any await
                 try:
                     await self._receive(messages, upload)
                     status, created = await self._run(ref, self._registry.upload, upload, header.replace,
                                                       self._access.limits(ref.tenant))
-                finally:
-                    await asyncio.to_thread(upload.discard)
+                finally:  # also when the client goes away: nothing of the upload stays behind
+                    await asyncio.shield(asyncio.to_thread(upload.discard))
             return pb.UploadAdapterResponse(adapter=status_to_proto(status), created=created), status.manifest.digest
         return await self._serve(context, "UploadAdapter", lambda: header_name, "manage", work)
 

@@ -12,11 +12,12 @@ import contextlib
 import hashlib
 import os
 import shutil
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Self
 
-from server.errors import AdapterIncompatible, InvalidArgument, ResourceExhausted
+from server.errors import AdapterIncompatible, Cancelled, InvalidArgument, ResourceExhausted
 from server.store.adapter_config import AdapterConfig
 from server.store.layout import (
     ADAPTER_FILES,
@@ -105,9 +106,11 @@ def _check_staged_files(staging: Path, name: str, max_adapter_bytes: int) -> Non
 
 class UploadStaging:
     """An upload written into a new `.tmp-upload-*` directory of the store as its chunks arrive,
-    each file hashed on the way. Blocking (disk writes): callers run it on a worker thread.
-    `finish()` checks what arrived and hands it on as a StagedAdapter; `discard()` (or leaving
-    a `with` block without finishing) deletes it."""
+    each file hashed on the way. `write` and `finish` block (disk writes: callers run them on a
+    worker thread); making the object does no I/O, so a caller holds it before its first await
+    and can always discard it. `finish()` checks what arrived and hands it on as a StagedAdapter;
+    `discard()` (or leaving a `with` block without finishing) deletes it, and a write that races
+    with a discard writes nothing."""
 
     def __init__(self, root: Path, name: str, max_adapter_bytes: int) -> None:
         split_adapter_key(name)
@@ -116,9 +119,9 @@ class UploadStaging:
         self.path = root / new_tmp_name("upload")
         self._files: dict[str, tuple[object, object]] = {}  # file name -> (open file, sha256)
         self._sizes = dict.fromkeys(ADAPTER_FILES, 0)
+        self._lock = threading.Lock()  # a discard on one thread, a write still running on another
+        self._created = False
         self._done = False
-        with store_full_is_resource_exhausted():
-            os.mkdir(self.path)
 
     @property
     def size_bytes(self) -> int:
@@ -128,55 +131,62 @@ class UploadStaging:
         """Append `data` to `file_name` (one of the two adapter files)."""
         if file_name not in ADAPTER_FILES:
             raise InvalidArgument(f"only {CONFIG_FILE} and {WEIGHTS_FILE} may be uploaded, got {file_name!r}")
-        if self.size_bytes + len(data) > self.max_adapter_bytes:
-            raise ResourceExhausted(f"upload is over the per-adapter limit of {self.max_adapter_bytes:,} bytes")
-        if file_name == CONFIG_FILE and self._sizes[CONFIG_FILE] + len(data) > MAX_CONFIG_BYTES:
-            raise AdapterIncompatible(f"adapter {self.name!r}: {CONFIG_FILE} is over the limit of "
-                                      f"{MAX_CONFIG_BYTES:,} bytes")
-        with store_full_is_resource_exhausted():
-            if file_name not in self._files:
-                self._files[file_name] = (open(self.path / file_name, "xb"), hashlib.sha256())
-            f, digest = self._files[file_name]
-            f.write(data)
-            f.flush()  # in the file now, not in a buffer of this process
-        digest.update(data)
-        self._sizes[file_name] += len(data)
+        with self._lock:
+            if self._done:
+                raise Cancelled("the upload ended before this chunk was written")
+            if self.size_bytes + len(data) > self.max_adapter_bytes:
+                raise ResourceExhausted(f"upload is over the per-adapter limit of {self.max_adapter_bytes:,} bytes")
+            if file_name == CONFIG_FILE and self._sizes[CONFIG_FILE] + len(data) > MAX_CONFIG_BYTES:
+                raise AdapterIncompatible(f"adapter {self.name!r}: {CONFIG_FILE} is over the limit of "
+                                          f"{MAX_CONFIG_BYTES:,} bytes")
+            with store_full_is_resource_exhausted():
+                if not self._created:
+                    os.mkdir(self.path)
+                    self._created = True
+                if file_name not in self._files:
+                    self._files[file_name] = (open(self.path / file_name, "xb"), hashlib.sha256())
+                f, digest = self._files[file_name]
+                f.write(data)
+                f.flush()  # in the file now, not in a buffer of this process
+            digest.update(data)
+            self._sizes[file_name] += len(data)
 
     def finish(self) -> StagedAdapter:
         """Make what arrived durable and check it (both files present, sizes, config, header)."""
-        for file_name in ADAPTER_FILES:
-            if file_name not in self._files:
-                raise AdapterIncompatible(f"adapter {self.name!r} has no {file_name}: the upload sent none of it")
-        digests = []
-        with store_full_is_resource_exhausted():
+        with self._lock:
             for file_name in ADAPTER_FILES:
-                f, digest = self._files.pop(file_name)
-                f.flush()
-                os.fsync(f.fileno())
-                f.close()
-                digests.append(FileDigest(file_name, digest.hexdigest(), self._sizes[file_name]))
-            fsync_dir(self.path)
-        _check_staged_files(self.path, self.name, self.max_adapter_bytes)
-        self._done = True
+                if file_name not in self._files:
+                    raise AdapterIncompatible(f"adapter {self.name!r} has no {file_name}: the upload sent none of it")
+            digests = []
+            with store_full_is_resource_exhausted():
+                for file_name in ADAPTER_FILES:
+                    f, digest = self._files.pop(file_name)
+                    f.flush()
+                    os.fsync(f.fileno())
+                    f.close()
+                    digests.append(FileDigest(file_name, digest.hexdigest(), self._sizes[file_name]))
+                fsync_dir(self.path)
+            _check_staged_files(self.path, self.name, self.max_adapter_bytes)
+            self._done = True
         return StagedAdapter(self.name, self.path, tuple(digests))
 
     def discard(self) -> None:
         """Delete what was written (a no-op once finished: the StagedAdapter owns it then)."""
-        if self._done:
-            return
-        self._done = True
-        for f, _ in self._files.values():
-            with contextlib.suppress(OSError):
-                f.close()
-        shutil.rmtree(self.path, ignore_errors=True)
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+            for f, _ in self._files.values():
+                with contextlib.suppress(OSError):
+                    f.close()
+            if self._created:
+                shutil.rmtree(self.path, ignore_errors=True)
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.discard()
-
-
 
 
 def _source_size(source: bytes | Path, label: str) -> int:
