@@ -33,10 +33,11 @@ RUN uv python install "${PYTHON_VERSION}" \
 RUN /opt/venv/bin/pip install --index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}"
 WORKDIR /src
 # Only what `pip install .` reads: the package sources, their package data and the metadata.
+# server/ and trainer/ install as the one package `loraserve` (pyproject's package-dir).
 COPY pyproject.toml README.md ./
 COPY server ./server
 COPY trainer ./trainer
-RUN /opt/venv/bin/pip install . \
+RUN /opt/venv/bin/pip install ".[serve,train]" \
  && /opt/venv/bin/loraserve --version
 
 FROM ${CUDA_IMAGE}

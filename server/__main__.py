@@ -1,7 +1,7 @@
-"""`python -m server` is the `loraserve` command."""
+"""`python -m loraserve` is the `loraserve` command."""
 
 import sys
 
-from server.cli import main
+from loraserve.cli import main
 
 sys.exit(main())

@@ -9,11 +9,11 @@ import os
 import sys
 from collections.abc import Callable
 
-from server import __version__
+from loraserve import __version__
 
 
 def _init_model(args: argparse.Namespace) -> int:
-    from server.base.synthetic import init_model
+    from loraserve.devtools.synthetic_base import init_model
 
     path = init_model(args.out, args.arch, args.size, args.seed)
     print(f"wrote a {args.size} {args.arch} model to {path}")
@@ -21,21 +21,21 @@ def _init_model(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from server.demo import run_demo
+    from loraserve.devtools.demo import run_demo
 
     return run_demo(args.workdir, arch=args.arch, quantization=args.quantization)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from server.engine.engine_process import launch
-    from server.settings import resolve
+    from loraserve.engine.engine_process import launch
+    from loraserve.settings import resolve
 
     settings = resolve(args)
     # The engine process first: it imports torch and loads the base while this process imports
     # gRPC, torch and transformers (seconds each on a small CPU host, minutes of loading on a big base).
     launched = launch(settings.engine_config(), settings.engine_threads, settings.heartbeat_interval)
     try:
-        from server.api.app import run
+        from loraserve.api.app import run
 
         return run(settings, launched)
     finally:
@@ -43,8 +43,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from trainer.config import resolve
-    from trainer.train import train
+    from loraserve.trainer.config import resolve
+    from loraserve.trainer.train import train
 
     for config in resolve(args).for_tasks():
         result = train(config)
@@ -52,7 +52,7 @@ def _train(args: argparse.Namespace) -> int:
             continue
         print(f"adapter {config.adapter_name}: {result.adapter_dir} {result.manifest['metrics']}")
         if config.register:
-            from server.client import LoraserveClient
+            from loraserve.client import LoraserveClient
 
             with LoraserveClient(config.register) as client:
                 reg = client.upload_adapter(config.adapter_name, result.adapter_dir, replace=True)
@@ -61,45 +61,45 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export_merged(args: argparse.Namespace) -> int:
-    from trainer.export import export_merged
+    from loraserve.trainer.export import export_merged
 
     print(f"wrote {export_merged(args.model, args.adapter, args.out, args.dtype)}")
     return 0
 
 
 def _bench_engine(args: argparse.Namespace) -> int:
-    from server.bench.engine_bench import run_engine_bench
+    from loraserve.devtools.bench.engine_bench import run_engine_bench
 
     return run_engine_bench(args)
 
 
 def _bench_serve(args: argparse.Namespace) -> int:
-    from server.bench.serve_bench import run_serve_bench
+    from loraserve.devtools.bench.serve_bench import run_serve_bench
 
     return run_serve_bench(args)
 
 
 def _bench_tenants(args: argparse.Namespace) -> int:
-    from server.bench.tenant_bench import run_tenant_bench
+    from loraserve.devtools.bench.tenant_bench import run_tenant_bench
 
     return run_tenant_bench(args)
 
 
 def _bench_abuse(args: argparse.Namespace) -> int:
-    from server.bench.abuse_bench import run_abuse_bench
+    from loraserve.devtools.bench.abuse_bench import run_abuse_bench
 
     return run_abuse_bench(args)
 
 
 def _client_command(name: str) -> Callable[[argparse.Namespace], int]:
-    """A handler that runs server.client_cli.<name>, imported only when that command runs."""
+    """A handler that runs loraserve.client_cli.<name>, imported only when that command runs."""
     def handler(args: argparse.Namespace) -> int:
         # Read by grpc when it is imported: its C core would print e.g. a failed TLS handshake as
         # an INFO line above our one-line error, which already carries the reason. A user's own
         # setting wins; a process that imported grpc already (a test) is left alone.
         if "grpc" not in sys.modules:
             os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-        from server import client_cli
+        from loraserve import client_cli
 
         return getattr(client_cli, name)(args)
     return handler
@@ -140,7 +140,7 @@ def _sampling_flags() -> argparse.ArgumentParser:
 
 
 def _add_client_commands(sub: argparse._SubParsersAction) -> None:
-    """generate, chat, adapters, health, info: clients of a running server (server.client_cli)."""
+    """generate, chat, adapters, health, info: clients of a running server (loraserve.client_cli)."""
     common, sampling = _client_flags(), _sampling_flags()
     p = sub.add_parser("generate", parents=[common, sampling], help="generate from a prompt (streamed by default)")
     p.add_argument("prompt", help="the prompt text; - reads it from stdin")
@@ -182,8 +182,8 @@ def _add_client_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_keys_commands(sub: argparse._SubParsersAction) -> None:
-    """keys add|list|remove: edit the API keys file (server.keys_cli)."""
-    from server.access.principal import ROLES
+    """keys add|list|remove: edit the API keys file (loraserve.keys_cli)."""
+    from loraserve.access.principal import ROLES
 
     p = sub.add_parser("keys", help="add, list and remove API keys in the keys file (a running server reloads it)")
     actions = p.add_subparsers(dest="action", required=True)
@@ -203,13 +203,13 @@ def _add_keys_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from server.keys_cli import keys
+    from loraserve.keys_cli import keys
 
     return keys(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from server.config import ARCHS, QUANTIZATIONS, SIZES
+    from loraserve.config import ARCHS, QUANTIZATIONS, SIZES
 
     parser = argparse.ArgumentParser(prog="loraserve", description=(
         "Serve many LoRA adapters on one quantized DeepSeek base, chosen per request."),
@@ -218,13 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="WARNING", help="Python logging level")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from server.settings import add_flags
+    from loraserve.settings import add_flags
 
     p = sub.add_parser("serve", help="run the gRPC server (settings: flags > LORASERVE_* env > --config YAML)")
     add_flags(p)
     p.set_defaults(func=_serve)
 
-    from trainer.config import add_flags as add_train_flags
+    from loraserve.trainer.config import add_flags as add_train_flags
 
     p = sub.add_parser("train", help="LoRA / QLoRA fine-tuning producing a store-ready adapter (flags or --config YAML)")
     add_train_flags(p)
@@ -266,13 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_args(b, ARCHS, SIZES, QUANTIZATIONS)
     b.set_defaults(func=_bench_serve)
 
-    from server.bench.tenant_bench import add_flags as add_tenant_bench_flags  # torch-free
+    from loraserve.devtools.bench.tenant_bench import add_flags as add_tenant_bench_flags  # torch-free
 
     b = bench.add_parser("tenants", help="tenant A's latency with and without tenant B flooding beyond its limits",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_tenant_bench_flags(b, ARCHS, SIZES, QUANTIZATIONS)
     b.set_defaults(func=_bench_tenants)
-    from server.bench.abuse_bench import add_flags as add_abuse_bench_flags  # torch-free
+    from loraserve.devtools.bench.abuse_bench import add_flags as add_abuse_bench_flags  # torch-free
 
     b = bench.add_parser("abuse", help="what huge inputs, big uploads, stream floods, a stopped engine and "
                          "poisoned adapters cost a real server", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_bench_args(b: argparse.ArgumentParser, archs, sizes, quantizations) -> None:
     """The workload flags the engine and serve benchmarks share."""
-    from server.bench.runs import add_base_flags  # torch-free
+    from loraserve.devtools.bench.runs import add_base_flags  # torch-free
 
     add_base_flags(b, archs, sizes, quantizations)
     b.add_argument("--requests", type=int, default=16, help="concurrent requests")
@@ -300,7 +300,7 @@ def _add_bench_args(b: argparse.ArgumentParser, archs, sizes, quantizations) -> 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from server.errors import LoraserveError
+    from loraserve.errors import LoraserveError
 
     try:
         return int(args.func(args) or 0)

@@ -1,14 +1,14 @@
 """Python clients for a loraserve server: `LoraserveClient` (blocking) and `AsyncLoraserveClient`
 (asyncio), with the same methods. Results are plain frozen dataclasses and every failure is a
 `LoraserveClientError` carrying the gRPC status name, so callers import neither grpc nor torch.
-Those result types live in `server.client_types` and are re-exported here.
+Those result types live in `loraserve.client_types` and are re-exported here.
 
     with LoraserveClient("127.0.0.1:50051") as client:
         print(client.generate("Hello", adapter="support-v2", max_new_tokens=32).text)
         for item in client.generate_stream("Hello"):
             print(item.text, end="")  # StreamEvent deltas, then the final Generation
 
-Authentication and TLS are constructor arguments (see server.client_connection.Connection):
+Authentication and TLS are constructor arguments (see loraserve.client_connection.Connection):
 `LoraserveClient("host:443", tls_ca="ca.pem")`; the API key comes from LORASERVE_API_KEY unless
 `api_key` is given, and goes with every call as `authorization: Bearer <key>`.
 """
@@ -23,12 +23,12 @@ from typing import Any, Self
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.api.gen.loraserve.v1 import adapters_pb2 as apb
-from server.api.gen.loraserve.v1 import adapters_pb2_grpc, inference_pb2_grpc, server_info_pb2_grpc
-from server.api.gen.loraserve.v1 import inference_pb2 as ipb
-from server.api.gen.loraserve.v1 import server_info_pb2 as spb
-from server.client_connection import Connection
-from server.client_types import (
+from loraserve.proto.v1 import adapters_pb2 as apb
+from loraserve.proto.v1 import adapters_pb2_grpc, inference_pb2_grpc, server_info_pb2_grpc
+from loraserve.proto.v1 import inference_pb2 as ipb
+from loraserve.proto.v1 import server_info_pb2 as spb
+from loraserve.client_connection import Connection
+from loraserve.client_types import (
     Adapter,
     AdapterFile,
     Generation,
@@ -228,7 +228,7 @@ class _Base:
 class LoraserveClient(_Base):
     """Blocking client over one channel. `timeout` (seconds) is the default deadline of every
     call (None: no deadline); each method's own `timeout` overrides it. The keyword arguments
-    (API key, TLS, mTLS) are those of `server.client_connection.Connection`; a bad combination or
+    (API key, TLS, mTLS) are those of `loraserve.client_connection.Connection`; a bad combination or
     an unreadable PEM file raises ValueError here, not at the first call."""
 
     def __init__(self, target: str = DEFAULT_TARGET, timeout: float | None = None, *, api_key: str | None = None,

@@ -1,4 +1,4 @@
-"""The client subcommands of `loraserve` (generate, chat, adapters, health, info). server.cli owns
+"""The client subcommands of `loraserve` (generate, chat, adapters, health, info). loraserve.cli owns
 the flags; these functions take its parsed arguments, talk to a server through LoraserveClient and
 print for a person (tables, streamed text) or, with --json, for a program. Every failure is
 printed as `error: <STATUS_CODE>: <message>` on stderr with exit status 1."""
@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from server.client import Adapter, Generation, LoraserveClient, LoraserveClientError, Registration, StreamEvent
+from loraserve.client import Adapter, Generation, LoraserveClient, LoraserveClientError, Registration, StreamEvent
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130  # the shell's convention for a command ended by Ctrl-C
@@ -28,7 +28,7 @@ def _print_json(value: Any) -> None:
 
 def _client(args: argparse.Namespace) -> LoraserveClient:
     """The client the connection flags describe (--api-key unset: LORASERVE_API_KEY). A bad flag
-    combination or an unreadable PEM file is a ValueError, which server.cli prints with exit 2."""
+    combination or an unreadable PEM file is a ValueError, which loraserve.cli prints with exit 2."""
     return LoraserveClient(args.server, timeout=args.timeout, api_key=args.api_key, tls=args.tls,
                            tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
                            tls_server_name=args.tls_server_name)

@@ -1,6 +1,6 @@
 """What the loraserve clients return: `LoraserveClientError` and the frozen result dataclasses
 (Generation, StreamEvent, Adapter, Registration, ServerInfo, ...), plus the conversions from
-response protos and gRPC errors into them. `server.client` re-exports the public names.
+response protos and gRPC errors into them. `loraserve.client` re-exports the public names.
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import grpc
 
-from server.api.gen.loraserve.v1 import adapters_pb2 as apb
-from server.api.gen.loraserve.v1 import inference_pb2 as ipb
-from server.api.gen.loraserve.v1 import server_info_pb2 as spb
+from loraserve.proto.v1 import adapters_pb2 as apb
+from loraserve.proto.v1 import inference_pb2 as ipb
+from loraserve.proto.v1 import server_info_pb2 as spb
 
 _FINISH_REASONS = {ipb.FINISH_REASON_LENGTH: "length", ipb.FINISH_REASON_STOP: "stop",
                    ipb.FINISH_REASON_EOS: "eos", ipb.FINISH_REASON_CANCELLED: "cancelled"}

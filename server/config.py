@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.errors import ConfigError
+from loraserve.errors import ConfigError
 
 QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
 ARCHS = ("deepseek-v3", "deepseek-v2", "deepseek-llm")
-"""Architectures `init-model` builds (here, not in server.base.synthetic, so the CLI can list
+"""Architectures `init-model` builds (here, not in loraserve.devtools.synthetic_base, so the CLI can list
 them without importing torch)."""
 SIZES = ("tiny", "small")
 DTYPES = ("auto", "bfloat16", "float16", "float32")

@@ -1,6 +1,6 @@
-"""`loraserve keys add|list|remove`: manage the API keys file of a server. server.cli owns the
+"""`loraserve keys add|list|remove`: manage the API keys file of a server. loraserve.cli owns the
 flags; these functions take its parsed arguments. Errors (a broken file, a duplicate name) are
-ConfigError, which server.cli prints as one line with exit status 2."""
+ConfigError, which loraserve.cli prints as one line with exit status 2."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 
-from server.access.key_admin import add_key, list_keys, remove_key
+from loraserve.access.key_admin import add_key, list_keys, remove_key
 
 
 def keys(args: argparse.Namespace) -> int:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from server.config import QUANTIZATIONS, BaseModelConfig, EngineConfig
-from server.errors import ConfigError
+from loraserve.config import QUANTIZATIONS, BaseModelConfig, EngineConfig
+from loraserve.errors import ConfigError
 
 
 @dataclass(frozen=True)

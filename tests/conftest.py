@@ -18,13 +18,13 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from server.base.loading import load_base
-from server.base.synthetic import ARCHS, init_model
-from server.config import BaseModelConfig, EngineConfig
-from server.engine.engine import Engine
-from server.engine.request import FinishEvent, GenerationRequest, RequestStream, SamplingParams, TokenEvent
-from server.lora.peft_compat import keep_module_targets
-from server.lora.synthetic import make_random_adapter
+from loraserve.base.loading import load_base
+from loraserve.devtools.synthetic_base import ARCHS, init_model
+from loraserve.config import BaseModelConfig, EngineConfig
+from loraserve.engine.native import Engine
+from loraserve.engine.request import FinishEvent, GenerationRequest, RequestStream, SamplingParams, TokenEvent
+from loraserve.lora.peft_compat import keep_module_targets
+from loraserve.devtools.random_adapters import make_random_adapter
 
 # Prompts of different lengths and scripts (prose, Chinese, code, JSON), so batch rows differ.
 PROMPTS = (

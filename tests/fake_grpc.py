@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from server.api.gen.loraserve.v1 import adapters_pb2_grpc, inference_pb2_grpc, server_info_pb2_grpc
+from loraserve.proto.v1 import adapters_pb2_grpc, inference_pb2_grpc, server_info_pb2_grpc
 
 
 @contextmanager

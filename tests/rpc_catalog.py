@@ -10,7 +10,7 @@ from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
-from server.api.gen.loraserve.v1 import adapters_pb2, inference_pb2, server_info_pb2
+from loraserve.proto.v1 import adapters_pb2, inference_pb2, server_info_pb2
 
 FILES = (inference_pb2, adapters_pb2, server_info_pb2, health_pb2, reflection_pb2)
 

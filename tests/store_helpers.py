@@ -9,7 +9,7 @@ import random
 import struct
 from pathlib import Path
 
-from server.store.layout import CONFIG_FILE, WEIGHTS_FILE
+from loraserve.store.layout import CONFIG_FILE, WEIGHTS_FILE
 
 MB = 1 << 20
 

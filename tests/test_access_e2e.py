@@ -20,14 +20,14 @@ import grpc
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2
-from server_harness import running_server
+from loraserve.devtools.server_process import running_server
 
-from server.access.key_admin import add_key, remove_key
-from server.api.gen.loraserve.v1 import adapters_pb2 as apb
-from server.api.gen.loraserve.v1 import inference_pb2 as ipb
-from server.api.gen.loraserve.v1 import server_info_pb2 as spb
-from server.base.synthetic import init_model
-from server.lora.synthetic import make_random_adapter
+from loraserve.access.key_admin import add_key, remove_key
+from loraserve.proto.v1 import adapters_pb2 as apb
+from loraserve.proto.v1 import inference_pb2 as ipb
+from loraserve.proto.v1 import server_info_pb2 as spb
+from loraserve.devtools.synthetic_base import init_model
+from loraserve.devtools.random_adapters import make_random_adapter
 
 UNKNOWN_KEY = "lsk_0123456789ab_" + "A" * 43
 B_LIMITS = {"max_adapters": 1, "max_concurrent_requests": 1, "requests_per_second": 4}
@@ -281,7 +281,7 @@ def test_async_uploads_refused_early_keep_their_status(srv, world):
     asyncio client reports the server's status every time. Over grpc.aio such a refusal sometimes
     reached it as INTERNAL (grpc/grpc#36066; 2-3 of 120 uploads in 2 of 3 runs), so uploads go
     over a blocking channel. Small chunks keep writes in flight when the refusal arrives."""
-    from server.client import AsyncLoraserveClient, LoraserveClientError
+    from loraserve.client import AsyncLoraserveClient, LoraserveClientError
 
     async def scenario() -> Counter:
         codes: Counter = Counter()
@@ -366,7 +366,7 @@ def test_open_server_refuses_remote_management_unless_allowed(world, tmp_path, a
     with running_server(tmp_path, world["base"], tmp_path / "store", *extra) as server:
         assert "runs OPEN" in server.log()
         with grpc.insecure_channel(f"{ip}:{server.port}") as channel:
-            from server.api.gen.loraserve.v1 import adapters_pb2_grpc, inference_pb2_grpc
+            from loraserve.proto.v1 import adapters_pb2_grpc, inference_pb2_grpc
             remote = adapters_pb2_grpc.AdapterServiceStub(channel)
             register = lambda: remote.RegisterAdapter(apb.RegisterAdapterRequest(name="x", path="a0"), timeout=60)
             if allow:

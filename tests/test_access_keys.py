@@ -16,16 +16,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from server.access.key_admin import KeyInfo, add_key, list_keys, remove_key
-from server.access.keys import (
+from loraserve.access.key_admin import KeyInfo, add_key, list_keys, remove_key
+from loraserve.access.keys import (
     UNAUTHENTICATED_MESSAGE,
     KeyFile,
     KeyRing,
     hash_secret,
     new_token,
 )
-from server.access.principal import Principal, TenantLimits
-from server.errors import ConfigError, Unauthenticated
+from loraserve.access.principal import Principal, TenantLimits
+from loraserve.errors import ConfigError, Unauthenticated
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,8 +140,8 @@ def test_an_unquoted_yaml_timestamp_is_read_as_text(tmp_path):
 
 
 def test_tenant_names_follow_adapter_names():
-    from server.access.keys import TENANT_NAME
-    from server.store.layout import ADAPTER_NAME
+    from loraserve.access.keys import TENANT_NAME
+    from loraserve.store.layout import ADAPTER_NAME
 
     assert TENANT_NAME.pattern.strip("^$") == ADAPTER_NAME.pattern.strip("^$")
 
@@ -291,7 +291,7 @@ class _EarlyExitKeyRing(KeyRing):
     def authenticate(self, token):
         import hmac
 
-        from server.access import keys
+        from loraserve.access import keys
 
         match = keys._TOKEN.fullmatch(token) if isinstance(token, str) else None
         if match is None:
@@ -350,7 +350,7 @@ def test_reload_on_change_and_a_broken_file_keeps_the_old_keys(tmp_path, caplog)
 
     good = path.read_text()
     path.write_text(good.replace("role: manage", "role: superuser"))
-    with caplog.at_level(logging.ERROR, logger="server.access.keys"):
+    with caplog.at_level(logging.ERROR, logger="loraserve.access.keys"):
         assert not keys.reload_if_changed()
         assert not keys.reload_if_changed()  # a broken file is reported once, not at every poll
         assert not keys.reload()  # SIGHUP re-reads it anyway, and fails again
@@ -428,7 +428,7 @@ def test_readers_always_see_a_whole_key_ring_while_reloading(tmp_path):
 def _keys_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if k != "LORASERVE_API_KEYS_FILE"}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "server", "keys", *args], check=False,
+    return subprocess.run([sys.executable, "-m", "loraserve", "keys", *args], check=False,
                           capture_output=True, text=True, timeout=120, cwd=ROOT, env=full_env)
 
 
@@ -469,8 +469,7 @@ def test_keys_command(tmp_path):
 
 def test_keys_file_defaults_to_keys_yaml_in_the_working_directory(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "LORASERVE_API_KEYS_FILE"}
-    env["PYTHONPATH"] = str(ROOT)
-    result = subprocess.run([sys.executable, "-m", "server", "keys", "add", "a", "--tenant", "t", "--role",
+    result = subprocess.run([sys.executable, "-m", "loraserve", "keys", "add", "a", "--tenant", "t", "--role",
                              "generate"], check=False, capture_output=True, text=True, timeout=120, cwd=tmp_path,
                             env=env)
     assert result.returncode == 0, result.stderr

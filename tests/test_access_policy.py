@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from server.access.principal import OPEN_PRINCIPAL, Principal, TenantLimits
-from server.api.access import AccessControl, parse_ref
-from server.api.tenant_gate import TenantGate, TenantOverLimit
-from server.errors import AdapterNotFound, InvalidArgument, PermissionDenied, ResourceExhausted
+from loraserve.access.principal import OPEN_PRINCIPAL, Principal, TenantLimits
+from loraserve.api.access import AccessControl, parse_ref
+from loraserve.api.tenant_gate import TenantGate, TenantOverLimit
+from loraserve.errors import AdapterNotFound, InvalidArgument, PermissionDenied, ResourceExhausted
 
 A_GEN = Principal("a-gen", "a", "generate")
 A_MAN = Principal("a-man", "a", "manage")

@@ -26,7 +26,7 @@ import pytest
 import torch
 from store_helpers import MB, adapter_files, write_dir
 
-from server.errors import (
+from loraserve.errors import (
     AdapterAlreadyExists,
     AdapterIncompatible,
     AdapterNotFound,
@@ -34,9 +34,9 @@ from server.errors import (
     InvalidArgument,
     ResourceExhausted,
 )
-from server.store.adapter_store import AdapterStore
-from server.store.layout import CONFIG_FILE, CURRENT_LINK, MANIFEST_FILE, SHARED_MARKER, WEIGHTS_FILE, Manifest
-from server.store.safetensors_check import check_safetensors_header
+from loraserve.store.adapter_store import AdapterStore
+from loraserve.store.layout import CONFIG_FILE, CURRENT_LINK, MANIFEST_FILE, SHARED_MARKER, WEIGHTS_FILE, Manifest
+from loraserve.store.safetensors_check import check_safetensors_header
 
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "base_fingerprint": "sha256:base",
@@ -59,8 +59,8 @@ def peft_adapters(tmp_path_factory) -> list[Path]:
     """Two real PEFT adapters (different seeds) on a tiny DeepSeek-V3 base."""
     from transformers import AutoModelForCausalLM
 
-    from server.base.synthetic import init_model
-    from server.lora.synthetic import make_random_adapter
+    from loraserve.devtools.synthetic_base import init_model
+    from loraserve.devtools.random_adapters import make_random_adapter
     root = tmp_path_factory.mktemp("peft")
     base = init_model(root / "base", "deepseek-v3", "tiny", seed=0)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -97,7 +97,7 @@ def test_publish_get_list_remove(store):
 
 
 def test_real_peft_adapter_reads_back_with_the_same_digest(store, peft_adapters):
-    from server.store.peft_files import read_adapter_dir
+    from loraserve.store.peft_files import read_adapter_dir
     src = peft_adapters[0]
     manifest, _ = store.publish("t/real", {f: src / f for f in (CONFIG_FILE, WEIGHTS_FILE)}, **FIELDS)
     config, tensors, digest = read_adapter_dir(store.path_of("t/real"), "real")
@@ -262,7 +262,7 @@ def _flip(data: bytes) -> bytes:
 CRASH_CHILD = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
-    from server.store.adapter_store import AdapterStore
+    from loraserve.store.adapter_store import AdapterStore
     root, action, crash_at, delay = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
     sources = [Path(p) for p in sys.argv[5:]]
     FIELDS = dict(r=8, lora_alpha=16, target_modules=["q_proj"], base_fingerprint="sha256:b", source="upload")

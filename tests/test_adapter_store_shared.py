@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from store_helpers import MB, adapter_files
 
-from server.errors import AdapterAlreadyExists, AdapterNotFound
-from server.store.adapter_store import AdapterStore
-from server.store.layout import CURRENT_LINK, STALE_TMP_SECONDS, new_tmp_name
+from loraserve.errors import AdapterAlreadyExists, AdapterNotFound
+from loraserve.store.adapter_store import AdapterStore
+from loraserve.store.layout import CURRENT_LINK, STALE_TMP_SECONDS, new_tmp_name
 
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "base_fingerprint": "sha256:base",
@@ -93,7 +93,7 @@ def test_start_up_keeps_live_writers_work_and_deletes_dead_ones(tmp_path):
 WRITER = textwrap.dedent("""
     import sys
     from store_helpers import adapter_files
-    from server.store.adapter_store import AdapterStore
+    from loraserve.store.adapter_store import AdapterStore
     root, prefix = sys.argv[1], sys.argv[2]
     store = AdapterStore(root, max_adapter_bytes=1 << 20)
     fields = dict(r=8, lora_alpha=16, target_modules=["q_proj"], base_fingerprint="sha256:base", source="upload")

@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from server.base.synthetic import init_model
-from server.config import BaseModelConfig, EngineConfig
-from server.engine.engine import Engine
-from server.errors import AdapterAlreadyExists, AdapterIncompatible, AdapterNotFound, InvalidArgument
-from server.lora.synthetic import make_random_adapter
+from loraserve.devtools.synthetic_base import init_model
+from loraserve.config import BaseModelConfig, EngineConfig
+from loraserve.engine.native import Engine
+from loraserve.errors import AdapterAlreadyExists, AdapterIncompatible, AdapterNotFound, InvalidArgument
+from loraserve.devtools.random_adapters import make_random_adapter
 
 
 @pytest.fixture(scope="module")
@@ -203,8 +203,8 @@ def test_a_scaling_that_overflows_the_slot_dtype_is_refused(base_dir, good_adapt
     """lora_alpha 1e38 at r=8 folds B by 1.25e37: B's values of ~1 become ~1e37, finite in float32;
     1e39 overflows float32 and bfloat16 (same exponent range); 1e5 fits both but not float16,
     the dtype a GPU host may serve in."""
-    from server.lora.adapter import parse_adapter
-    from server.store.peft_files import read_adapter_dir
+    from loraserve.lora.adapter import parse_adapter
+    from loraserve.store.peft_files import read_adapter_dir
 
     shapes = Engine.load(EngineConfig(base=BaseModelConfig(str(base_dir), quantization="none"))).lora_module_shapes()
 

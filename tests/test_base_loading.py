@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from server.base.fingerprint import base_fingerprint
-from server.base.loading import load_base
-from server.base.synthetic import init_model
-from server.config import BaseModelConfig, EngineConfig
-from server.errors import ConfigError
+from loraserve.base.fingerprint import base_fingerprint
+from loraserve.base.loading import load_base
+from loraserve.devtools.synthetic_base import init_model
+from loraserve.config import BaseModelConfig, EngineConfig
+from loraserve.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

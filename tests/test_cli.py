@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 
 def _run(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "server", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "loraserve", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_init_model_writes_a_loadable_checkpoint(tmp_path):

@@ -18,11 +18,11 @@ import grpc
 import pytest
 from fake_grpc import fake_server
 
-from server.api.gen.loraserve.v1 import adapters_pb2 as apb
-from server.api.gen.loraserve.v1 import adapters_pb2_grpc, inference_pb2_grpc
-from server.api.gen.loraserve.v1 import inference_pb2 as ipb
-from server.cli import build_parser, main
-from server.client import AsyncLoraserveClient, Generation, LoraserveClient, LoraserveClientError, StreamEvent
+from loraserve.proto.v1 import adapters_pb2 as apb
+from loraserve.proto.v1 import adapters_pb2_grpc, inference_pb2_grpc
+from loraserve.proto.v1 import inference_pb2 as ipb
+from loraserve.cli import build_parser, main
+from loraserve.client import AsyncLoraserveClient, Generation, LoraserveClient, LoraserveClientError, StreamEvent
 
 ADAPTER = apb.AdapterStatus(
     manifest=apb.AdapterManifest(name="support", r=8, lora_alpha=16.0, target_modules=["q_proj", "v_proj"],
@@ -281,5 +281,5 @@ def test_cli_chat_keeps_the_conversation(fake, capsys, monkeypatch):
 
 
 def test_the_client_imports_no_torch():
-    code = "import sys, server.client, server.client_cli; sys.exit('torch' in sys.modules or 'transformers' in sys.modules)"
+    code = "import sys, loraserve.client, loraserve.client_cli; sys.exit('torch' in sys.modules or 'transformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False, timeout=60).returncode == 0

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from server.cli import build_parser
-from server.settings import SETTINGS
+from loraserve.cli import build_parser
+from loraserve.settings import SETTINGS
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTRUCTIONS = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT", "VOLUME", "USER",
@@ -111,7 +111,7 @@ def test_entrypoint_is_the_packages_serve_command(dockerfile):
     command = json.loads(entrypoint.value)  # exec form: signals reach the server (SIGTERM drains)
     assert command == ["loraserve", "serve"]
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts[command[0]] == "server.cli:main"
+    assert scripts[command[0]] == "loraserve.cli:main"
     args = build_parser().parse_args([*command[1:], "--model", "m"])
     assert args.command == "serve"
 
@@ -137,8 +137,8 @@ def test_torch_is_the_makefiles_version_from_a_cuda_index(dockerfile):
     assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu\d+", build_args["TORCH_INDEX_URL"])
     runs = [i.value for i in build if i.keyword == "RUN"]
     torch_step = next(n for n, r in enumerate(runs) if "${TORCH_SPEC}" in r)
-    package_step = next(n for n, r in enumerate(runs) if re.search(r"pip install \.(\s|$)", r))
-    assert torch_step < package_step  # `pip install .` then keeps the CUDA build
+    package_step = next(n for n, r in enumerate(runs) if re.search(r'pip install "\.\[serve,train\]"(\s|$)', r))
+    assert torch_step < package_step  # `pip install .[serve,train]` then keeps the CUDA build
 
 
 def test_exposes_the_servers_default_ports(dockerfile):
@@ -224,6 +224,8 @@ def test_copied_files_build_the_package_with_its_console_script(dockerfile, tmp_
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         entry_points = archive.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert "loraserve = server.cli:main" in entry_points
-    assert {"server/cli.py", "server/api/gen/loraserve/v1/inference_pb2.py", "trainer/examples/train.yaml",
-            "trainer/examples/medical_terms_zh.jsonl"} <= names
+    assert "loraserve = loraserve.cli:main" in entry_points
+    assert {"loraserve/cli.py", "loraserve/proto/v1/inference_pb2.py", "loraserve/trainer/examples/train.yaml",
+            "loraserve/trainer/examples/medical_terms_zh.jsonl", "loraserve/trainer/train.py"} <= names
+    # One namespace: nothing but the package and its metadata at the top (no `server`, no `trainer`).
+    assert {n.split("/")[0] for n in names} == {"loraserve", wheel.name.split("-")[0] + "-0.1.0.dist-info"}

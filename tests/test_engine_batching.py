@@ -19,8 +19,8 @@ from conftest import (
     running_engine,
 )
 
-from server.engine.request import FinishEvent, GenerationRequest, TokenEvent
-from server.errors import AdapterNotFound
+from loraserve.engine.request import FinishEvent, GenerationRequest, TokenEvent
+from loraserve.errors import AdapterNotFound
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 

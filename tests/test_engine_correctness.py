@@ -23,17 +23,17 @@ from conftest import (
 )
 from transformers import AutoTokenizer
 
-from server.base.loading import load_base
-from server.base.synthetic import ARCHS
-from server.config import BaseModelConfig
-from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.request import FinishEvent, GenerationRequest, TokenEvent
-from server.engine.runner import ModelRunner
-from server.lora.adapter import parse_adapter
-from server.lora.layers import LoraBatchContext
-from server.lora.slots import AdapterSlots
-from server.lora.wrapping import wrap_model
-from server.store.peft_files import read_adapter_dir
+from loraserve.base.loading import load_base
+from loraserve.devtools.synthetic_base import ARCHS
+from loraserve.config import BaseModelConfig
+from loraserve.engine.detokenizer import IncrementalDetokenizer
+from loraserve.engine.request import FinishEvent, GenerationRequest, TokenEvent
+from loraserve.engine.runner import ModelRunner
+from loraserve.lora.adapter import parse_adapter
+from loraserve.lora.layers import LoraBatchContext
+from loraserve.lora.slots import AdapterSlots
+from loraserve.lora.wrapping import wrap_model
+from loraserve.store.peft_files import read_adapter_dir
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 

@@ -18,7 +18,7 @@ import torch
 from conftest import collect, greedy_request, running_engine
 from safetensors.torch import load_file, save_file
 
-from server.lora.synthetic import make_random_adapter
+from loraserve.devtools.random_adapters import make_random_adapter
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 

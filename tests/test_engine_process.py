@@ -1,4 +1,4 @@
-"""The engine in its own process (`EngineClient` <-> `server.engine.engine_process`): the same
+"""The engine in its own process (`EngineClient` <-> `loraserve.engine.engine_process`): the same
 answers as the engine in this process, errors that arrive on the stream with their own type, and
 no request or process left behind when either side dies."""
 
@@ -16,14 +16,14 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import collect, greedy_request, running_engine
-from server_harness import start_server
+from loraserve.devtools.server_process import start_server
 
-from server.api.gen.loraserve.v1 import inference_pb2 as ipb
-from server.config import BaseModelConfig, EngineConfig
-from server.engine.engine_client import EngineClient
-from server.engine.engine_process import EngineFault
-from server.engine.request import GenerationRequest, SamplingParams
-from server.errors import AdapterIncompatible, AdapterNotFound, InvalidArgument, Unavailable
+from loraserve.proto.v1 import inference_pb2 as ipb
+from loraserve.config import BaseModelConfig, EngineConfig
+from loraserve.engine.remote import EngineClient
+from loraserve.engine.engine_process import EngineFault
+from loraserve.engine.request import GenerationRequest, SamplingParams
+from loraserve.errors import AdapterIncompatible, AdapterNotFound, InvalidArgument, Unavailable
 
 ARCH = "deepseek-v3"
 PROMPTS = ["The patient presents with", "def parse(path):", "Summarise the clause:"]
@@ -157,8 +157,8 @@ def test_a_dead_engine_fails_what_waits_on_it(base_dirs):
 def test_the_engine_process_exits_with_its_server_process(base_dirs, tmp_path):
     """SIGKILL of the server process (no cleanup at all) still ends the engine process."""
     script = ("import sys, time\n"
-              "from server.config import BaseModelConfig, EngineConfig\n"
-              "from server.engine.engine_client import EngineClient\n"
+              "from loraserve.config import BaseModelConfig, EngineConfig\n"
+              "from loraserve.engine.remote import EngineClient\n"
               f"c = EngineClient.load(EngineConfig(base=BaseModelConfig(model={str(base_dirs[ARCH])!r}, "
               "quantization='none')))\n"
               "print(c.process.pid, flush=True)\n"
@@ -222,7 +222,7 @@ def test_a_server_that_fails_to_start_leaves_no_engine_process(tmp_path, base_di
     keys = tmp_path / "keys.yaml"
     keys.write_text("keys: [this is: not valid")
     server = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--model", str(base_dirs[ARCH]), "--quantization", "none",
+        [sys.executable, "-m", "loraserve", "serve", "--model", str(base_dirs[ARCH]), "--quantization", "none",
          "--adapters-dir", str(tmp_path / "store"), "--api-keys-file", str(keys), "--host", "127.0.0.1",
          "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
         cwd=Path(__file__).resolve().parents[1])

@@ -18,13 +18,13 @@ import grpc
 import psutil
 import pytest
 from grpc_health.v1 import health_pb2
-from server_harness import running_server, start_server
+from loraserve.devtools.server_process import running_server, start_server
 
-from server.api.gen.loraserve.v1 import inference_pb2 as ipb
-from server.api.gen.loraserve.v1 import inference_pb2_grpc
-from server.base.synthetic import init_model
-from server.engine.engine import Heartbeat
-from server.engine.engine_client import EngineClient
+from loraserve.proto.v1 import inference_pb2 as ipb
+from loraserve.proto.v1 import inference_pb2_grpc
+from loraserve.devtools.synthetic_base import init_model
+from loraserve.engine.native import Heartbeat
+from loraserve.engine.remote import EngineClient
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 

@@ -19,9 +19,9 @@ import pytest
 import yaml
 from helm_python import _native
 
-from server.cli import build_parser
-from server.settings import SETTINGS
-from trainer.config import resolve as resolve_train_config
+from loraserve.cli import build_parser
+from loraserve.settings import SETTINGS
+from loraserve.trainer.config import resolve as resolve_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "loraserve"
@@ -148,7 +148,7 @@ def test_standard_labels_on_every_object_and_pod(name):
 
 
 def test_chart_app_version_is_the_package_version():
-    from server import __version__
+    from loraserve import __version__
 
     assert _chart().metadata["appVersion"] == __version__
 
@@ -158,7 +158,7 @@ def test_chart_app_version_is_the_package_version():
 
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_server_args_are_real_serve_flags(name):
-    from server.settings import resolve
+    from loraserve.settings import resolve
 
     objects = scenario(name)
     container = server_container(objects)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from store_helpers import adapter_files, write_dir
 
-from server.errors import InvalidArgument
-from server.store.import_roots import resolve_import_path
-from server.store.layout import CONFIG_FILE, WEIGHTS_FILE
+from loraserve.errors import InvalidArgument
+from loraserve.store.import_roots import resolve_import_path
+from loraserve.store.layout import CONFIG_FILE, WEIGHTS_FILE
 
 
 @pytest.fixture

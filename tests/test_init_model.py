@@ -12,8 +12,8 @@ from jinja2.exceptions import TemplateError
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from server.base.synthetic import ARCHS, SHAPES, init_model, synthetic_config
-from server.base.tokenizer import (
+from loraserve.devtools.synthetic_base import ARCHS, SHAPES, init_model, synthetic_config
+from loraserve.devtools.synthetic_tokenizer import (
     ASSISTANT_TOKEN,
     BOS_TOKEN,
     EOS_TOKEN,

@@ -18,13 +18,13 @@ import pytest
 from grpc_health.v1 import health_pb2
 from rpc_catalog import all_rpcs, call_raw
 from safetensors.torch import load_file, save_file
-from server_harness import running_server
+from loraserve.devtools.server_process import running_server
 
-from server.api.gen.loraserve.v1 import adapters_pb2 as apb
-from server.api.gen.loraserve.v1 import inference_pb2 as ipb
-from server.api.gen.loraserve.v1 import server_info_pb2 as spb
-from server.base.synthetic import init_model
-from server.lora.synthetic import make_random_adapter
+from loraserve.proto.v1 import adapters_pb2 as apb
+from loraserve.proto.v1 import inference_pb2 as ipb
+from loraserve.proto.v1 import server_info_pb2 as spb
+from loraserve.devtools.synthetic_base import init_model
+from loraserve.devtools.random_adapters import make_random_adapter
 
 PYTHON_WORDS = re.compile(r"DecodeError|Error parsing|Exception|Traceback|TypeError|ValueError|KeyError|"
                           r"UnicodeDecodeError|RecursionError|NoneType|<class")
@@ -163,7 +163,7 @@ def test_oversized_prompts_are_refused_before_tokenizing_while_health_answers(sr
 
 
 def _inference_limit(limits) -> int:
-    from server.api.app import inference_request_bytes
+    from loraserve.api.app import inference_request_bytes
 
     return inference_request_bytes(limits.max_input_bytes, limits.max_input_tokens)
 

@@ -2,7 +2,7 @@
 that use that slot, a freed slot holds nothing, and a row whose numbers go bad ends alone.
 
 Validation refuses NaN and overflowing weights (test_adapter_validation.py), so these tests
-write such weights past it (`server.bench.poison`). Every other request is compared token
+write such weights past it (`loraserve.devtools.bench.poison`). Every other request is compared token
 for token with a clean run of the same batch, while the bad adapters sit in slots and after
 they are unregistered.
 """
@@ -13,9 +13,9 @@ import pytest
 import torch
 from conftest import PROMPTS, collect, greedy_request, running_engine
 
-from server.bench.poison import poison
-from server.engine.engine import Engine
-from server.errors import AdapterIncompatible
+from loraserve.devtools.bench.poison import poison
+from loraserve.engine.native import Engine
+from loraserve.errors import AdapterIncompatible
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
@@ -99,7 +99,7 @@ def test_freed_slot_is_zeroed_in_every_layer(base_dirs, adapter_dirs) -> None:
 
 def test_grouped_and_per_slot_paths_agree(base_dirs, adapter_dirs) -> None:
     """The fallback for devices without grouped_mm gives the same numbers as grouped_mm."""
-    from server.lora import layers as lora_layers
+    from loraserve.lora import layers as lora_layers
 
     adapters = adapter_dirs("deepseek-llm")
     names = ["att-r4", "mlp-r8", "all-r16"]
@@ -128,7 +128,7 @@ def test_a_nan_slot_reaches_no_other_row_in_the_layer(device: str, dtype: torch.
     another slot holds NaN and inf or zeros, in a decode-shaped and a prefill-shaped batch."""
     from torch import nn
 
-    from server.lora.layers import LoraBatchContext, MultiLoraLinear
+    from loraserve.lora.layers import LoraBatchContext, MultiLoraLinear
 
     torch.manual_seed(0)
     base = nn.Linear(64, 48, bias=False).to(device=device, dtype=dtype)

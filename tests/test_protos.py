@@ -4,20 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from server.api import codegen
+from loraserve.proto import codegen
 
 
 def test_generated_stubs_are_not_stale(tmp_path):
     fresh = {p.relative_to(tmp_path): p.read_text() for p in codegen.generate(tmp_path)}
     committed = {p.relative_to(codegen.GEN): p.read_text()
                  for p in codegen.GEN.rglob("*") if p.suffix in (".py", ".pyi")}
-    assert set(fresh) == set(committed), "stubs differ from protos/: run `python -m server.api.codegen`"
+    assert set(fresh) == set(committed), "stubs differ from protos/: run `python -m loraserve.proto.codegen`"
     for name, text in fresh.items():
-        assert committed[name] == text, f"{name} is stale: run `python -m server.api.codegen`"
+        assert committed[name] == text, f"{name} is stale: run `python -m loraserve.proto.codegen`"
 
 
 def test_proto_style():
-    from server.api.gen.loraserve.v1 import adapters_pb2, inference_pb2, server_info_pb2
+    from loraserve.proto.v1 import adapters_pb2, inference_pb2, server_info_pb2
 
     for module in (adapters_pb2, inference_pb2, server_info_pb2):
         assert module.DESCRIPTOR.package == "loraserve.v1"
@@ -29,3 +29,4 @@ def test_proto_style():
         for enum in module.DESCRIPTOR.enum_types_by_name.values():
             assert enum.values[0].number == 0 and enum.values[0].name.endswith("_UNSPECIFIED")
     assert Path(codegen.PROTOS / "loraserve" / "v1").is_dir()
+    assert all(m.__name__.startswith("loraserve.proto.v1.") for m in (adapters_pb2, inference_pb2, server_info_pb2))

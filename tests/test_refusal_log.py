@@ -7,7 +7,7 @@ import json
 import logging
 import time
 
-from server.api.refusal_log import RefusalLog
+from loraserve.api.refusal_log import RefusalLog
 
 
 def _lines(caplog) -> list[dict]:

@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import save_file
 from store_helpers import MB, st_bytes
 
-from server.errors import AdapterIncompatible, ResourceExhausted
-from server.store.layout import WEIGHTS_FILE
-from server.store.safetensors_check import check_safetensors_header
+from loraserve.errors import AdapterIncompatible, ResourceExhausted
+from loraserve.store.layout import WEIGHTS_FILE
+from loraserve.store.safetensors_check import check_safetensors_header
 
 
 def _entry(dtype: str, shape: list, begin: int, end: int) -> dict:

@@ -19,16 +19,16 @@ import torch
 from grpc_health.v1 import health_pb2
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
-from server_harness import running_server
+from loraserve.devtools.server_process import running_server
 
-from server.api.gen.loraserve.v1 import adapters_pb2 as apb
-from server.api.gen.loraserve.v1 import inference_pb2 as ipb
-from server.api.gen.loraserve.v1 import server_info_pb2 as spb
-from server.base.loading import load_base
-from server.base.synthetic import init_model
-from server.config import BaseModelConfig
-from server.lora.peft_compat import keep_module_targets
-from server.lora.synthetic import make_random_adapter
+from loraserve.proto.v1 import adapters_pb2 as apb
+from loraserve.proto.v1 import inference_pb2 as ipb
+from loraserve.proto.v1 import server_info_pb2 as spb
+from loraserve.base.loading import load_base
+from loraserve.devtools.synthetic_base import init_model
+from loraserve.config import BaseModelConfig
+from loraserve.lora.peft_compat import keep_module_targets
+from loraserve.devtools.random_adapters import make_random_adapter
 
 ARCH = "deepseek-v3"
 PROMPTS = ["The patient presents with", "窦性心律不齐是指", "def parse(path):", "Summarise the clause:"]

@@ -6,8 +6,8 @@ import argparse
 
 import pytest
 
-from server.errors import ConfigError
-from server.settings import SETTINGS, add_flags, resolve
+from loraserve.errors import ConfigError
+from loraserve.settings import SETTINGS, add_flags, resolve
 
 
 def _args(*argv: str) -> argparse.Namespace:

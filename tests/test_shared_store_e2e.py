@@ -8,14 +8,14 @@ from __future__ import annotations
 import time
 
 import pytest
-from server_harness import running_server
+from loraserve.devtools.server_process import running_server
 
-from server.base.synthetic import init_model
-from server.client import LoraserveClient, LoraserveClientError
-from server.lora.synthetic import make_random_adapter
-from trainer.config import TrainConfig
-from trainer.output import is_store
-from trainer.train import train
+from loraserve.devtools.synthetic_base import init_model
+from loraserve.client import LoraserveClient, LoraserveClientError
+from loraserve.devtools.random_adapters import make_random_adapter
+from loraserve.trainer.config import TrainConfig
+from loraserve.trainer.output import is_store
+from loraserve.trainer.train import train
 
 SYNC = "0.5"
 

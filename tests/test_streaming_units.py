@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.base.tokenizer import build_tokenizer
-from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.request import SamplingParams
-from server.engine.sampling import sample_batch
-from server.errors import InvalidArgument
+from loraserve.devtools.synthetic_tokenizer import build_tokenizer
+from loraserve.engine.detokenizer import IncrementalDetokenizer
+from loraserve.engine.request import SamplingParams
+from loraserve.engine.sampling import sample_batch
+from loraserve.errors import InvalidArgument
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 def test_tenant_bench_reports_isolation_invariants(tmp_path):
     out = tmp_path / "tenants.json"
     result = subprocess.run(
-        [sys.executable, "-m", "server", "bench", "tenants", "--size", "tiny", "--rounds", "1", "--a-requests", "4",
+        [sys.executable, "-m", "loraserve", "bench", "tenants", "--size", "tiny", "--rounds", "1", "--a-requests", "4",
          "--b-threads", "3", "--workdir", str(tmp_path / "work"), "--json", str(out)],
         check=False, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -17,11 +17,13 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from server_harness import ROOT, running_server
+from loraserve.devtools.server_process import running_server
+
+ROOT = Path(__file__).resolve().parents[1]
 from tls_helpers import Pki, make_pki
 
-from server.base.synthetic import init_model
-from server.client import AsyncLoraserveClient, Generation, LoraserveClient, LoraserveClientError
+from loraserve.devtools.synthetic_base import init_model
+from loraserve.client import AsyncLoraserveClient, Generation, LoraserveClient, LoraserveClientError
 
 SERVER_FLAGS = ("--quantization", "none", "--max-new-tokens", "16", "--max-input-tokens", "64")
 
@@ -53,7 +55,7 @@ def _ca_credentials(ca: str, cert: str | None = None, key: str | None = None) ->
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "server", *args], check=False, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "loraserve", *args], check=False, capture_output=True, text=True,
                           cwd=ROOT, timeout=120)
 
 

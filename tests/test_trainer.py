@@ -10,17 +10,17 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from server_harness import running_server
+from loraserve.devtools.server_process import running_server
 from transformers import TrainerCallback
 
-from server.api.gen.loraserve.v1 import inference_pb2 as ipb
-from server.base.loading import load_base
-from server.base.synthetic import init_model
-from server.config import BaseModelConfig
-from server.lora.peft_compat import keep_module_targets
-from trainer.config import TrainConfig
-from trainer.data import DataError, load_examples, split_examples
-from trainer.train import train
+from loraserve.proto.v1 import inference_pb2 as ipb
+from loraserve.base.loading import load_base
+from loraserve.devtools.synthetic_base import init_model
+from loraserve.config import BaseModelConfig
+from loraserve.lora.peft_compat import keep_module_targets
+from loraserve.trainer.config import TrainConfig
+from loraserve.trainer.data import DataError, load_examples, split_examples
+from loraserve.trainer.train import train
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_served_exactly_as_trained(task, trained, tmp_path):
     examples, _ = load_examples(task["data"], tokenizer, 256)
     with running_server(tmp_path, task["base"], tmp_path / "store", "--quantization", LEARN_QUANTIZATION,
                         "--import-roots", str(trained.adapter_dir.parent)) as srv:
-        from server.api.gen.loraserve.v1 import adapters_pb2 as apb
+        from loraserve.proto.v1 import adapters_pb2 as apb
 
         srv.adapters.RegisterAdapter(apb.RegisterAdapterRequest(name="codes", path="codes"))
         train_split, _ = split_examples(examples, 0.2, 7)
@@ -142,7 +142,7 @@ def test_bad_data_is_a_clear_error_and_writes_nothing(task, tmp_path):
 
 
 def test_targets_the_server_cannot_serve_are_refused(task, tmp_path):
-    from server.errors import AdapterIncompatible
+    from loraserve.errors import AdapterIncompatible
 
     with pytest.raises(AdapterIncompatible, match="server does not serve"):
         train(_config(task, tmp_path / "out", target=r"(lm_head|.*\.o_proj)", max_steps=1))
@@ -154,7 +154,7 @@ def test_targets_the_server_cannot_serve_are_refused(task, tmp_path):
 def test_export_merged_matches_the_adapter(task, trained, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from trainer.export import export_merged
+    from loraserve.trainer.export import export_merged
 
     out = export_merged(str(task["base"]), trained.adapter_dir, tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(out)

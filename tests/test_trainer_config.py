@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from server.errors import ConfigError
-from trainer.config import TrainConfig, add_flags, resolve
+from loraserve.errors import ConfigError
+from loraserve.trainer.config import TrainConfig, add_flags, resolve
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "trainer" / "examples" / "train.yaml"

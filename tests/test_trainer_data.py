@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from server.base.synthetic import init_model
-from server.base.tokenizer import EOS_TOKEN_ID, PAD_TOKEN_ID, build_tokenizer
-from server.errors import InvalidArgument
-from trainer.data import DataError, Example, collate, load_examples, split_examples
+from loraserve.devtools.synthetic_base import init_model
+from loraserve.devtools.synthetic_tokenizer import EOS_TOKEN_ID, PAD_TOKEN_ID, build_tokenizer
+from loraserve.errors import InvalidArgument
+from loraserve.trainer.data import DataError, Example, collate, load_examples, split_examples
 
 ARCHS = ("deepseek-v3", "deepseek-llm")
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "trainer" / "examples"

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from server_harness import running_server, start_server
+from loraserve.devtools.server_process import running_server, start_server
 
-from server.api.gen.loraserve.v1 import adapters_pb2 as apb
-from server.api.gen.loraserve.v1 import inference_pb2 as ipb
-from server.base.synthetic import init_model
-from server.lora.synthetic import make_random_adapter
+from loraserve.proto.v1 import adapters_pb2 as apb
+from loraserve.proto.v1 import inference_pb2 as ipb
+from loraserve.devtools.synthetic_base import init_model
+from loraserve.devtools.random_adapters import make_random_adapter
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
@@ -226,7 +226,7 @@ def test_unregister_fails_what_is_queued_for_it_with_not_found(world):
 
 def test_uploads_beyond_the_server_limit_are_resource_exhausted(world, tmp_path):
     """Per server: with keys, two tenants of one upload each fill a server limit of two."""
-    from server.access.key_admin import add_key
+    from loraserve.access.key_admin import add_key
 
     keys_file = tmp_path / "keys.yaml"
     keys = {t: add_key(keys_file, f"{t}-man", t, "manage") for t in ("t1", "t2", "t3")}

@@ -1,7 +1,7 @@
-"""`python -m trainer` is `loraserve train`."""
+"""`python -m loraserve.trainer` is `loraserve train`."""
 
 import sys
 
-from server.cli import main
+from loraserve.cli import main
 
 sys.exit(main(["train", *sys.argv[1:]]))

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import yaml
 
-from server.config import QUANTIZATIONS
-from server.errors import ConfigError
-from server.lora.targets import PRESETS
+from loraserve.config import QUANTIZATIONS
+from loraserve.errors import ConfigError
+from loraserve.lora.targets import PRESETS
 
 
 @dataclass(frozen=True)

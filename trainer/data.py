@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from jinja2 import TemplateError
 
-from server.errors import InvalidArgument
+from loraserve.errors import InvalidArgument
 
 ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100  # labels value that torch's cross_entropy (and HF models) skip

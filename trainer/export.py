@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from server.base.loading import load_base
-from server.config import BaseModelConfig
-from server.errors import AdapterIncompatible
-from server.lora.peft_compat import keep_module_targets
-from server.store.layout import MANIFEST_FILE
+from loraserve.base.loading import load_base
+from loraserve.config import BaseModelConfig
+from loraserve.errors import AdapterIncompatible
+from loraserve.lora.peft_compat import keep_module_targets
+from loraserve.store.layout import MANIFEST_FILE
 
 
 def export_merged(model: str, adapter_dir: str | Path, out_dir: str | Path, dtype: str = "auto") -> Path:

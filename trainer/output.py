@@ -20,8 +20,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from server.store.adapter_store import AdapterStore
-from server.store.layout import (
+from loraserve.store.adapter_store import AdapterStore
+from loraserve.store.layout import (
     CONFIG_FILE,
     LOCK_FILE,
     MANIFEST_FILE,

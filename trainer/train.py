@@ -25,15 +25,15 @@ from peft.utils.error import NoMatchingPeftModuleError
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from server.base.loading import load_base
-from server.config import BaseModelConfig
-from server.errors import AdapterIncompatible
-from server.lora.peft_compat import keep_module_targets
-from server.lora.targets import PRESETS, target_regex
-from server.lora.wrapping import supported_linear_names
-from trainer.config import TrainConfig
-from trainer.data import collate, load_examples, split_examples
-from trainer.output import write_adapter
+from loraserve.base.loading import load_base
+from loraserve.config import BaseModelConfig
+from loraserve.errors import AdapterIncompatible
+from loraserve.lora.peft_compat import keep_module_targets
+from loraserve.lora.targets import PRESETS, target_regex
+from loraserve.lora.wrapping import supported_linear_names
+from loraserve.trainer.config import TrainConfig
+from loraserve.trainer.data import collate, load_examples, split_examples
+from loraserve.trainer.output import write_adapter
 
 log = logging.getLogger(__name__)
 

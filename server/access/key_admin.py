@@ -1,5 +1,5 @@
 """Editing a keys file: `loraserve keys add/remove/list`. A new key's plaintext is returned once
-and never written; the file gets only its salt and hash (see server.access.keys).
+and never written; the file gets only its salt and hash (see loraserve.access.keys).
 
 Every change validates the whole existing file first (a broken file is never made worse),
 edits the parsed document (other keys and the tenants section are kept; YAML comments and
@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from server.access.keys import (
+from loraserve.access.keys import (
     KEY_ID_HEX,
     KEY_NAME,
     SALT_BYTES,
@@ -33,8 +33,8 @@ from server.access.keys import (
     now_rfc3339,
     read_document,
 )
-from server.access.principal import ROLES
-from server.errors import ConfigError
+from loraserve.access.principal import ROLES
+from loraserve.errors import ConfigError
 
 
 class KeyInfo(NamedTuple):

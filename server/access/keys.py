@@ -24,7 +24,7 @@ keeps equal secrets from having equal hashes across files.
 
 `KeyRing` is one validated snapshot of the file; `KeyFile` keeps a running server's snapshot
 current (SIGHUP, or a change seen by polling). Writing the file (`loraserve keys add/remove`)
-lives in `server.access.key_admin`. Torch-free and grpc-free: the API layer maps
+lives in `loraserve.access.key_admin`. Torch-free and grpc-free: the API layer maps
 `Unauthenticated` and `ConfigError` to statuses.
 """
 
@@ -46,9 +46,9 @@ from typing import Any
 
 import yaml
 
-from server.access.file_signature import FileSignature, file_signature
-from server.access.principal import ROLES, Principal, TenantLimits
-from server.errors import ConfigError, Unauthenticated
+from loraserve.access.file_signature import FileSignature, file_signature
+from loraserve.access.principal import ROLES, Principal, TenantLimits
+from loraserve.errors import ConfigError, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ SALT_BYTES = 16
 _TOKEN = re.compile(rf"{KEY_PREFIX}([0-9a-f]{{{KEY_ID_HEX}}})_([A-Za-z0-9_-]{{{SECRET_CHARS}}})")
 _KEY_ID = re.compile(rf"[0-9a-f]{{{KEY_ID_HEX}}}")
 KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-# The same rule as adapter names (server.store.layout.ADAPTER_NAME, a test keeps them equal):
+# The same rule as adapter names (loraserve.store.layout.ADAPTER_NAME, a test keeps them equal):
 # a tenant becomes a directory of the store. Repeated here so access does not import the store.
 TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 

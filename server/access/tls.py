@@ -16,8 +16,8 @@ from pathlib import Path
 
 import grpc
 
-from server.access.file_signature import FileSignature, file_signature
-from server.errors import ConfigError
+from loraserve.access.file_signature import FileSignature, file_signature
+from loraserve.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@ limits for every RPC. The servicers ask here first; nothing below the API layer 
 keys or tenants beyond the '<tenant>/<name>' adapter ids.
 
 - Authentication: `authorization: Bearer <key>` metadata, checked against the keys file
-  (salted hashes; `server.access.keys`). Without a keys file the server runs open: every
+  (salted hashes; `loraserve.access.keys`). Without a keys file the server runs open: every
   caller is an admin of tenant `default`, and management RPCs are refused from non-loopback
   peers unless `allow_open_management`.
 - Tenants: a request names an adapter as `name` (the caller's own tenant) or `tenant/name`.
@@ -20,10 +20,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from server.access.principal import DEFAULT_TENANT, OPEN_PRINCIPAL, Principal, TenantLimits
-from server.api.tenant_gate import MAX_HELD, TenantGate, TenantOverLimit
-from server.errors import AdapterNotFound, PermissionDenied, ResourceExhausted
-from server.store.layout import adapter_key, check_adapter_name
+from loraserve.access.principal import DEFAULT_TENANT, OPEN_PRINCIPAL, Principal, TenantLimits
+from loraserve.api.tenant_gate import MAX_HELD, TenantGate, TenantOverLimit
+from loraserve.errors import AdapterNotFound, PermissionDenied, ResourceExhausted
+from loraserve.store.layout import adapter_key, check_adapter_name
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +68,9 @@ class AccessControl:
     def __init__(self, keys=None, allow_open_management: bool = False,
                  is_shared: Callable[[str], bool] = lambda key: False, refusal_hold: float = 0.0,
                  max_held: int = MAX_HELD) -> None:
-        """`keys`: a reloadable keys file (`server.access.keys.KeyFile`), or None to run open.
+        """`keys`: a reloadable keys file (`loraserve.access.keys.KeyFile`), or None to run open.
         `is_shared(key)`: whether an admin shared that adapter with every tenant.
-        `refusal_hold`: most seconds a tenant's over-limit refusal is held (`server.api.tenant_gate`);
+        `refusal_hold`: most seconds a tenant's over-limit refusal is held (`loraserve.api.tenant_gate`);
         `max_held`: most refusals held at once over all tenants."""
         self._keys = keys
         self._allow_open_management = allow_open_management
@@ -141,7 +141,7 @@ class AccessControl:
 
     async def refuse(self, refusal: ResourceExhausted, time_remaining: float | None) -> ResourceExhausted:
         """The refusal to send for a call `admit` refused: a tenant's limit is held until a retry
-        could be admitted (see `server.api.tenant_gate`); any other goes out as it is."""
+        could be admitted (see `loraserve.api.tenant_gate`); any other goes out as it is."""
         if isinstance(refusal, TenantOverLimit):
             return await self._gate.hold(refusal, self._refusal_hold, time_remaining)
         return refusal

@@ -1,5 +1,5 @@
 """AdapterService: protobuf <-> AdapterRegistry, behind the access policy. Every call is
-authenticated and authorized first (`server.api.access`), adapter names are resolved to
+authenticated and authorized first (`loraserve.api.access`), adapter names are resolved to
 '<tenant>/<name>' ids, and every management call leaves one audit line. Blocking store and
 engine work runs in a worker thread so the event loop keeps serving generation traffic."""
 
@@ -10,16 +10,16 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from server.access.principal import Principal
-from server.api.access import AccessControl, AdapterRef
-from server.api.audit import audit
-from server.api.gen.loraserve.v1 import adapters_pb2 as pb
-from server.api.gen.loraserve.v1 import adapters_pb2_grpc
-from server.api.status import abort, as_named, status_of
-from server.engine.registry import AdapterRegistry, AdapterStatus
-from server.errors import AdapterNotFound, InvalidArgument, LoraserveError, ResourceExhausted, Unavailable
-from server.store.layout import split_adapter_key
-from server.store.peft_files import CONFIG_FILE, WEIGHTS_FILE
+from loraserve.access.principal import Principal
+from loraserve.api.access import AccessControl, AdapterRef
+from loraserve.api.audit import audit
+from loraserve.proto.v1 import adapters_pb2 as pb
+from loraserve.proto.v1 import adapters_pb2_grpc
+from loraserve.api.status import abort, as_named, status_of
+from loraserve.registry.registry import AdapterRegistry, AdapterStatus
+from loraserve.errors import AdapterNotFound, InvalidArgument, LoraserveError, ResourceExhausted, Unavailable
+from loraserve.store.layout import split_adapter_key
+from loraserve.store.peft_files import CONFIG_FILE, WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
 TIERS = {"gpu": pb.RESIDENCY_TIER_GPU, "cpu": pb.RESIDENCY_TIER_CPU, "disk": pb.RESIDENCY_TIER_DISK}

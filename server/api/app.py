@@ -6,10 +6,10 @@ one line naming it), then the gRPC port answers with health NOT_SERVING while th
 has warmed up, then health turns SERVING. SIGTERM/SIGINT: health NOT_SERVING, new RPCs
 UNAVAILABLE, running requests get `drain_timeout` seconds to finish, then the process exits 0.
 
-Health (`server.api.health`): `liveness` and `readiness`, kept apart, and a stopped or wedged
+Health (`loraserve.api.health`): `liveness` and `readiness`, kept apart, and a stopped or wedged
 engine seen within three heartbeat intervals.
 
-The engine runs in a child process (`server.engine.engine_process` says why); this process holds
+The engine runs in a child process (`loraserve.engine.engine_process` says why); this process holds
 the gRPC front end, access control, the adapter store and metrics. Should the engine process
 die, health turns NOT_SERVING, every open request fails UNAVAILABLE, and this process exits 1
 so that its orchestrator starts a fresh server.
@@ -28,11 +28,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server.access.keys import KeyFile
-from server.api.access import AccessControl
-from server.api.adapters import AdapterServicer
-from server.api.call_guard import CallGuard
-from server.api.gen.loraserve.v1 import (
+from loraserve.access.keys import KeyFile
+from loraserve.api.access import AccessControl
+from loraserve.api.adapters import AdapterServicer
+from loraserve.api.call_guard import CallGuard
+from loraserve.proto.v1 import (
     adapters_pb2,
     adapters_pb2_grpc,
     inference_pb2,
@@ -40,19 +40,19 @@ from server.api.gen.loraserve.v1 import (
     server_info_pb2,
     server_info_pb2_grpc,
 )
-from server.api.health import HealthState, ServerHealth
-from server.api.inference import InferenceServicer
-from server.api.metrics import ServerMetrics
-from server.api.ports import PortInUse, check_port_free
-from server.api.process_memory import pin_mmap_threshold, trim
-from server.api.refusal_log import WINDOW_SECONDS as REFUSAL_WINDOW_SECONDS
-from server.api.server_info import ServerInfoServicer
-from server.api.status import log_refusal
-from server.api.status import mistakes as client_mistakes
-from server.engine.engine_client import EngineClient
-from server.engine.engine_process import LaunchedEngine
-from server.engine.registry import AdapterRegistry
-from server.settings import ServerSettings
+from loraserve.api.health import HealthState, ServerHealth
+from loraserve.api.inference import InferenceServicer
+from loraserve.api.metrics import ServerMetrics
+from loraserve.api.ports import PortInUse, check_port_free
+from loraserve.api.process_memory import pin_mmap_threshold, trim
+from loraserve.api.refusal_log import WINDOW_SECONDS as REFUSAL_WINDOW_SECONDS
+from loraserve.api.server_info import ServerInfoServicer
+from loraserve.api.status import log_refusal
+from loraserve.api.status import mistakes as client_mistakes
+from loraserve.engine.remote import EngineClient
+from loraserve.engine.engine_process import LaunchedEngine
+from loraserve.registry.registry import AdapterRegistry
+from loraserve.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def _listen(server: grpc.aio.Server, settings: ServerSettings) -> int:
     address = f"{settings.host}:{settings.port}"
     try:
         if settings.tls_cert:
-            from server.access.tls import server_credentials
+            from loraserve.access.tls import server_credentials
 
             credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
             return server.add_secure_port(address, credentials)
@@ -233,7 +233,7 @@ def _refused(metrics: ServerMetrics):
 
 
 def _trim_after_large(guard: CallGuard):
-    """Give the memory of large messages back (see `server.api.process_memory`)."""
+    """Give the memory of large messages back (see `loraserve.api.process_memory`)."""
     def trim_if_needed() -> None:
         if guard.large_message_seen:
             guard.large_message_seen = False

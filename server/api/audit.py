@@ -7,7 +7,7 @@ import json
 import logging
 from datetime import UTC, datetime
 
-from server.access.principal import Principal
+from loraserve.access.principal import Principal
 
 log = logging.getLogger("loraserve.audit")
 log.setLevel(logging.INFO)  # recorded whatever --log-level says: an audit trail is not optional

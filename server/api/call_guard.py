@@ -21,8 +21,8 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from server.api.wire_errors import describe_undecodable
-from server.errors import InvalidArgument
+from loraserve.api.wire_errors import describe_undecodable
+from loraserve.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 

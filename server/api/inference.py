@@ -3,7 +3,7 @@ tokenization happen before queueing; a client that goes away or whose deadline p
 request dropped by the engine within one step.
 
 Bounded work before any work: an input too large to fit max_input_tokens is refused from its
-size (`server.engine.input_limits`) before it is tokenized, and tokenizing runs on a small pool of
+size (`loraserve.engine.input_limits`) before it is tokenized, and tokenizing runs on a small pool of
 its own, never on the event loop, so a large prompt delays nobody else's call."""
 
 from __future__ import annotations
@@ -20,16 +20,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from server.api.access import AccessControl
-from server.api.convert import input_from_proto, sampling_from_proto, summary_to_proto
-from server.api.gen.loraserve.v1 import inference_pb2 as pb
-from server.api.gen.loraserve.v1 import inference_pb2_grpc
-from server.api.metrics import ServerMetrics
-from server.api.refusal_log import RefusalLog
-from server.api.status import abort, as_named, status_of
-from server.engine.engine_client import EngineClient
-from server.engine.request import FinishEvent, GenerationRequest, TokenEvent
-from server.errors import AdapterNotFound, ResourceExhausted, Unavailable
+from loraserve.api.access import AccessControl
+from loraserve.api.convert import input_from_proto, sampling_from_proto, summary_to_proto
+from loraserve.proto.v1 import inference_pb2 as pb
+from loraserve.proto.v1 import inference_pb2_grpc
+from loraserve.api.metrics import ServerMetrics
+from loraserve.api.refusal_log import RefusalLog
+from loraserve.api.status import abort, as_named, status_of
+from loraserve.engine.remote import EngineClient
+from loraserve.engine.request import FinishEvent, GenerationRequest, TokenEvent
+from loraserve.errors import AdapterNotFound, ResourceExhausted, Unavailable
 
 log = logging.getLogger("loraserve.requests")
 TOKENIZER_THREADS = 2

@@ -62,7 +62,7 @@ class ServerMetrics:
 
 
 class _HeldRefusalsCollector:
-    """Over-limit refusals being held until a retry could pass (`server.api.tenant_gate`)."""
+    """Over-limit refusals being held until a retry could pass (`loraserve.api.tenant_gate`)."""
 
     def __init__(self, held: Callable[[], dict[str, int]]) -> None:
         self._held = held

@@ -7,7 +7,7 @@ from __future__ import annotations
 import errno
 import socket
 
-from server.errors import ConfigError
+from loraserve.errors import ConfigError
 
 
 class PortInUse(ConfigError):

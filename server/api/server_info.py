@@ -6,13 +6,13 @@ from pathlib import Path
 
 import grpc
 
-from server import __version__
-from server.api.access import AccessControl
-from server.api.gen.loraserve.v1 import server_info_pb2 as pb
-from server.api.gen.loraserve.v1 import server_info_pb2_grpc
-from server.api.status import abort
-from server.engine.engine_client import EngineClient
-from server.errors import LoraserveError, Unavailable
+from loraserve import __version__
+from loraserve.api.access import AccessControl
+from loraserve.proto.v1 import server_info_pb2 as pb
+from loraserve.proto.v1 import server_info_pb2_grpc
+from loraserve.api.status import abort
+from loraserve.engine.remote import EngineClient
+from loraserve.errors import LoraserveError, Unavailable
 
 
 class ServerInfoServicer(server_info_pb2_grpc.ServerInfoServiceServicer):

@@ -8,8 +8,8 @@ import logging
 
 import grpc
 
-from server.api.refusal_log import RefusalLog
-from server.errors import LoraserveError
+from loraserve.api.refusal_log import RefusalLog
+from loraserve.errors import LoraserveError
 
 log = logging.getLogger(__name__)
 mistakes_log = logging.getLogger("loraserve.client_errors")

@@ -24,8 +24,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from server.access.principal import TenantLimits
-from server.errors import ResourceExhausted
+from loraserve.access.principal import TenantLimits
+from loraserve.errors import ResourceExhausted
 
 MAX_HELD_PER_TENANT = 1024
 """Refusals held at once per tenant. A flood that waits for its answers needs one per call it

@@ -17,9 +17,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from server.base.fingerprint import base_fingerprint
-from server.config import BaseModelConfig
-from server.errors import ConfigError
+from loraserve.base.fingerprint import base_fingerprint
+from loraserve.config import BaseModelConfig
+from loraserve.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -35,9 +35,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.config import EngineConfig
-from server.engine.request import ErrorEvent, Event, FinishEvent, RequestStream
-from server.errors import LoraserveError
+from loraserve.config import EngineConfig
+from loraserve.engine.request import ErrorEvent, Event, FinishEvent, RequestStream
+from loraserve.errors import LoraserveError
 
 log = logging.getLogger("loraserve.engine")
 
@@ -186,7 +186,7 @@ def run_engine_process(conn, config: EngineConfig, log_level: int, threads: int 
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     outbox = Outbox(conn)
     try:
-        from server.engine.engine import Engine
+        from loraserve.engine.native import Engine
 
         engine = Engine.load(config)
     except BaseException as exc:  # the server process reports it and exits

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from server.errors import InvalidArgument
+from loraserve.errors import InvalidArgument
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import AsyncIterator, Iterator
 
 from jinja2 import TemplateError
 
-from server.errors import FailedPrecondition, InvalidArgument, LoraserveError
+from loraserve.errors import FailedPrecondition, InvalidArgument, LoraserveError
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256

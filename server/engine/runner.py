@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from server.engine.kv_cache import BatchKVCache
-from server.lora.layers import LoraBatchContext
+from loraserve.engine.kv_cache import BatchKVCache
+from loraserve.lora.layers import LoraBatchContext
 
 
 class ModelRunner:

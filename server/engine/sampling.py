@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from server.engine.request import SamplingParams
+from loraserve.engine.request import SamplingParams
 
 
 def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],

@@ -21,14 +21,14 @@ from typing import Callable
 
 import torch
 
-from server.config import EngineConfig
-from server.engine.request import ErrorEvent
-from server.engine.runner import ModelRunner
-from server.engine.sampling import sample_batch
-from server.engine.sequence import Sequence
-from server.errors import AdapterIncompatible, AdapterNotFound, Cancelled, DeadlineExceeded, LoraserveError
-from server.lora.adapter import LoraWeights
-from server.lora.slots import AdapterSlots, HostCache
+from loraserve.config import EngineConfig
+from loraserve.engine.request import ErrorEvent
+from loraserve.engine.runner import ModelRunner
+from loraserve.engine.sampling import sample_batch
+from loraserve.engine.sequence import Sequence
+from loraserve.errors import AdapterIncompatible, AdapterNotFound, Cancelled, DeadlineExceeded, LoraserveError
+from loraserve.lora.adapter import LoraWeights
+from loraserve.lora.slots import AdapterSlots, HostCache
 
 log = logging.getLogger(__name__)
 

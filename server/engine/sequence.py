@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.request import FinishEvent, GenerationRequest, RequestStream, Timings, TokenEvent
+from loraserve.engine.detokenizer import IncrementalDetokenizer
+from loraserve.engine.request import FinishEvent, GenerationRequest, RequestStream, Timings, TokenEvent
 
 
 @dataclass

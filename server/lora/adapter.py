@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from peft.utils.other import get_pattern_key
 
-from server.errors import AdapterIncompatible
-from server.lora.wrapping import UNSUPPORTED_MODULES
-from server.store.adapter_config import AdapterConfig
+from loraserve.errors import AdapterIncompatible
+from loraserve.lora.wrapping import UNSUPPORTED_MODULES
+from loraserve.store.adapter_config import AdapterConfig
 
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from server.errors import ResourceExhausted
-from server.lora.adapter import LoraWeights
-from server.lora.layers import MultiLoraLinear
+from loraserve.errors import ResourceExhausted
+from loraserve.lora.adapter import LoraWeights
+from loraserve.lora.layers import MultiLoraLinear
 
 
 class AdapterSlots:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from server.lora.layers import LoraBatchContext, MultiLoraLinear, wrappable_linear_types
+from loraserve.lora.layers import LoraBatchContext, MultiLoraLinear, wrappable_linear_types
 
 # Modules an adapter may never target, with the reason given to the user.
 UNSUPPORTED_MODULES = {

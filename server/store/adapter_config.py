@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from server.errors import AdapterIncompatible
+from loraserve.errors import AdapterIncompatible
 
 CONFIG_FILE = "adapter_config.json"
 MAX_DEPTH = 32

@@ -27,13 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
-from server.errors import (
+from loraserve.errors import (
     AdapterAlreadyExists,
     AdapterNotFound,
     ConfigError,
     ResourceExhausted,
 )
-from server.store.layout import (
+from loraserve.store.layout import (
     ADAPTER_NAME,
     CURRENT_LINK,
     LOCK_FILE,
@@ -52,8 +52,8 @@ from server.store.layout import (
     verify_version,
     write_durably,
 )
-from server.store.staging import StagedAdapter, UploadStaging, stage_files
-from server.store.versions import has_old_versions, link_target, prune_versions, read_current, remove_path
+from loraserve.store.staging import StagedAdapter, UploadStaging, stage_files
+from loraserve.store.versions import has_old_versions, link_target, prune_versions, read_current, remove_path
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from server.errors import InvalidArgument
-from server.store.layout import ADAPTER_FILES
+from loraserve.errors import InvalidArgument
+from loraserve.store.layout import ADAPTER_FILES
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".zst", ".7z")
 MAX_PATH_CHARS = 1024

@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from server.errors import AdapterIncompatible, InvalidArgument, ResourceExhausted
+from loraserve.errors import AdapterIncompatible, InvalidArgument, ResourceExhausted
 
 # The PEFT file names are repeated from `peft_files` rather than imported: that module
 # imports torch, and the store (and the crash tests' child processes) must stay torch-free.

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as load_safetensors
 
-from server.errors import AdapterIncompatible
-from server.store.adapter_config import AdapterConfig
-from server.store.layout import CONFIG_FILE, WEIGHTS_FILE  # noqa: E402  (one definition, torch-free)
+from loraserve.errors import AdapterIncompatible
+from loraserve.store.adapter_config import AdapterConfig
+from loraserve.store.layout import CONFIG_FILE, WEIGHTS_FILE  # noqa: E402  (one definition, torch-free)
 
 PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 

@@ -17,9 +17,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Self
 
-from server.errors import AdapterIncompatible, Cancelled, InvalidArgument, ResourceExhausted
-from server.store.adapter_config import AdapterConfig
-from server.store.layout import (
+from loraserve.errors import AdapterIncompatible, Cancelled, InvalidArgument, ResourceExhausted
+from loraserve.store.adapter_config import AdapterConfig
+from loraserve.store.layout import (
     ADAPTER_FILES,
     CONFIG_FILE,
     MAX_CONFIG_BYTES,
@@ -32,7 +32,7 @@ from server.store.layout import (
     split_adapter_key,
     store_full_is_resource_exhausted,
 )
-from server.store.safetensors_check import check_safetensors_header
+from loraserve.store.safetensors_check import check_safetensors_header
 
 
 class StagedAdapter:

@@ -10,7 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
-from server.store.layout import CURRENT_LINK, SHARED_MARKER, TMP_PREFIX, is_version_name, tmp_is_leftover
+from loraserve.store.layout import CURRENT_LINK, SHARED_MARKER, TMP_PREFIX, is_version_name, tmp_is_leftover
 
 log = logging.getLogger(__name__)
 

@@ -17,17 +17,17 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.access.principal import DEFAULT_TENANT, TenantLimits
-from server.engine.engine import CheckedAdapter, Engine
-from server.engine.engine_client import EngineClient
-from server.errors import AdapterIncompatible, AdapterNotFound, InvalidArgument, ResourceExhausted
-from server.store.adapter_config import AdapterConfig
-from server.store.adapter_store import AdapterStore, StagedAdapter
-from server.store.staging import UploadStaging
-from server.store.import_roots import resolve_import_path
-from server.store.layout import MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, now_rfc3339, split_adapter_key
-from server.store.peft_files import CONFIG_FILE, PICKLE_FILES, WEIGHTS_FILE
-from server.store.safetensors_check import check_safetensors_header
+from loraserve.access.principal import DEFAULT_TENANT, TenantLimits
+from loraserve.engine.native import CheckedAdapter, Engine
+from loraserve.engine.remote import EngineClient
+from loraserve.errors import AdapterIncompatible, AdapterNotFound, InvalidArgument, ResourceExhausted
+from loraserve.store.adapter_config import AdapterConfig
+from loraserve.store.adapter_store import AdapterStore, StagedAdapter
+from loraserve.store.staging import UploadStaging
+from loraserve.store.import_roots import resolve_import_path
+from loraserve.store.layout import MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, now_rfc3339, split_adapter_key
+from loraserve.store.peft_files import CONFIG_FILE, PICKLE_FILES, WEIGHTS_FILE
+from loraserve.store.safetensors_check import check_safetensors_header
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import trainer
+import loraserve.trainer as trainer_package
 
-EXAMPLES_DIR = Path(trainer.__file__).resolve().parent / "examples"
+EXAMPLES_DIR = Path(trainer_package.__file__).resolve().parent / "examples"
 # adapter name -> dataset; each teaches the base something it cannot do on its own.
 TASKS = {
     "medical-terms": "medical_terms_zh.jsonl",
@@ -34,7 +34,7 @@ class TrainedTask:
 
 def build_base(root: Path, arch: str) -> Path:
     """A tiny DeepSeek-architecture base under root/base (reused when already there)."""
-    from server.base.synthetic import init_model
+    from loraserve.devtools.synthetic_base import init_model
 
     base_dir = root / "base"
     if not (base_dir / "config.json").exists():
@@ -48,9 +48,9 @@ def train_tasks(base_dir: Path, out_dir: Path, quantization: str) -> list[Traine
     on this base)."""
     from transformers.utils import logging as hf_logging
 
-    from server.base.fingerprint import base_fingerprint
-    from trainer.config import TrainConfig
-    from trainer.train import train
+    from loraserve.base.fingerprint import base_fingerprint
+    from loraserve.trainer.config import TrainConfig
+    from loraserve.trainer.train import train
 
     hf_logging.disable_progress_bar()
     fingerprint = base_fingerprint(base_dir)

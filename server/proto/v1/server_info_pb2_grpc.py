@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from server.api.gen.loraserve.v1 import server_info_pb2 as loraserve_dot_v1_dot_server__info__pb2
+from loraserve.proto.v1 import server_info_pb2 as loraserve_dot_v1_dot_server__info__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from server.bench.peft_baseline import NEAR_TIE_GAP, PeftBaseline, first_differences
-from server.bench.runs import measure_in, write_result
-from server.config import BaseModelConfig, EngineConfig
-from server.engine.engine import Engine
-from server.engine.request import GenerationRequest, RequestStream, SamplingParams
-from server.errors import ConfigError
+from loraserve.devtools.bench.peft_baseline import NEAR_TIE_GAP, PeftBaseline, first_differences
+from loraserve.devtools.bench.runs import measure_in, write_result
+from loraserve.config import BaseModelConfig, EngineConfig
+from loraserve.engine.native import Engine
+from loraserve.engine.request import GenerationRequest, RequestStream, SamplingParams
+from loraserve.errors import ConfigError
 
 # The busy-engine TTFT scenario: long mixed-adapter requests decode while short ones arrive.
 BUSY_REQUESTS = 8
@@ -152,8 +152,8 @@ def build_inputs(config: BenchConfig, root: Path) -> tuple[Path, dict[str, Path]
     """Write the synthetic base and `adapters` random rank-`rank` adapters (all-linear preset)."""
     from transformers import AutoModelForCausalLM
 
-    from server.base.synthetic import init_model
-    from server.lora.synthetic import make_random_adapter
+    from loraserve.devtools.synthetic_base import init_model
+    from loraserve.devtools.random_adapters import make_random_adapter
 
     base_dir = init_model(root / "base", config.arch, config.size, seed=0)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)  # shared by every adapter

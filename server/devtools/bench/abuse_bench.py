@@ -7,7 +7,7 @@ Against one `loraserve serve` on 127.0.0.1 (a synthetic base):
 - 10,000 streams opened at once (one connection, then eight): the status codes they end with;
 - the engine process SIGSTOPped: seconds until health reads NOT_SERVING, in heartbeat periods;
 and in-process, a NaN and an inf adapter in slots beside healthy ones: tokens changed for every
-other request against a clean run of the same batch (`server.bench.poison`).
+other request against a clean run of the same batch (`loraserve.devtools.bench.poison`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from server.bench.runs import measure_in, write_result
+from loraserve.devtools.bench.runs import measure_in, write_result
 
 MB = 1_000_000
 SETTLE_S = 2.0
@@ -41,8 +41,8 @@ def run_abuse_bench(args: argparse.Namespace) -> int:
 def _measure(root: Path, args: argparse.Namespace) -> dict:
     import psutil
 
-    from server.base.synthetic import init_model
-    from server.serve_process import ServerProcess, free_port
+    from loraserve.devtools.synthetic_base import init_model
+    from loraserve.devtools.server_process import ServerProcess, free_port
 
     base = init_model(root / "base", args.arch, args.size, seed=0)
     port = free_port()
@@ -61,7 +61,7 @@ def _measure(root: Path, args: argparse.Namespace) -> dict:
                   "sigstop": _sigstop(server, front, args.heartbeat_interval)}
     finally:
         server.kill()
-    from server.bench.poison import changed_tokens
+    from loraserve.devtools.bench.poison import changed_tokens
 
     result["poisoned_slots"] = {q: changed_tokens(base, q) for q in ("nf4", "none")}
     return result
@@ -114,8 +114,8 @@ def _health_while(target: str, work) -> dict:
 def _huge_inputs(target: str, front) -> dict:
     import grpc
 
-    from server.api.gen.loraserve.v1 import inference_pb2 as ipb
-    from server.api.gen.loraserve.v1 import inference_pb2_grpc
+    from loraserve.proto.v1 import inference_pb2 as ipb
+    from loraserve.proto.v1 import inference_pb2_grpc
 
     cases = {"prompt_14MB": ipb.GenerationInput(prompt="a" * (14 * MB)),
              "chat_200k_messages": ipb.GenerationInput(messages=ipb.Messages(
@@ -172,7 +172,7 @@ def _peak_rss(process):
 def _upload_messages(name: str, size: int):
     """An upload of a well-formed safetensors file of `size` bytes whose one tensor has a dtype
     adapters never have (I64): streamed in full, then refused by the header check."""
-    from server.api.gen.loraserve.v1 import adapters_pb2 as apb
+    from loraserve.proto.v1 import adapters_pb2 as apb
 
     count = (size - 256) // 8
     header = json.dumps({"base_model.model.x.lora_A.weight": {"dtype": "I64", "shape": [count],
@@ -192,7 +192,7 @@ def _upload_messages(name: str, size: int):
 def _uploads(target: str, front, size_mb: int) -> dict:
     import grpc
 
-    from server.api.gen.loraserve.v1 import adapters_pb2_grpc
+    from loraserve.proto.v1 import adapters_pb2_grpc
 
     rss_before = front.memory_info().rss
     codes: collections.Counter = collections.Counter()
@@ -224,8 +224,8 @@ def _uploads(target: str, front, size_mb: int) -> dict:
 def _streams(target: str, count: int, connections: int) -> dict:
     import grpc
 
-    from server.api.gen.loraserve.v1 import inference_pb2 as ipb
-    from server.api.gen.loraserve.v1 import inference_pb2_grpc
+    from loraserve.proto.v1 import inference_pb2 as ipb
+    from loraserve.proto.v1 import inference_pb2_grpc
 
     async def flood() -> dict:
         codes: collections.Counter = collections.Counter()
@@ -275,7 +275,7 @@ def _sigstop(server, front, interval: float, rounds: int = 3) -> dict:
 
 
 def add_flags(b: argparse.ArgumentParser, archs, sizes, quantizations) -> None:
-    from server.bench.runs import add_base_flags
+    from loraserve.devtools.bench.runs import add_base_flags
 
     add_base_flags(b, archs, sizes, quantizations)
     b.set_defaults(size="tiny")

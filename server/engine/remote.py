@@ -1,4 +1,4 @@
-"""The server process's handle on the engine process (`server.engine.engine_process`, which
+"""The server process's handle on the engine process (`loraserve.engine.engine_process`, which
 says why the engine runs apart): the `Engine` methods the API and the registry use, forwarded
 over a pipe.
 
@@ -24,12 +24,12 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
-from server.config import EngineConfig
-from server.engine.engine import AdapterEntry, CheckedAdapter, EngineStats, Heartbeat
-from server.engine.engine_process import EngineInfo, LaunchedEngine, launch
-from server.engine.input_limits import InputLimits, max_token_bytes
-from server.engine.request import ErrorEvent, FinishEvent, GenerationRequest, RequestStream, encode_input
-from server.errors import AdapterNotFound, Unavailable
+from loraserve.config import EngineConfig
+from loraserve.engine.native import AdapterEntry, CheckedAdapter, EngineStats, Heartbeat
+from loraserve.engine.engine_process import EngineInfo, LaunchedEngine, launch
+from loraserve.engine.input_limits import InputLimits, max_token_bytes
+from loraserve.engine.request import ErrorEvent, FinishEvent, GenerationRequest, RequestStream, encode_input
+from loraserve.errors import AdapterNotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class EngineClient:
     def wait_loaded(self) -> None:
         """Block until the engine process has loaded the base (its load error is raised here, as
         `Engine.load` would raise it), then load the tokenizer here too and start reading."""
-        from server.base.loading import load_tokenizer
+        from loraserve.base.loading import load_tokenizer
 
         info = self._recv_first()
         self.tokenizer = load_tokenizer(info.model_dir, self.config.base.trust_remote_code)

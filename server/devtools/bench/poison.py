@@ -10,8 +10,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from server.engine.engine import Engine
-from server.lora.adapter import LoraWeights, ModuleLora
+from loraserve.engine.native import Engine
+from loraserve.lora.adapter import LoraWeights, ModuleLora
 
 BAD = {"bad-nan": ("A", float("nan")), "bad-inf": ("B", float("inf"))}
 """Which tensor of a bad adapter's first module is spoiled, and with what."""
@@ -46,9 +46,9 @@ def changed_tokens(base_dir: Path, quantization: str, new_tokens: int = 16) -> d
     """Greedy tokens changed for the healthy and base requests of one batch when two of its
     requests use a NaN and an inf adapter, against the same batch with healthy stand-ins, and
     again after the bad adapters are unregistered and the stand-ins load into their slots."""
-    from server.config import BaseModelConfig, EngineConfig
-    from server.engine.request import GenerationRequest, SamplingParams
-    from server.lora.synthetic import make_random_adapter
+    from loraserve.config import BaseModelConfig, EngineConfig
+    from loraserve.engine.request import GenerationRequest, SamplingParams
+    from loraserve.devtools.random_adapters import make_random_adapter
 
     with tempfile.TemporaryDirectory(prefix="loraserve-poison-") as tmp:
         names = ["h0", "h1", "h2", "s-nan", "s-inf"]

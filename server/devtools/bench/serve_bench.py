@@ -26,14 +26,14 @@ from pathlib import Path
 
 import torch
 
-from server.bench.engine_bench import TOPICS, BenchConfig, build_inputs, machine_info
-from server.bench.runs import measure_in, write_result
-from server.client import AsyncLoraserveClient, Generation
-from server.config import EngineConfig
-from server.engine.engine import Engine
-from server.engine.engine_process import engine_threads
-from server.engine.request import GenerationRequest, SamplingParams
-from server.serve_process import ServerProcess, free_port, server_env
+from loraserve.devtools.bench.engine_bench import TOPICS, BenchConfig, build_inputs, machine_info
+from loraserve.devtools.bench.runs import measure_in, write_result
+from loraserve.client import AsyncLoraserveClient, Generation
+from loraserve.config import EngineConfig
+from loraserve.engine.native import Engine
+from loraserve.engine.engine_process import engine_threads
+from loraserve.engine.request import GenerationRequest, SamplingParams
+from loraserve.devtools.server_process import ServerProcess, free_port, server_env
 
 VARIANTS = ("grpc", "engine")
 RATIO_TARGETS: dict[str, tuple[str, str, str, float]] = {
@@ -108,7 +108,7 @@ def serve_flags(config: BenchConfig, base_dir: Path, store: Path, imports: Path,
 
 def engine_config(flags: list[str]) -> EngineConfig:
     """The EngineConfig a server started with `flags` in this environment builds."""
-    from server.settings import add_flags, resolve
+    from loraserve.settings import add_flags, resolve
 
     parser = argparse.ArgumentParser()
     add_flags(parser)
@@ -124,7 +124,7 @@ def _measure(config: BenchConfig, root: Path) -> tuple[EngineConfig, Workload, d
     settings = engine_config(flags)
     server = ServerProcess(flags, f"127.0.0.1:{port}", root / "server.log")
     engine = None
-    info: dict = {"command": ["python", "-m", "server", "serve", *flags]}
+    info: dict = {"command": ["python", "-m", "loraserve", "serve", *flags]}
     try:
         # The in-process engine loads while the server starts: nothing is measured yet. It
         # uses the torch threads the server's engine process chooses, so the two compare.
@@ -257,7 +257,7 @@ def percentiles(samples: list[float]) -> dict:
 def torch_threads_in(env: dict[str, str]) -> int:
     """The torch threads a server's engine process gets in `env` (engine_threads left on auto),
     asked of a fresh interpreter in that environment."""
-    probe = subprocess.run([sys.executable, "-c", "import torch; from server.engine.engine_process import "
+    probe = subprocess.run([sys.executable, "-c", "import torch; from loraserve.engine.engine_process import "
                             "engine_threads; print(engine_threads(0) or torch.get_num_threads())"], env=env,
                            capture_output=True, text=True, check=True)
     return int(probe.stdout.strip())

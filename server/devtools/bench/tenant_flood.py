@@ -50,7 +50,7 @@ class FloodProcess:
 def _flood_main(conn, target: str, api_key: str, threads: int, new_tokens: int, rate: float) -> None:
     """The flood process: 'start' sets `threads` threads calling, 'stop' stops them and sends back
     their status counts, 'exit' ends the process."""
-    from server.client import LoraserveClient
+    from loraserve.client import LoraserveClient
 
     # One channel for all threads, as one client application would have.
     client = LoraserveClient(target, api_key=api_key, timeout=CALL_TIMEOUT_S)
@@ -78,7 +78,7 @@ def _flood_main(conn, target: str, api_key: str, threads: int, new_tokens: int, 
 def _warm_up(client, new_tokens: int) -> None:
     """One call that gets through: B's rate limit may refuse it at first (another of B's processes
     has just warmed up), so it waits its turn, as a well-behaved client would."""
-    from server.client import LoraserveClientError
+    from loraserve.client import LoraserveClientError
 
     deadline = time.monotonic() + CALL_TIMEOUT_S
     while True:
@@ -95,7 +95,7 @@ def _hammer(client, stop: threading.Event, codes: Counter, numbers: range, new_t
             interval: float) -> None:
     """Generate calls until `stop`, each at least `interval` s after the previous one started (0:
     back to back, no backoff); counts each status."""
-    from server.client import LoraserveClientError
+    from loraserve.client import LoraserveClientError
 
     due = time.monotonic()
     for i in numbers:

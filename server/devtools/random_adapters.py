@@ -12,8 +12,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from server.lora.peft_compat import keep_module_targets
-from server.lora.targets import target_regex
+from loraserve.lora.peft_compat import keep_module_targets
+from loraserve.lora.targets import target_regex
 
 
 def make_random_adapter(base_dir: str | Path, out_dir: str | Path, r: int = 8, lora_alpha: int = 16,

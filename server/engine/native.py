@@ -17,15 +17,15 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.base.loading import LoadedBase, load_base
-from server.config import EngineConfig
-from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.input_limits import InputLimits, max_token_bytes
-from server.engine.request import GenerationRequest, RequestStream, SamplingParams, encode_input
-from server.engine.runner import ModelRunner
-from server.engine.scheduler import BatchScheduler
-from server.engine.sequence import Sequence
-from server.errors import (
+from loraserve.base.loading import LoadedBase, load_base
+from loraserve.config import EngineConfig
+from loraserve.engine.detokenizer import IncrementalDetokenizer
+from loraserve.engine.input_limits import InputLimits, max_token_bytes
+from loraserve.engine.request import GenerationRequest, RequestStream, SamplingParams, encode_input
+from loraserve.engine.runner import ModelRunner
+from loraserve.engine.scheduler import BatchScheduler
+from loraserve.engine.sequence import Sequence
+from loraserve.errors import (
     AdapterAlreadyExists,
     AdapterDataLoss,
     AdapterIncompatible,
@@ -34,12 +34,12 @@ from server.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from server.lora.adapter import LoraWeights, parse_adapter
-from server.lora.layers import LoraBatchContext
-from server.lora.slots import AdapterSlots
-from server.lora.wrapping import wrap_model
-from server.store.layout import check_adapter_ref
-from server.store.peft_files import read_adapter_dir
+from loraserve.lora.adapter import LoraWeights, parse_adapter
+from loraserve.lora.layers import LoraBatchContext
+from loraserve.lora.slots import AdapterSlots
+from loraserve.lora.wrapping import wrap_model
+from loraserve.store.layout import check_adapter_ref
+from loraserve.store.peft_files import read_adapter_dir
 
 log = logging.getLogger(__name__)
 

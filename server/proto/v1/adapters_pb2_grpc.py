@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from server.api.gen.loraserve.v1 import adapters_pb2 as loraserve_dot_v1_dot_adapters__pb2
+from loraserve.proto.v1 import adapters_pb2 as loraserve_dot_v1_dot_adapters__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -9,7 +9,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from server.bench.tenant_bench import Phase
+    from loraserve.devtools.bench.tenant_bench import Phase
 
 PHASES = ("alone", "at_limit", "flood")
 RATIO_TARGET = 1.5  # a_p99_flood_over_alone <= this
@@ -19,8 +19,8 @@ def summarize(config: dict, phases: list[Phase], server: dict, b_over_limit: boo
     """The JSON document: `config` as given, machine, per-phase pooled percentiles and raw rounds,
     B's counts, the ratio with its target, and the invariants (`b_over_limit`: B ran more threads
     than its concurrency limit, so it must have been refused)."""
-    from server.bench.engine_bench import machine_info
-    from server.bench.serve_bench import percentiles
+    from loraserve.devtools.bench.engine_bench import machine_info
+    from loraserve.devtools.bench.serve_bench import percentiles
 
     result_phases = {}
     for name in PHASES:

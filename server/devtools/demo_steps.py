@@ -13,9 +13,9 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from server.client import UPLOAD_FILES, Generation, LoraserveClient, LoraserveClientError, StreamEvent
-from server.demo_training import TrainedTask
-from trainer.data import read_conversations
+from loraserve.client import UPLOAD_FILES, Generation, LoraserveClient, LoraserveClientError, StreamEvent
+from loraserve.devtools.demo_training import TrainedTask
+from loraserve.trainer.data import read_conversations
 
 PROMPT = "The patient presents with"
 ANSWER_TOKENS = 96  # above the longest example answer in the tiny tokenizer; generation stops at EOS

@@ -25,12 +25,12 @@ of what one sequential stream achieves on the idle server (calibrated after warm
 send time.
 
 The server holds each of B's refusals until a retry could pass, up to `--refusal-hold` seconds
-(`server.api.tenant_gate`), so B's flooding threads, which wait for their answers, are paced to
+(`loraserve.api.tenant_gate`), so B's flooding threads, which wait for their answers, are paced to
 B's limits. `--refusal-hold 0` answers every refusal at once: B then calls as fast as the front
 end can refuse it, which measures what a flood of refusals costs A. A `--b-threads` above the
 server's held-refusal bound (128 per tenant) gets the excess answered at once.
 
-B's flood runs in its own process (`server.bench.tenant_flood`), as a separate client would. All
+B's flood runs in its own process (`loraserve.devtools.bench.tenant_flood`), as a separate client would. All
 processes (A's client, B's flood and the server) still share this machine's CPUs: the flood's own
 CPU time counts against the server, as it would not with B on another host. Each phase records
 the CPU seconds of all three, and A's requests' time inside the engine (the server's own timing)
@@ -54,11 +54,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from server.bench.runs import add_base_flags, measure_in, write_result
-from server.bench.tenant_flood import CALL_TIMEOUT_S, FloodProcess
-from server.bench.tenant_report import PHASES, print_phase, print_report, summarize
-from server.errors import ConfigError
-from server.settings import setting
+from loraserve.devtools.bench.runs import add_base_flags, measure_in, write_result
+from loraserve.devtools.bench.tenant_flood import CALL_TIMEOUT_S, FloodProcess
+from loraserve.devtools.bench.tenant_report import PHASES, print_phase, print_report, summarize
+from loraserve.errors import ConfigError
+from loraserve.settings import setting
 
 SERVER_REFUSAL_HOLD = setting("refusal_hold").default
 
@@ -116,7 +116,7 @@ class TenantBenchConfig:
 
 def add_flags(b: argparse.ArgumentParser, archs: tuple[str, ...], sizes: tuple[str, ...],
               quantizations: tuple[str, ...]) -> None:
-    """The `bench tenants` flags (server.cli parses them), beside the config they fill."""
+    """The `bench tenants` flags (loraserve.cli parses them), beside the config they fill."""
     add_base_flags(b, archs, sizes, quantizations)
     b.add_argument("--rounds", type=int, default=4, help="alternating alone/flood rounds")
     b.add_argument("--a-requests", type=int, default=20, help="tenant A's requests per phase per round")
@@ -178,8 +178,8 @@ def run_tenant_bench(args: argparse.Namespace) -> int:
 
 def _setup(config: TenantBenchConfig, root: Path) -> tuple[Path, dict[str, Path], dict[str, str]]:
     """The base, one adapter per tenant, and the keys file (B limited); returns the keys by name."""
-    from server.access.key_admin import add_key
-    from server.bench.engine_bench import BenchConfig, build_inputs
+    from loraserve.access.key_admin import add_key
+    from loraserve.devtools.bench.engine_bench import BenchConfig, build_inputs
 
     base_dir, built = build_inputs(BenchConfig(config.arch, config.size, config.quantization, requests=1,
                                                new_tokens=config.new_tokens, adapters=2, rank=config.rank,
@@ -217,8 +217,8 @@ def _reload_b_limits(server, keys_file: Path, limits: dict) -> None:
 
 def _measure(config: TenantBenchConfig, root: Path) -> tuple[list[Phase], dict, dict]:
     """Every phase of every round, the server's record, and A's calibration."""
-    from server.client import LoraserveClient
-    from server.serve_process import ServerProcess, free_port
+    from loraserve.client import LoraserveClient
+    from loraserve.devtools.server_process import ServerProcess, free_port
 
     print(f"building a {config.size} {config.arch} base and one rank-{config.rank} adapter per tenant in {root}",
           flush=True)
@@ -229,7 +229,7 @@ def _measure(config: TenantBenchConfig, root: Path) -> tuple[list[Phase], dict, 
              "--max-loras", "2", "--max-lora-rank", str(config.rank), "--api-keys-file", str(root / "keys.yaml")]
     flags += ["--refusal-hold", str(config.refusal_hold)]
     server = ServerProcess(flags, f"127.0.0.1:{port}", root / "server.log")
-    info: dict = {"command": ["python", "-m", "server", "serve", *flags]}
+    info: dict = {"command": ["python", "-m", "loraserve", "serve", *flags]}
     senders: dict[str, FloodProcess] = {}
     phases = []
     try:
@@ -283,7 +283,7 @@ def _warm_up(client, config: TenantBenchConfig) -> tuple[float, float]:
 def _a_call(client, i: int, new_tokens: int, due: float) -> tuple[float, str, int, float | None]:
     """One of A's requests: (seconds from its scheduled time to the response, status, tokens,
     the server's arrival-to-finish seconds)."""
-    from server.client import LoraserveClientError
+    from loraserve.client import LoraserveClientError
 
     try:
         g = client.generate(_prompt(i), adapter="bench", max_new_tokens=new_tokens)

@@ -15,9 +15,9 @@ import torch
 from peft import PeftModel
 from transformers.generation import GenerateDecoderOnlyOutput
 
-from server.base.loading import load_base
-from server.config import BaseModelConfig
-from server.lora.peft_compat import keep_module_targets
+from loraserve.base.loading import load_base
+from loraserve.config import BaseModelConfig
+from loraserve.lora.peft_compat import keep_module_targets
 
 NEAR_TIE_GAP = 0.02
 """A differing greedy token where PEFT's top-2 logits are closer than this is a near-tie, not a

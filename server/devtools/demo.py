@@ -5,7 +5,7 @@
    on the base quantized as the server will serve it);
 3. start a real `loraserve serve` subprocess on 127.0.0.1;
 4-10. drive it only through what a user has — the Python gRPC client and the Prometheus
-   endpoint (`server.demo_steps`): register the adapters, show side by side that each one
+   endpoint (`loraserve.devtools.demo_steps`): register the adapters, show side by side that each one
    answers its own task while the base does not, stream, a client mistake, metrics;
 11. SIGTERM: the server drains and must exit 0.
 """
@@ -17,10 +17,10 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
-from server.client import LoraserveClient, LoraserveClientError
-from server.demo_steps import DemoFailure, heading, run_steps
-from server.demo_training import build_base, train_tasks
-from server.serve_process import ServerProcess, free_port
+from loraserve.client import LoraserveClient, LoraserveClientError
+from loraserve.devtools.demo_steps import DemoFailure, heading, run_steps
+from loraserve.devtools.demo_training import build_base, train_tasks
+from loraserve.devtools.server_process import ServerProcess, free_port
 
 MAX_LORAS = 2  # fewer slots than adapters, so the mixed batches make the server swap adapters
 START_TIMEOUT_S = 120.0
