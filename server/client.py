@@ -23,10 +23,6 @@ from typing import Any, Self
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loraserve.proto.v1 import adapters_pb2 as apb
-from loraserve.proto.v1 import adapters_pb2_grpc, inference_pb2_grpc, server_info_pb2_grpc
-from loraserve.proto.v1 import inference_pb2 as ipb
-from loraserve.proto.v1 import server_info_pb2 as spb
 from loraserve.client_connection import Connection
 from loraserve.client_types import (
     Adapter,
@@ -44,6 +40,10 @@ from loraserve.client_types import (
     _status,
     _stream_item,
 )
+from loraserve.proto.v1 import adapters_pb2 as apb
+from loraserve.proto.v1 import adapters_pb2_grpc, inference_pb2_grpc, server_info_pb2_grpc
+from loraserve.proto.v1 import inference_pb2 as ipb
+from loraserve.proto.v1 import server_info_pb2 as spb
 
 __all__ = ["DEFAULT_TARGET", "UPLOAD_FILES", "Adapter", "AdapterFile", "AsyncGenerationStream", "AsyncLoraserveClient",
            "Generation", "GenerationStream", "Limits", "LoraserveClient", "LoraserveClientError", "Registration",

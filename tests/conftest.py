@@ -19,12 +19,12 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from loraserve.base.loading import load_base
-from loraserve.devtools.synthetic_base import ARCHS, init_model
 from loraserve.config import BaseModelConfig, EngineConfig
-from loraserve.engine.native import Engine
+from loraserve.devtools.random_adapters import make_random_adapter
+from loraserve.devtools.synthetic_base import ARCHS, init_model
+from loraserve.engine.native import NativeEngine
 from loraserve.engine.request import FinishEvent, GenerationRequest, RequestStream, SamplingParams, TokenEvent
 from loraserve.lora.peft_compat import keep_module_targets
-from loraserve.devtools.random_adapters import make_random_adapter
 
 # Prompts of different lengths and scripts (prose, Chinese, code, JSON), so batch rows differ.
 PROMPTS = (
@@ -113,10 +113,10 @@ def adapter_dirs(tmp_path_factory: pytest.TempPathFactory, base_dirs: dict[str, 
 
 @contextlib.contextmanager
 def running_engine(base_dir: Path, quantization: str = "nf4", adapters: dict[str, Path] | None = None,
-                   **limits: int) -> Iterator[Engine]:
+                   **limits: int) -> Iterator[NativeEngine]:
     """A started engine on its own fresh load of `base_dir`, with `adapters` registered; stopped
     (everything still running cancelled) on exit."""
-    engine = Engine.load(EngineConfig(base=BaseModelConfig(model=str(base_dir), quantization=quantization), **limits))
+    engine = NativeEngine.load(EngineConfig(base=BaseModelConfig(model=str(base_dir), quantization=quantization), **limits))
     engine.start()
     try:
         for name, path in (adapters or {}).items():

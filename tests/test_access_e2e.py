@@ -20,14 +20,14 @@ import grpc
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2
-from loraserve.devtools.server_process import running_server
 
 from loraserve.access.key_admin import add_key, remove_key
+from loraserve.devtools.random_adapters import make_random_adapter
+from loraserve.devtools.server_process import running_server
+from loraserve.devtools.synthetic_base import init_model
 from loraserve.proto.v1 import adapters_pb2 as apb
 from loraserve.proto.v1 import inference_pb2 as ipb
 from loraserve.proto.v1 import server_info_pb2 as spb
-from loraserve.devtools.synthetic_base import init_model
-from loraserve.devtools.random_adapters import make_random_adapter
 
 UNKNOWN_KEY = "lsk_0123456789ab_" + "A" * 43
 B_LIMITS = {"max_adapters": 1, "max_concurrent_requests": 1, "requests_per_second": 4}

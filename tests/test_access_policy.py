@@ -27,17 +27,17 @@ def policy():
 
 
 def test_names_resolve_against_the_callers_tenant():
-    assert parse_ref("med", A_GEN).key == "a/med" and parse_ref("b/med", A_GEN).key == "b/med"
-    assert parse_ref("med", OPEN_PRINCIPAL).key == "default/med"
+    assert parse_ref("med", A_GEN).adapter_id == "a/med" and parse_ref("b/med", A_GEN).adapter_id == "b/med"
+    assert parse_ref("med", OPEN_PRINCIPAL).adapter_id == "default/med"
     for bad in ("", "a/b/c", "/med", "a/", "../x", "a/..", "a/-x"):
         with pytest.raises(InvalidArgument):
             parse_ref(bad, A_GEN)
 
 
 def test_use_own_shared_and_admin_but_nothing_else(policy):
-    assert policy.for_use("med", A_GEN).key == "a/med"
-    assert policy.for_use("b/common", A_GEN).key == "b/common"
-    assert policy.for_use("b/secret", ADMIN).key == "b/secret"
+    assert policy.for_use("med", A_GEN).adapter_id == "a/med"
+    assert policy.for_use("b/common", A_GEN).adapter_id == "b/common"
+    assert policy.for_use("b/secret", ADMIN).adapter_id == "b/secret"
     with pytest.raises(AdapterNotFound) as hidden:
         policy.for_use("b/secret", A_GEN)
     with pytest.raises(AdapterNotFound) as missing:
@@ -47,8 +47,8 @@ def test_use_own_shared_and_admin_but_nothing_else(policy):
 
 
 def test_change_only_within_the_own_tenant(policy):
-    assert policy.for_change("med", A_MAN, creating=True).key == "a/med"
-    assert policy.for_change("b/x", ADMIN, creating=True).key == "b/x"
+    assert policy.for_change("med", A_MAN, creating=True).adapter_id == "a/med"
+    assert policy.for_change("b/x", ADMIN, creating=True).adapter_id == "b/x"
     with pytest.raises(PermissionDenied, match="only register adapters of tenant 'a'"):
         policy.for_change("b/x", A_MAN, creating=True)
     with pytest.raises(AdapterNotFound):

@@ -59,8 +59,8 @@ def peft_adapters(tmp_path_factory) -> list[Path]:
     """Two real PEFT adapters (different seeds) on a tiny DeepSeek-V3 base."""
     from transformers import AutoModelForCausalLM
 
-    from loraserve.devtools.synthetic_base import init_model
     from loraserve.devtools.random_adapters import make_random_adapter
+    from loraserve.devtools.synthetic_base import init_model
     root = tmp_path_factory.mktemp("peft")
     base = init_model(root / "base", "deepseek-v3", "tiny", seed=0)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -102,7 +102,7 @@ def test_real_peft_adapter_reads_back_with_the_same_digest(store, peft_adapters)
     manifest, _ = store.publish("t/real", {f: src / f for f in (CONFIG_FILE, WEIGHTS_FILE)}, **FIELDS)
     config, tensors, digest = read_adapter_dir(store.path_of("t/real"), "real")
     _, _, source_digest = read_adapter_dir(src, "real")
-    assert digest == manifest.digest == source_digest and config["r"] == 8 and tensors
+    assert digest == manifest.digest == source_digest and config.r == 8 and tensors
     header = check_safetensors_header(src / WEIGHTS_FILE, max_bytes=64 * MB)
     assert {k: (str(t.dtype), list(t.shape)) for k, t in tensors.items()} == \
         {k: ({"F32": "torch.float32"}[h.dtype], list(h.shape)) for k, h in header.items()}

@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from loraserve.devtools.synthetic_base import init_model
 from loraserve.config import BaseModelConfig, EngineConfig
-from loraserve.engine.native import Engine
-from loraserve.errors import AdapterAlreadyExists, AdapterIncompatible, AdapterNotFound, InvalidArgument
 from loraserve.devtools.random_adapters import make_random_adapter
+from loraserve.devtools.synthetic_base import init_model
+from loraserve.engine.native import NativeEngine
+from loraserve.errors import AdapterAlreadyExists, AdapterIncompatible, AdapterNotFound, InvalidArgument
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +30,9 @@ def good_adapter(base_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def engine(base_dir) -> Engine:
+def engine(base_dir) -> NativeEngine:
     # Not started: validation runs on the caller's thread and needs no engine thread.
-    return Engine.load(EngineConfig(base=BaseModelConfig(str(base_dir), quantization="none"), max_lora_rank=16))
+    return NativeEngine.load(EngineConfig(base=BaseModelConfig(str(base_dir), quantization="none"), max_lora_rank=16))
 
 
 def _variant(src: Path, dst: Path, config_update: dict | None = None, tensors_update=None) -> Path:
@@ -206,7 +206,7 @@ def test_a_scaling_that_overflows_the_slot_dtype_is_refused(base_dir, good_adapt
     from loraserve.lora.adapter import parse_adapter
     from loraserve.store.peft_files import read_adapter_dir
 
-    shapes = Engine.load(EngineConfig(base=BaseModelConfig(str(base_dir), quantization="none"))).lora_module_shapes()
+    shapes = NativeEngine.load(EngineConfig(base=BaseModelConfig(str(base_dir), quantization="none"))).base.lora_module_shapes
 
     def check(alpha: float, dtype: torch.dtype) -> None:
         path = _variant(good_adapter, tmp_path / f"a-{alpha:g}-{dtype}".replace("torch.", ""),
@@ -220,7 +220,7 @@ def test_a_scaling_that_overflows_the_slot_dtype_is_refused(base_dir, good_adapt
         with pytest.raises(AdapterIncompatible) as info:
             check(alpha, dtype)
         name = str(dtype).removeprefix("torch.")
-        assert f"lora_B.weight times its scaling" in info.value.message and f"not finite in {name}" in info.value.message
+        assert "lora_B.weight times its scaling" in info.value.message and f"not finite in {name}" in info.value.message
 
 
 def test_rank_and_alpha_patterns_follow_peft(engine, base_dir, tmp_path):
@@ -243,11 +243,11 @@ def test_rank_and_alpha_patterns_follow_peft(engine, base_dir, tmp_path):
 
 
 def test_registry_names_and_idempotence(base_dir, good_adapter, tmp_path):
-    engine = Engine.load(EngineConfig(base=BaseModelConfig(str(base_dir), quantization="none"), max_lora_rank=16))
+    engine = NativeEngine.load(EngineConfig(base=BaseModelConfig(str(base_dir), quantization="none"), max_lora_rank=16))
     for bad in ["", "-x", "a/b/c", "/x", "t/", "../up", "x" * 129, "名字"]:
         with pytest.raises(InvalidArgument, match="invalid (adapter|tenant) (name|id)"):
             engine.add_adapter(bad, good_adapter)
-    assert engine.add_adapter("tenant/a", good_adapter).name == "tenant/a"  # the server's '<tenant>/<name>' ids
+    assert engine.add_adapter("tenant/a", good_adapter).adapter_id == "tenant/a"  # the server's '<tenant>/<name>' ids
     engine.remove_adapter("tenant/a")
     first = engine.add_adapter("a", good_adapter)
     assert engine.add_adapter("a", good_adapter) == first  # same content: no-op
@@ -255,7 +255,7 @@ def test_registry_names_and_idempotence(base_dir, good_adapter, tmp_path):
     with pytest.raises(AdapterAlreadyExists):
         engine.add_adapter("a", other)
     replaced = engine.add_adapter("a", other, replace=True)
-    assert replaced.key != first.key and replaced.rank == 4
+    assert replaced.version != first.version and replaced.rank == 4
     engine.remove_adapter("a")
     with pytest.raises(AdapterNotFound):
         engine.remove_adapter("a")

@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from loraserve.base.fingerprint import base_fingerprint
 from loraserve.base.loading import load_base
-from loraserve.devtools.synthetic_base import init_model
 from loraserve.config import BaseModelConfig, EngineConfig
+from loraserve.devtools.synthetic_base import init_model
 from loraserve.errors import ConfigError
 
 

@@ -14,9 +14,9 @@ import grpc
 import pytest
 from fake_grpc import fake_server
 
-from loraserve.proto.v1 import adapters_pb2_grpc, inference_pb2_grpc, server_info_pb2_grpc
 from loraserve.cli import main
 from loraserve.client import AsyncLoraserveClient, LoraserveClient, LoraserveClientError
+from loraserve.proto.v1 import adapters_pb2_grpc, inference_pb2_grpc, server_info_pb2_grpc
 
 GOOD, READ_ONLY = "lsk_good", "lsk_read_only"
 

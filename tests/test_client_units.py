@@ -18,11 +18,11 @@ import grpc
 import pytest
 from fake_grpc import fake_server
 
+from loraserve.cli import build_parser, main
+from loraserve.client import AsyncLoraserveClient, Generation, LoraserveClient, LoraserveClientError, StreamEvent
 from loraserve.proto.v1 import adapters_pb2 as apb
 from loraserve.proto.v1 import adapters_pb2_grpc, inference_pb2_grpc
 from loraserve.proto.v1 import inference_pb2 as ipb
-from loraserve.cli import build_parser, main
-from loraserve.client import AsyncLoraserveClient, Generation, LoraserveClient, LoraserveClientError, StreamEvent
 
 ADAPTER = apb.AdapterStatus(
     manifest=apb.AdapterManifest(name="support", r=8, lora_alpha=16.0, target_modules=["q_proj", "v_proj"],

@@ -154,7 +154,7 @@ def test_removal_and_eviction_under_load_keep_outputs_exact(base_dirs, adapter_d
         assert isinstance(next(lead), TokenEvent)  # the victim's long request is running
         engine.remove_adapter(victim)
         removed.add(victim)
-        assert victim not in [e.name for e in engine.adapters()]
+        assert victim not in [e.adapter_id for e in engine.adapters()]
         with pytest.raises(AdapterNotFound):
             engine.adapter_tier(victim)
         submit(13, 19)

@@ -24,8 +24,8 @@ from conftest import (
 from transformers import AutoTokenizer
 
 from loraserve.base.loading import load_base
-from loraserve.devtools.synthetic_base import ARCHS
 from loraserve.config import BaseModelConfig
+from loraserve.devtools.synthetic_base import ARCHS
 from loraserve.engine.detokenizer import IncrementalDetokenizer
 from loraserve.engine.request import FinishEvent, GenerationRequest, TokenEvent
 from loraserve.engine.runner import ModelRunner

@@ -1,4 +1,4 @@
-"""The engine in its own process (`EngineClient` <-> `loraserve.engine.engine_process`): the same
+"""The engine in its own process (`RemoteEngine` <-> `loraserve.engine.engine_process`): the same
 answers as the engine in this process, errors that arrive on the stream with their own type, and
 no request or process left behind when either side dies."""
 
@@ -16,14 +16,14 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import collect, greedy_request, running_engine
-from loraserve.devtools.server_process import start_server
 
-from loraserve.proto.v1 import inference_pb2 as ipb
 from loraserve.config import BaseModelConfig, EngineConfig
-from loraserve.engine.remote import EngineClient
+from loraserve.devtools.server_process import start_server
 from loraserve.engine.engine_process import EngineFault
+from loraserve.engine.remote import RemoteEngine
 from loraserve.engine.request import GenerationRequest, SamplingParams
 from loraserve.errors import AdapterIncompatible, AdapterNotFound, InvalidArgument, Unavailable
+from loraserve.proto.v1 import inference_pb2 as ipb
 
 ARCH = "deepseek-v3"
 PROMPTS = ["The patient presents with", "def parse(path):", "Summarise the clause:"]
@@ -36,7 +36,7 @@ def _config(base_dir: Path, **limits) -> EngineConfig:
 @pytest.fixture(scope="module")
 def remote(base_dirs):
     gone = threading.Event()
-    client = EngineClient.load(_config(base_dirs[ARCH], max_new_tokens_limit=32, max_input_tokens=64),
+    client = RemoteEngine.load(_config(base_dirs[ARCH], max_new_tokens_limit=32, max_input_tokens=64),
                                on_exit=gone.set)
     client.start()
     yield client
@@ -76,7 +76,7 @@ def test_remote_outputs_equal_the_in_process_engine(remote, base_dirs, adapter_d
             assert finish.token_ids == expected.token_ids and finish.text == expected.text
             assert "".join(p.text for p in pieces) == finish.text
             assert finish.completion_tokens == 10 and finish.adapter == adapter
-    assert {e.name for e in remote.adapters()} >= set(adapters)
+    assert {e.adapter_id for e in remote.adapters()} >= set(adapters)
     stats = remote.stats()
     assert stats.waiting == 0 and stats.running == 0 and set(adapters) <= set(stats.slots_resident)
 
@@ -139,7 +139,7 @@ def test_cancel_reaches_the_engine(remote):
 
 def test_a_dead_engine_fails_what_waits_on_it(base_dirs):
     gone = threading.Event()
-    client = EngineClient.load(_config(base_dirs[ARCH]), on_exit=gone.set)
+    client = RemoteEngine.load(_config(base_dirs[ARCH]), on_exit=gone.set)
     client.start(warmup=False)
     stream = client.submit(GenerationRequest(client.encode("x"), SamplingParams(max_new_tokens=1000, ignore_eos=True)))
     os.kill(client.process.pid, signal.SIGKILL)
@@ -158,8 +158,8 @@ def test_the_engine_process_exits_with_its_server_process(base_dirs, tmp_path):
     """SIGKILL of the server process (no cleanup at all) still ends the engine process."""
     script = ("import sys, time\n"
               "from loraserve.config import BaseModelConfig, EngineConfig\n"
-              "from loraserve.engine.remote import EngineClient\n"
-              f"c = EngineClient.load(EngineConfig(base=BaseModelConfig(model={str(base_dirs[ARCH])!r}, "
+              "from loraserve.engine.remote import RemoteEngine\n"
+              f"c = RemoteEngine.load(EngineConfig(base=BaseModelConfig(model={str(base_dirs[ARCH])!r}, "
               "quantization='none')))\n"
               "print(c.process.pid, flush=True)\n"
               "time.sleep(600)\n")

@@ -17,12 +17,12 @@ from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rpc_catalog import all_rpcs, call_raw
-from loraserve.devtools.server_process import running_server
 
+from loraserve.devtools.random_adapters import make_random_adapter
+from loraserve.devtools.server_process import running_server
+from loraserve.devtools.synthetic_base import init_model
 from loraserve.proto.v1 import adapters_pb2 as apb
 from loraserve.proto.v1 import inference_pb2 as ipb
-from loraserve.devtools.synthetic_base import init_model
-from loraserve.devtools.random_adapters import make_random_adapter
 
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
            grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED,

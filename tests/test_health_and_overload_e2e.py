@@ -18,13 +18,13 @@ import grpc
 import psutil
 import pytest
 from grpc_health.v1 import health_pb2
-from loraserve.devtools.server_process import running_server, start_server
 
+from loraserve.devtools.server_process import running_server, start_server
+from loraserve.devtools.synthetic_base import init_model
+from loraserve.engine.contract import Heartbeat
+from loraserve.engine.remote import RemoteEngine
 from loraserve.proto.v1 import inference_pb2 as ipb
 from loraserve.proto.v1 import inference_pb2_grpc
-from loraserve.devtools.synthetic_base import init_model
-from loraserve.engine.native import Heartbeat
-from loraserve.engine.remote import EngineClient
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -92,8 +92,8 @@ def test_draining_is_not_ready_but_alive(base, tmp_path):
 
 
 def test_engine_health_verdicts():
-    """EngineClient.health's rules, on the heartbeats it would have received."""
-    client = EngineClient.__new__(EngineClient)  # its judgement only: no process behind it
+    """RemoteEngine.health's rules, on the heartbeats it would have received."""
+    client = RemoteEngine.__new__(RemoteEngine)  # its judgement only: no process behind it
     client.heartbeat_interval, client.stall_timeout = 1.0, 60.0
     client.gone = threading.Event()
     now = time.monotonic()

@@ -18,13 +18,13 @@ import pytest
 from grpc_health.v1 import health_pb2
 from rpc_catalog import all_rpcs, call_raw
 from safetensors.torch import load_file, save_file
-from loraserve.devtools.server_process import running_server
 
+from loraserve.devtools.random_adapters import make_random_adapter
+from loraserve.devtools.server_process import running_server
+from loraserve.devtools.synthetic_base import init_model
 from loraserve.proto.v1 import adapters_pb2 as apb
 from loraserve.proto.v1 import inference_pb2 as ipb
 from loraserve.proto.v1 import server_info_pb2 as spb
-from loraserve.devtools.synthetic_base import init_model
-from loraserve.devtools.random_adapters import make_random_adapter
 
 PYTHON_WORDS = re.compile(r"DecodeError|Error parsing|Exception|Traceback|TypeError|ValueError|KeyError|"
                           r"UnicodeDecodeError|RecursionError|NoneType|<class")

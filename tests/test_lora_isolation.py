@@ -14,7 +14,7 @@ import torch
 from conftest import PROMPTS, collect, greedy_request, running_engine
 
 from loraserve.devtools.bench.poison import poison
-from loraserve.engine.native import Engine
+from loraserve.engine.native import NativeEngine
 from loraserve.errors import AdapterIncompatible
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
@@ -27,7 +27,7 @@ STAND_INS = {"bad-nan": "all-r8-a32", "bad-inf": "att-r16"}  # the clean run use
 N = 12
 
 
-def _batch(engine: Engine, adapters: list[str | None]) -> list:
+def _batch(engine: NativeEngine, adapters: list[str | None]) -> list:
     """Submit one request per adapter (prompts cycle), all at once; the streams, in order."""
     ids = [engine.encode(p) for p in PROMPTS]
     return [engine.submit(greedy_request(ids[i % len(ids)], N, a)) for i, a in enumerate(adapters)]
@@ -87,7 +87,7 @@ def test_freed_slot_is_zeroed_in_every_layer(base_dirs, adapter_dirs) -> None:
     with running_engine(base_dirs["deepseek-v3"], "none", {"all-r16": adapters["all-r16"]}, max_loras=2) as engine:
         collect(_batch(engine, ["all-r16"])[0])
         slots = engine._scheduler.slots
-        key = next(e.key for e in engine.adapters())
+        key = next(e.version for e in engine.adapters())
         slot = slots.slot_of(key)
         layers = list(slots._layers.values())
         assert any(layer.lora_a[slot - 1].any() for layer in layers)

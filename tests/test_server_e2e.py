@@ -19,16 +19,16 @@ import torch
 from grpc_health.v1 import health_pb2
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
-from loraserve.devtools.server_process import running_server
 
+from loraserve.base.loading import load_base
+from loraserve.config import BaseModelConfig
+from loraserve.devtools.random_adapters import make_random_adapter
+from loraserve.devtools.server_process import running_server
+from loraserve.devtools.synthetic_base import init_model
+from loraserve.lora.peft_compat import keep_module_targets
 from loraserve.proto.v1 import adapters_pb2 as apb
 from loraserve.proto.v1 import inference_pb2 as ipb
 from loraserve.proto.v1 import server_info_pb2 as spb
-from loraserve.base.loading import load_base
-from loraserve.devtools.synthetic_base import init_model
-from loraserve.config import BaseModelConfig
-from loraserve.lora.peft_compat import keep_module_targets
-from loraserve.devtools.random_adapters import make_random_adapter
 
 ARCH = "deepseek-v3"
 PROMPTS = ["The patient presents with", "窦性心律不齐是指", "def parse(path):", "Summarise the clause:"]

@@ -8,11 +8,11 @@ from __future__ import annotations
 import time
 
 import pytest
-from loraserve.devtools.server_process import running_server
 
-from loraserve.devtools.synthetic_base import init_model
 from loraserve.client import LoraserveClient, LoraserveClientError
 from loraserve.devtools.random_adapters import make_random_adapter
+from loraserve.devtools.server_process import running_server
+from loraserve.devtools.synthetic_base import init_model
 from loraserve.trainer.config import TrainConfig
 from loraserve.trainer.output import is_store
 from loraserve.trainer.train import train

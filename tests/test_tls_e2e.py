@@ -17,13 +17,13 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from loraserve.devtools.server_process import running_server
-
-ROOT = Path(__file__).resolve().parents[1]
 from tls_helpers import Pki, make_pki
 
-from loraserve.devtools.synthetic_base import init_model
 from loraserve.client import AsyncLoraserveClient, Generation, LoraserveClient, LoraserveClientError
+from loraserve.devtools.server_process import running_server
+from loraserve.devtools.synthetic_base import init_model
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SERVER_FLAGS = ("--quantization", "none", "--max-new-tokens", "16", "--max-input-tokens", "64")
 

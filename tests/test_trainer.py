@@ -10,14 +10,14 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from loraserve.devtools.server_process import running_server
 from transformers import TrainerCallback
 
-from loraserve.proto.v1 import inference_pb2 as ipb
 from loraserve.base.loading import load_base
-from loraserve.devtools.synthetic_base import init_model
 from loraserve.config import BaseModelConfig
+from loraserve.devtools.server_process import running_server
+from loraserve.devtools.synthetic_base import init_model
 from loraserve.lora.peft_compat import keep_module_targets
+from loraserve.proto.v1 import inference_pb2 as ipb
 from loraserve.trainer.config import TrainConfig
 from loraserve.trainer.data import DataError, load_examples, split_examples
 from loraserve.trainer.train import train

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from loraserve.devtools.server_process import running_server, start_server
 
+from loraserve.devtools.random_adapters import make_random_adapter
+from loraserve.devtools.server_process import running_server, start_server
+from loraserve.devtools.synthetic_base import init_model
 from loraserve.proto.v1 import adapters_pb2 as apb
 from loraserve.proto.v1 import inference_pb2 as ipb
-from loraserve.devtools.synthetic_base import init_model
-from loraserve.devtools.random_adapters import make_random_adapter
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 

@@ -26,7 +26,7 @@ from loraserve.store.layout import (
     LOCK_FILE,
     MANIFEST_FILE,
     WEIGHTS_FILE,
-    adapter_key,
+    adapter_id,
     fsync_dir,
     new_tmp_name,
     write_durably,
@@ -56,7 +56,7 @@ def write_adapter(peft_model, output_dir: str | Path, name: str, manifest: dict,
             if extra.name not in (CONFIG_FILE, WEIGHTS_FILE):
                 extra.unlink()
         if in_store:
-            return _publish(root, tmp, adapter_key(tenant, name), manifest)
+            return _publish(root, tmp, adapter_id(tenant, name), manifest)
         write_durably(tmp / MANIFEST_FILE, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
         for file in (CONFIG_FILE, WEIGHTS_FILE):
             with open(tmp / file, "rb") as f:

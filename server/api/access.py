@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from loraserve.access.principal import DEFAULT_TENANT, OPEN_PRINCIPAL, Principal, TenantLimits
 from loraserve.api.tenant_gate import MAX_HELD, TenantGate, TenantOverLimit
 from loraserve.errors import AdapterNotFound, PermissionDenied, ResourceExhausted
-from loraserve.store.layout import adapter_key, check_adapter_name
+from loraserve.store.layout import adapter_id as make_adapter_id
+from loraserve.store.layout import check_adapter_name
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,8 @@ class AdapterRef:
     name: str
 
     @property
-    def key(self) -> str:
-        """The id in the store and the engine."""
+    def adapter_id(self) -> str:
+        """The adapter's id in the store and the engine: '<tenant>/<name>'."""
         return f"{self.tenant}/{self.name}"
 
 
@@ -47,7 +48,7 @@ def parse_ref(requested: str, caller: Principal) -> AdapterRef:
     """'name' -> the caller's tenant; 'tenant/name' as given. InvalidArgument when malformed."""
     if "/" in requested:
         tenant, _, name = requested.partition("/")
-        adapter_key(tenant, name)  # checks both parts
+        make_adapter_id(tenant, name)  # checks both parts
         return AdapterRef(requested, tenant, name)
     check_adapter_name(requested)
     return AdapterRef(requested, caller.tenant, requested)
@@ -107,7 +108,7 @@ class AccessControl:
         """An adapter the caller may generate with or look at: its own tenant's, any for an
         admin, or one shared with everyone. Anything else is NOT_FOUND, as a missing one."""
         ref = parse_ref(requested, caller)
-        if ref.tenant == caller.tenant or caller.is_admin or self._is_shared(ref.key):
+        if ref.tenant == caller.tenant or caller.is_admin or self._is_shared(ref.adapter_id):
             return ref
         raise _not_found(ref)
 
@@ -121,7 +122,7 @@ class AccessControl:
             return ref
         if creating:
             raise PermissionDenied(f"key {caller.key_name!r} may only register adapters of tenant {caller.tenant!r}")
-        if self._is_shared(ref.key):
+        if self._is_shared(ref.adapter_id):
             raise PermissionDenied(f"adapter {ref.requested!r} is shared by tenant {ref.tenant!r}; only that tenant "
                                    "or an admin may change it")
         raise _not_found(ref)

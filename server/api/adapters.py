@@ -13,12 +13,12 @@ from collections.abc import Awaitable, Callable
 from loraserve.access.principal import Principal
 from loraserve.api.access import AccessControl, AdapterRef
 from loraserve.api.audit import audit
+from loraserve.api.status import abort, as_named, status_of
+from loraserve.errors import AdapterNotFound, InvalidArgument, LoraserveError, ResourceExhausted, Unavailable
 from loraserve.proto.v1 import adapters_pb2 as pb
 from loraserve.proto.v1 import adapters_pb2_grpc
-from loraserve.api.status import abort, as_named, status_of
 from loraserve.registry.registry import AdapterRegistry, AdapterStatus
-from loraserve.errors import AdapterNotFound, InvalidArgument, LoraserveError, ResourceExhausted, Unavailable
-from loraserve.store.layout import split_adapter_key
+from loraserve.store.layout import split_adapter_id
 from loraserve.store.peft_files import CONFIG_FILE, WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ Work = Callable[[Principal], Awaitable[tuple[object, str]]]  # -> (response, sha
 
 
 def manifest_to_proto(m) -> pb.AdapterManifest:
-    tenant, name = split_adapter_key(m.name)
+    tenant, name = split_adapter_id(m.name)
     return pb.AdapterManifest(
         name=name, tenant=tenant,
         files=[pb.FileDigest(name=f.name, sha256=f.sha256, size_bytes=f.size_bytes) for f in m.files],
@@ -80,12 +80,12 @@ class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
                 raise
             raise AdapterNotFound(f"adapter {ref.requested!r} is not registered") from None
         except LoraserveError as exc:
-            raise exc if ref is None else as_named(exc, ref.key, ref.requested)
+            raise exc if ref is None else as_named(exc, ref.adapter_id, ref.requested)
 
     async def RegisterAdapter(self, request, context):
         async def work(caller):
             ref = self._access.for_change(request.name, caller, creating=True)
-            status, created = await self._run(ref, self._registry.register, ref.key, request.path, request.replace,
+            status, created = await self._run(ref, self._registry.register, ref.adapter_id, request.path, request.replace,
                                               self._access.limits(ref.tenant))
             return pb.RegisterAdapterResponse(adapter=status_to_proto(status), created=created), status.manifest.digest
         return await self._serve(context, "RegisterAdapter", request.name, "manage", work)
@@ -100,7 +100,7 @@ class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
             header_name = header.name
             ref = self._access.for_change(header.name, caller, creating=True)
             with self._upload_place(ref.tenant):
-                upload = self._registry.open_upload(ref.key)  # no I/O: held before any await
+                upload = self._registry.open_upload(ref.adapter_id)  # no I/O: held before any await
                 try:
                     await self._receive(messages, upload)
                     status, created = await self._run(ref, self._registry.upload, upload, header.replace,
@@ -153,15 +153,15 @@ class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
     async def ValidateAdapter(self, request, context):
         async def work(caller):
             ref = self._access.for_change(request.name, caller, creating=True)
-            manifest = await self._run(ref, self._registry.validate, ref.key, request.path)
+            manifest = await self._run(ref, self._registry.validate, ref.adapter_id, request.path)
             return pb.ValidateAdapterResponse(manifest=manifest_to_proto(manifest)), manifest.digest
         return await self._serve(context, "ValidateAdapter", request.name, "manage", work)
 
     async def UnregisterAdapter(self, request, context):
         async def work(caller):
             ref = self._access.for_change(request.name, caller, creating=False)
-            status = await self._run(ref, self._registry.status, ref.key)
-            await self._run(ref, self._registry.unregister, ref.key)
+            status = await self._run(ref, self._registry.status, ref.adapter_id)
+            await self._run(ref, self._registry.unregister, ref.adapter_id)
             return pb.UnregisterAdapterResponse(), status.manifest.digest
         return await self._serve(context, "UnregisterAdapter", request.name, "manage", work)
 
@@ -175,28 +175,28 @@ class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
     async def GetAdapter(self, request, context):
         async def work(caller):
             ref = self._access.for_use(request.name, caller)
-            status = await self._run(ref, self._registry.get, ref.key)
+            status = await self._run(ref, self._registry.get, ref.adapter_id)
             return pb.GetAdapterResponse(adapter=status_to_proto(status)), ""
         return await self._serve(context, "GetAdapter", request.name, "generate", work, management=False)
 
     async def PinAdapter(self, request, context):
         async def work(caller):
             ref = self._access.for_change(request.name, caller, creating=False)
-            await self._run(ref, self._registry.pin, ref.key)
+            await self._run(ref, self._registry.pin, ref.adapter_id)
             return pb.PinAdapterResponse(), ""
         return await self._serve(context, "PinAdapter", request.name, "admin", work)
 
     async def UnpinAdapter(self, request, context):
         async def work(caller):
             ref = self._access.for_change(request.name, caller, creating=False)
-            await self._run(ref, self._registry.unpin, ref.key)
+            await self._run(ref, self._registry.unpin, ref.adapter_id)
             return pb.UnpinAdapterResponse(), ""
         return await self._serve(context, "UnpinAdapter", request.name, "admin", work)
 
     async def ShareAdapter(self, request, context):
         async def work(caller):
             ref = self._access.for_change(request.name, caller, creating=False)
-            status = await self._run(ref, self._registry.share, ref.key, request.shared)
+            status = await self._run(ref, self._registry.share, ref.adapter_id, request.shared)
             return pb.ShareAdapterResponse(adapter=status_to_proto(status)), status.manifest.digest
         action = "ShareAdapter" if request.shared else "UnshareAdapter"
         return await self._serve(context, action, request.name, "admin", work)

@@ -32,14 +32,6 @@ from loraserve.access.keys import KeyFile
 from loraserve.api.access import AccessControl
 from loraserve.api.adapters import AdapterServicer
 from loraserve.api.call_guard import CallGuard
-from loraserve.proto.v1 import (
-    adapters_pb2,
-    adapters_pb2_grpc,
-    inference_pb2,
-    inference_pb2_grpc,
-    server_info_pb2,
-    server_info_pb2_grpc,
-)
 from loraserve.api.health import HealthState, ServerHealth
 from loraserve.api.inference import InferenceServicer
 from loraserve.api.metrics import ServerMetrics
@@ -49,8 +41,17 @@ from loraserve.api.refusal_log import WINDOW_SECONDS as REFUSAL_WINDOW_SECONDS
 from loraserve.api.server_info import ServerInfoServicer
 from loraserve.api.status import log_refusal
 from loraserve.api.status import mistakes as client_mistakes
-from loraserve.engine.remote import EngineClient
+from loraserve.engine.contract import Engine
 from loraserve.engine.engine_process import LaunchedEngine
+from loraserve.engine.remote import RemoteEngine
+from loraserve.proto.v1 import (
+    adapters_pb2,
+    adapters_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+    server_info_pb2,
+    server_info_pb2_grpc,
+)
 from loraserve.registry.registry import AdapterRegistry
 from loraserve.settings import ServerSettings
 
@@ -123,7 +124,7 @@ async def serve(settings: ServerSettings, launched: LaunchedEngine | None = None
     if keys is not None:
         loop.add_signal_handler(signal.SIGHUP, keys.reload)
     engine_gone = asyncio.Event()
-    engine = EngineClient(settings.engine_config(), lambda: loop.call_soon_threadsafe(engine_gone.set),
+    engine = RemoteEngine(settings.engine_config(), lambda: loop.call_soon_threadsafe(engine_gone.set),
                           settings.engine_threads, launched, heartbeat_interval=settings.heartbeat_interval,
                           stall_timeout=settings.engine_stall_timeout)
     metrics = ServerMetrics(engine)
@@ -248,7 +249,7 @@ def _flush_logs(inference: InferenceServicer):
     return flush
 
 
-async def _watch_engine(engine: EngineClient, state: HealthState) -> None:
+async def _watch_engine(engine: Engine, state: HealthState) -> None:
     """Follow the engine's health: NOT_SERVING (liveness and readiness) while it is stopped,
     hung or stuck in a step, SERVING again if it recovers; every change logged once."""
     problem: str | None = None

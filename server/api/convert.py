@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from loraserve.proto.v1 import inference_pb2 as pb
 from loraserve.engine.request import FinishEvent, SamplingParams
 from loraserve.errors import InvalidArgument
+from loraserve.proto.v1 import inference_pb2 as pb
 
 FINISH_REASONS = {
     "length": pb.FINISH_REASON_LENGTH,

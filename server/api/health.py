@@ -4,7 +4,7 @@ Two questions, asked through the health service's names: `liveness` (is the engi
 making progress: its heartbeats arrive and its steps end; also while loading and draining) and
 `readiness` (that, and warmed up and not draining; "" and each loraserve service name answer the
 same). A stopped or wedged engine turns both NOT_SERVING within three heartbeat intervals
-(`EngineClient.health`), so an orchestrator restarts the server instead of sending it requests
+(`RemoteEngine.health`), so an orchestrator restarts the server instead of sending it requests
 that would wait forever; a draining server only stops being ready.
 """
 

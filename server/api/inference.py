@@ -22,14 +22,14 @@ import grpc
 
 from loraserve.api.access import AccessControl
 from loraserve.api.convert import input_from_proto, sampling_from_proto, summary_to_proto
-from loraserve.proto.v1 import inference_pb2 as pb
-from loraserve.proto.v1 import inference_pb2_grpc
 from loraserve.api.metrics import ServerMetrics
 from loraserve.api.refusal_log import RefusalLog
 from loraserve.api.status import abort, as_named, status_of
-from loraserve.engine.remote import EngineClient
+from loraserve.engine.contract import Engine
 from loraserve.engine.request import FinishEvent, GenerationRequest, TokenEvent
 from loraserve.errors import AdapterNotFound, ResourceExhausted, Unavailable
+from loraserve.proto.v1 import inference_pb2 as pb
+from loraserve.proto.v1 import inference_pb2_grpc
 
 log = logging.getLogger("loraserve.requests")
 TOKENIZER_THREADS = 2
@@ -39,7 +39,7 @@ _CALL = "InferenceService"
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, engine: EngineClient, metrics: ServerMetrics, access: AccessControl,
+    def __init__(self, engine: Engine, metrics: ServerMetrics, access: AccessControl,
                  on_miss: Callable[[str], bool] | None = None) -> None:
         self._engine = engine
         self._metrics = metrics
@@ -51,7 +51,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self._tokenizers = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenize")
 
     async def _request(self, msg: pb.GenerationInput, context: grpc.aio.ServicerContext,
-                       adapter_key: str | None) -> GenerationRequest:
+                       adapter_id: str | None) -> GenerationRequest:
         limits = self._engine.input_limits
         kind = msg.WhichOneof("input")
         if kind == "prompt":
@@ -63,7 +63,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             self._tokenizers, functools.partial(self._engine.encode, prompt=prompt, messages=messages))
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
-        return GenerationRequest(ids, sampling_from_proto(msg.sampling), adapter_key,
+        return GenerationRequest(ids, sampling_from_proto(msg.sampling), adapter_id,
                                  request_id=msg.request_id or uuid.uuid4().hex, deadline=deadline)
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
@@ -102,11 +102,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             caller = self._access.caller(context.invocation_metadata(), context.peer(), "generate")
             ref = self._access.for_use(adapter, caller) if adapter else None
             admitted.enter_context(self._access.admit(caller))
-            request = await self._request(msg, context, ref.key if ref else None)
+            request = await self._request(msg, context, ref.adapter_id if ref else None)
             request_id = request.request_id
-            if ref and self._on_miss is not None and not self._engine.has_adapter(ref.key):
-                await asyncio.to_thread(self._on_miss, ref.key)
-            if ref and not self._engine.has_adapter(ref.key):
+            if ref and self._on_miss is not None and not self._engine.has_adapter(ref.adapter_id):
+                await asyncio.to_thread(self._on_miss, ref.adapter_id)
+            if ref and not self._engine.has_adapter(ref.adapter_id):
                 raise AdapterNotFound(f"adapter {ref.requested!r} is not registered")
             stream = self._engine.submit(request, loop=asyncio.get_running_loop())
             last = None
@@ -129,7 +129,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             if isinstance(exc, ResourceExhausted):  # a tenant's limit: answered when a retry could pass
                 exc = await self._access.refuse(exc, context.time_remaining())
             if ref is not None:
-                exc = as_named(exc, ref.key, ref.requested)
+                exc = as_named(exc, ref.adapter_id, ref.requested)
             await abort(context, exc, request_id, call=_CALL)
         finally:
             admitted.close()
@@ -137,7 +137,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 self._engine.cancel(stream)
             # Only registered adapters and the keys file's tenants become label values: the
             # label sets stay bounded whatever clients send.
-            label = ref.name if ref and self._engine.has_adapter(ref.key) else ""
+            label = ref.name if ref and self._engine.has_adapter(ref.adapter_id) else ""
             tenant = caller.tenant if caller else ""
             self._metrics.requests.labels(adapter=label, tenant=tenant, code=code).inc()
             if code == "DATA_LOSS":

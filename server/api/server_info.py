@@ -8,15 +8,15 @@ import grpc
 
 from loraserve import __version__
 from loraserve.api.access import AccessControl
+from loraserve.api.status import abort
+from loraserve.engine.contract import Engine
+from loraserve.errors import LoraserveError, Unavailable
 from loraserve.proto.v1 import server_info_pb2 as pb
 from loraserve.proto.v1 import server_info_pb2_grpc
-from loraserve.api.status import abort
-from loraserve.engine.remote import EngineClient
-from loraserve.errors import LoraserveError, Unavailable
 
 
 class ServerInfoServicer(server_info_pb2_grpc.ServerInfoServiceServicer):
-    def __init__(self, engine: EngineClient, access: AccessControl) -> None:
+    def __init__(self, engine: Engine, access: AccessControl) -> None:
         self._engine = engine
         self._access = access
 

@@ -30,11 +30,11 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal server error"
 
 
-def as_named(error: BaseException, key: str, requested: str) -> BaseException:
-    """`error` with the internal adapter id `key` ('<tenant>/<name>') in its message replaced by
-    the name the caller used, so a caller never sees ids it did not send."""
-    if isinstance(error, LoraserveError) and key != requested and repr(key) in error.message:
-        error.message = error.message.replace(repr(key), repr(requested))
+def as_named(error: BaseException, adapter_id: str, requested: str) -> BaseException:
+    """`error` with the adapter id ('<tenant>/<name>') in its message replaced by the name the
+    caller used, so a caller never sees ids it did not send."""
+    if isinstance(error, LoraserveError) and adapter_id != requested and repr(adapter_id) in error.message:
+        error.message = error.message.replace(repr(adapter_id), repr(requested))
         error.args = (error.message,)
     return error
 

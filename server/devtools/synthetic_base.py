@@ -33,8 +33,8 @@ from transformers import (
     PreTrainedConfig,
 )
 
-from loraserve.devtools.synthetic_tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID, build_tokenizer
 from loraserve.config import ARCHS, SIZES  # noqa: E402  (re-exported: the CLI lists them without torch)
+from loraserve.devtools.synthetic_tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID, build_tokenizer
 
 # A prompt plus generation comfortably fits; real DeepSeek configs say 4096 before RoPE scaling.
 MAX_POSITION_EMBEDDINGS = 4096

@@ -1,5 +1,5 @@
 """The engine process: loads the base, runs the `Engine`, and answers the server process over
-one pipe (`EngineClient` is the other end).
+one pipe (`RemoteEngine` is the other end).
 
 Why a process of its own: in one process the gRPC event loop (authentication, protobuf,
 refusing a flooding tenant) and the engine thread took turns on one GIL, and each time the
@@ -12,14 +12,14 @@ Messages are tuples, pickled by `multiprocessing.connection`:
   server -> engine: ("submit", stream_id, GenerationRequest) | ("cancel", stream_id)
                     | ("call", call_id, method, args, kwargs)
   engine -> server, in lists (one send per burst of events):
-                    ("loaded", EngineInfo) | ("failed", error) | ("event", stream_id, Event)
+                    ("loaded", BaseInfo) | ("failed", error) | ("event", stream_id, Event)
                     | ("reply", call_id, ok, value or error) | ("adapter_load", seconds)
                     | ("heartbeat", Heartbeat)
 
 Heartbeats: a thread of this process sends one every `heartbeat_interval` seconds, carrying how
 long ago the engine thread last went round its loop. The server process reads a missing
 heartbeat as this process stopped or hung as a whole, and an old loop time as the engine thread
-stuck in a step (`EngineClient.health`).
+stuck in a step (`RemoteEngine.health`).
 """
 
 from __future__ import annotations
@@ -33,31 +33,19 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 from loraserve.config import EngineConfig
+from loraserve.engine.contract import remote_calls
 from loraserve.engine.request import ErrorEvent, Event, FinishEvent, RequestStream
 from loraserve.errors import LoraserveError
 
 log = logging.getLogger("loraserve.engine")
 
-CALLS = frozenset({"start", "drain", "stop", "check_adapter", "add_adapter", "remove_adapter", "pin_adapter",
-                   "unpin_adapter", "preload_adapter", "adapter_tier", "stats"})
-"""The Engine methods the server process may call; nothing else is reachable over the pipe."""
+CALLS = remote_calls()
+"""The engine methods the server process may call: the contract's remote ones, nothing else."""
 CALL_THREADS = 4
 """Calls that block (adapter files read, a drain) run beside each other and never hold up
 `submit`: a handful covers the registry, a metrics scrape and a drain at once."""
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    """What the server process needs to know of the loaded base, sent once after loading."""
-
-    fingerprint: str
-    model_type: str
-    model_dir: Path
-    max_context: int | None
-    lora_module_shapes: dict[str, tuple[int, int]]
 
 
 class EngineFault(Exception):
@@ -186,16 +174,15 @@ def run_engine_process(conn, config: EngineConfig, log_level: int, threads: int 
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     outbox = Outbox(conn)
     try:
-        from loraserve.engine.native import Engine
+        from loraserve.engine.native import NativeEngine
 
-        engine = Engine.load(config)
+        engine = NativeEngine.load(config)
     except BaseException as exc:  # the server process reports it and exits
         log.exception("the engine failed to load")
         outbox.put(("failed", portable(exc)))
         outbox.close()
         os._exit(1)
-    outbox.put(("loaded", EngineInfo(engine.base.fingerprint, engine.base.model_type, engine.base.model_dir,
-                                     engine.max_context, engine.lora_module_shapes())))
+    outbox.put(("loaded", engine.base))
     engine.add_load_observer(lambda seconds: outbox.put(("adapter_load", seconds)))
     engine.set_idle_wait(min(0.5, heartbeat_interval))
     threading.Thread(target=_beat, args=(engine, outbox, heartbeat_interval), name="engine-heartbeat",

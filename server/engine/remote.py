@@ -1,6 +1,7 @@
 """The server process's handle on the engine process (`loraserve.engine.engine_process`, which
-says why the engine runs apart): the `Engine` methods the API and the registry use, forwarded
-over a pipe.
+says why the engine runs apart): the engine contract (`loraserve.engine.contract.Engine`)
+forwarded over a pipe. Every remote call of the contract that needs nothing done here is
+forwarded as it is (`forward_remote_calls`); the rest are written out below.
 
 What needs no answer from the engine stays here, so the event loop never waits on the other
 process: tokenization (the tokenizer is loaded here too), the names of registered adapters (only
@@ -25,8 +26,15 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from loraserve.config import EngineConfig
-from loraserve.engine.native import AdapterEntry, CheckedAdapter, EngineStats, Heartbeat
-from loraserve.engine.engine_process import EngineInfo, LaunchedEngine, launch
+from loraserve.engine.contract import (
+    AdapterEntry,
+    BaseInfo,
+    CheckedAdapter,
+    EngineStats,
+    Heartbeat,
+    forward_remote_calls,
+)
+from loraserve.engine.engine_process import LaunchedEngine, launch
 from loraserve.engine.input_limits import InputLimits, max_token_bytes
 from loraserve.engine.request import ErrorEvent, FinishEvent, GenerationRequest, RequestStream, encode_input
 from loraserve.errors import AdapterNotFound, Unavailable
@@ -49,8 +57,9 @@ class RemoteStream(RequestStream):
         self.stream_id = stream_id
 
 
-class EngineClient:
-    """An `Engine` running in a child process. Thread-safe, like the engine itself."""
+@forward_remote_calls
+class RemoteEngine:
+    """An engine running in a child process. Thread-safe, like the engine itself."""
 
     def __init__(self, config: EngineConfig, on_exit: Callable[[], None] | None = None, threads: int = 0,
                  launched: LaunchedEngine | None = None, heartbeat_interval: float = 1.0,
@@ -66,8 +75,8 @@ class EngineClient:
         self._last_heartbeat: tuple[float, Heartbeat] | None = None  # (when it arrived, what it said)
         launched = launched or launch(config, threads, heartbeat_interval)
         self.process, self._conn = launched.process, launched.conn
-        self.base: EngineInfo | None = None
-        """fingerprint, model_type, model_dir...: what the API reads of the loaded base (None until loaded)."""
+        self.base: BaseInfo | None = None
+        """The loaded base (None until loaded)."""
         self.max_context: int | None = None
         self.tokenizer = None
         self.input_limits: InputLimits | None = None
@@ -85,7 +94,7 @@ class EngineClient:
 
     @classmethod
     def load(cls, config: EngineConfig, on_exit: Callable[[], None] | None = None, threads: int = 0,
-             launched: LaunchedEngine | None = None, **health) -> EngineClient:
+             launched: LaunchedEngine | None = None, **health) -> RemoteEngine:
         """Start the engine process and wait until its base is loaded."""
         client = cls(config, on_exit, threads, launched, **health)
         client.wait_loaded()
@@ -109,7 +118,7 @@ class EngineClient:
     def loaded(self) -> bool:
         return self.base is not None
 
-    def _recv_first(self) -> EngineInfo:
+    def _recv_first(self) -> BaseInfo:
         try:
             kind, value = self._conn.recv()[0]
         except (EOFError, OSError):
@@ -200,45 +209,30 @@ class EngineClient:
             self._send(("cancel", stream.stream_id))
 
     # ---- adapters ----------------------------------------------------------------------
-    def check_adapter(self, name: str, path: str | Path, keep: bool = False) -> CheckedAdapter:
-        return self._call("check_adapter", name, Path(path), keep)
-
-    def add_adapter(self, name: str, path: str | Path, replace: bool = False,
+    def add_adapter(self, adapter_id: str, path: str | Path, replace: bool = False,
                     checked: CheckedAdapter | None = None) -> AdapterEntry:
-        entry = self._call("add_adapter", name, Path(path), replace, checked)
+        entry = self._call("add_adapter", adapter_id, Path(path), replace, checked)
         with self._lock:
-            self._adapters[name] = entry
+            self._adapters[adapter_id] = entry
         return entry
 
-    def remove_adapter(self, name: str) -> None:
+    def remove_adapter(self, adapter_id: str) -> None:
         with self._lock:
-            self._adapters.pop(name, None)
-        self._call("remove_adapter", name)
+            self._adapters.pop(adapter_id, None)
+        self._call("remove_adapter", adapter_id)
 
-    def pin_adapter(self, name: str) -> None:
-        self._call("pin_adapter", name)
+    def adapter_tier(self, adapter_id: str) -> tuple[str, bool]:
+        if not self.has_adapter(adapter_id):
+            raise AdapterNotFound(f"adapter {adapter_id!r} is not registered")
+        return self._call("adapter_tier", adapter_id)
 
-    def unpin_adapter(self, name: str) -> None:
-        self._call("unpin_adapter", name)
-
-    def preload_adapter(self, name: str) -> None:
-        self._call("preload_adapter", name)
-
-    def adapter_tier(self, name: str) -> tuple[str, bool]:
-        if not self.has_adapter(name):
-            raise AdapterNotFound(f"adapter {name!r} is not registered")
-        return self._call("adapter_tier", name)
-
-    def has_adapter(self, name: str) -> bool:
+    def has_adapter(self, adapter_id: str) -> bool:
         with self._lock:
-            return name in self._adapters
+            return adapter_id in self._adapters
 
     def adapters(self) -> list[AdapterEntry]:
         with self._lock:
-            return sorted(self._adapters.values(), key=lambda e: e.name)
-
-    def lora_module_shapes(self) -> dict[str, tuple[int, int]]:
-        return dict(self.base.lora_module_shapes)
+            return sorted(self._adapters.values(), key=lambda e: e.adapter_id)
 
     def stats(self) -> EngineStats:
         if not self.loaded:

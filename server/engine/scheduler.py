@@ -33,7 +33,7 @@ from loraserve.lora.slots import AdapterSlots, HostCache
 log = logging.getLogger(__name__)
 
 WeightsLoader = Callable[[str], LoraWeights]
-"""Reads and decodes the adapter version `key` from the store (runs on a loader thread)."""
+"""Reads and decodes the adapter version `version` from the store (runs on a loader thread)."""
 
 
 @dataclass
@@ -172,25 +172,25 @@ class BatchScheduler:
                 except BaseException as exc:  # handed to the caller, who re-raises it
                     future.set_exception(exc)
         elif kind == "loaded":
-            key, weights, error, seconds = payload
-            self._loading.discard(key)
+            version, weights, error, seconds = payload
+            self._loading.discard(version)
             if error is not None:
-                self._fail_waiting(lambda s: s.adapter_key == key, error)
+                self._fail_waiting(lambda s: s.adapter_version == version, error)
             else:
                 self.tiers.disk_loads += 1
                 self.tiers.disk_load_seconds += seconds
                 for observe in self.load_observers:
                     observe(seconds)
-                self.host.put(key, weights, keep=self.slots.pinned() | self._waiting_keys())
+                self.host.put(version, weights, keep=self.slots.pinned() | self._waiting_keys())
         elif kind == "stop":
             self._stop = True
 
     def _waiting_keys(self) -> set[str]:
-        return {s.adapter_key for s in self._waiting if s.adapter_key is not None}
+        return {s.adapter_version for s in self._waiting if s.adapter_version is not None}
 
     def _ready_to_admit(self) -> bool:
-        return any(s.adapter_key is None or self.host.get(s.adapter_key) is not None
-                   or self.slots.slot_of(s.adapter_key) is not None for s in self._waiting)
+        return any(s.adapter_version is None or self.host.get(s.adapter_version) is not None
+                   or self.slots.slot_of(s.adapter_version) is not None for s in self._waiting)
 
     def _drop_finished_early(self) -> None:
         """Cancelled or expired sequences leave before this step runs."""
@@ -222,7 +222,7 @@ class BatchScheduler:
         for seq in list(self._waiting):
             if len(self._running) + len(joining) >= self.config.max_batch_size:
                 break
-            if guard is not None and seq is not guard and seq.adapter_key is not None:
+            if guard is not None and seq is not guard and seq.adapter_version is not None:
                 continue  # base-only requests take no slot, so they may still pass
             if not self._adapter_ready(seq):
                 continue
@@ -232,8 +232,8 @@ class BatchScheduler:
                 break  # the rest join at the next step; running sequences must not stall longer
             longest = max(longest, prompt_len)
             self._unqueue(seq)
-            key = seq.adapter_key
-            seq.slot = self.slots.acquire(key, self.host.get(key)) if key is not None else 0
+            version = seq.adapter_version
+            seq.slot = self.slots.acquire(version, self.host.get(version)) if version is not None else 0
             seq.admitted_at = time.monotonic()
             joining.append(seq)
         if joining:
@@ -242,20 +242,20 @@ class BatchScheduler:
     def _adapter_ready(self, seq: Sequence) -> bool:
         """True when the sequence's adapter is in a slot or can be put in one now; otherwise
         starts loading it from disk or notes that the sequence is waiting for a slot."""
-        key = seq.adapter_key
-        if key is None:
+        version = seq.adapter_version
+        if version is None:
             return True
-        if self.slots.slot_of(key) is not None:
+        if self.slots.slot_of(version) is not None:
             self.tiers.gpu_hits += 1
             return True
-        if self.host.get(key) is None:
+        if self.host.get(version) is None:
             # Read from disk only when the weights could be used soon or fit without evicting
             # another waiting adapter's; otherwise loads would evict each other while every
             # slot is busy and the loader would re-read the same files over and over.
-            if self.slots.has_room_for(key) or len(self.host) < self.host.capacity:
-                self._start_load(key)
+            if self.slots.has_room_for(version) or len(self.host) < self.host.capacity:
+                self._start_load(version)
             return False
-        if not self.slots.has_room_for(key):
+        if not self.slots.has_room_for(version):
             if seq.blocked_since_step is None:
                 seq.blocked_since_step = self._steps
             return False
@@ -269,8 +269,8 @@ class BatchScheduler:
         except Exception:  # e.g. out of memory on long prompts: only these requests fail
             log.exception("prefill failed for %d requests", len(joining))
             for seq in joining:
-                if seq.adapter_key is not None:
-                    self.slots.release(seq.adapter_key)
+                if seq.adapter_version is not None:
+                    self.slots.release(seq.adapter_version)
                 seq.stream.push(ErrorEvent(LoraserveError("internal engine error during prefill")))
             return  # the batch's cache is untouched: prefill adds rows only on success
         first_row = len(self._running)
@@ -320,27 +320,27 @@ class BatchScheduler:
     def _remove_rows(self, rows: set[int]) -> None:
         for i in rows:
             seq = self._running[i]
-            if seq.adapter_key is not None:
-                self.slots.release(seq.adapter_key)
+            if seq.adapter_version is not None:
+                self.slots.release(seq.adapter_version)
         keep = [i for i in range(len(self._running)) if i not in rows]
         self._running = [self._running[i] for i in keep]
         self.runner.keep_rows(keep)
 
-    def _start_load(self, key: str) -> None:
-        if key in self._loading:
+    def _start_load(self, version: str) -> None:
+        if version in self._loading:
             return
-        self._loading.add(key)
+        self._loading.add(version)
 
         def work() -> None:
             started = time.monotonic()
             try:
-                weights, error = self._loader(key), None
+                weights, error = self._loader(version), None
             except LoraserveError as exc:
                 weights, error = None, exc
             except Exception as exc:  # a server fault while reading: log it, fail those requests
-                log.exception("loading adapter %s failed", key)
+                log.exception("loading adapter %s failed", version)
                 weights, error = None, LoraserveError(f"could not load the adapter ({type(exc).__name__})")
-            self._inbox.put(("loaded", (key, weights, error, time.monotonic() - started)))
+            self._inbox.put(("loaded", (version, weights, error, time.monotonic() - started)))
 
         self._load_pool.submit(work)
 
@@ -349,9 +349,9 @@ class BatchScheduler:
             self._unqueue(seq)
             seq.stream.push(ErrorEvent(error))
 
-    def fail_waiting_for(self, key: str, message: str) -> None:
+    def fail_waiting_for(self, version: str, message: str) -> None:
         """Engine thread only: queued requests for a removed adapter version end NOT_FOUND."""
-        self._fail_waiting(lambda s: s.adapter_key == key, AdapterNotFound(message))
+        self._fail_waiting(lambda s: s.adapter_version == version, AdapterNotFound(message))
 
     def _fail_running(self, error: LoraserveError) -> None:
         for seq in self._running:

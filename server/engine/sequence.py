@@ -16,7 +16,7 @@ from loraserve.engine.request import FinishEvent, GenerationRequest, RequestStre
 class Sequence:
     request: GenerationRequest
     stream: RequestStream
-    adapter_key: str | None
+    adapter_version: str | None
     """Which loaded version of the adapter this request runs on (None = base)."""
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator
@@ -29,14 +29,14 @@ class Sequence:
     """First decode step at which it could not get an adapter slot (starvation guard)."""
 
     @classmethod
-    def create(cls, request: GenerationRequest, stream: RequestStream, adapter_key: str | None,
+    def create(cls, request: GenerationRequest, stream: RequestStream, adapter_version: str | None,
                detokenizer: IncrementalDetokenizer) -> Sequence:
         seed = request.sampling.seed
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little") >> 1
         generator = torch.Generator(device="cpu")
         generator.manual_seed(seed)
-        return cls(request, stream, adapter_key, detokenizer, generator)
+        return cls(request, stream, adapter_version, detokenizer, generator)
 
     @property
     def last_token(self) -> int:

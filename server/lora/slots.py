@@ -1,7 +1,7 @@
 """Adapter slots on the accelerator and the host-memory cache behind them.
 
 Both are used from the engine thread only, so they hold no locks. Adapters are identified by
-a key that changes when an adapter is replaced, so an old and a new version of one name can be
+a version that changes when an adapter is replaced, so an old and a new version of one name can be
 resident at once (running sequences finish on the weights they started with).
 """
 
@@ -31,8 +31,8 @@ class AdapterSlots:
         self.loads_total = 0
         self.evictions_total = 0
 
-    def slot_of(self, key: str) -> int | None:
-        return self._slot_of.get(key)
+    def slot_of(self, version: str) -> int | None:
+        return self._slot_of.get(version)
 
     def resident(self) -> list[str]:
         return list(self._slot_of)
@@ -40,62 +40,62 @@ class AdapterSlots:
     def in_use(self) -> list[str]:
         return [k for k, n in self._refs.items() if n > 0]
 
-    def has_room_for(self, key: str) -> bool:
-        """True when `key` is resident or a slot is free or evictable."""
-        return key in self._slot_of or len(self._slot_of) < self.max_loras or self._victim() is not None
+    def has_room_for(self, version: str) -> bool:
+        """True when `version` is resident or a slot is free or evictable."""
+        return version in self._slot_of or len(self._slot_of) < self.max_loras or self._victim() is not None
 
-    def acquire(self, key: str, weights: LoraWeights | None) -> int:
-        """Hold `key` for one sequence and return its slot, loading `weights` into a free or
+    def acquire(self, version: str, weights: LoraWeights | None) -> int:
+        """Hold `version` for one sequence and return its slot, loading `weights` into a free or
         evicted slot when it is not resident (`weights` may be None only when it is)."""
-        slot = self._slot_of.get(key)
+        slot = self._slot_of.get(version)
         if slot is None:
-            slot = self._place(key, weights)
-        self._slot_of.move_to_end(key)
-        self._refs[key] = self._refs.get(key, 0) + 1
+            slot = self._place(version, weights)
+        self._slot_of.move_to_end(version)
+        self._refs[version] = self._refs.get(version, 0) + 1
         return slot
 
-    def release(self, key: str) -> None:
-        """A sequence that held `key` ended."""
-        self._refs[key] -= 1
-        if self._refs[key] == 0:
-            del self._refs[key]
-            if key in self._doomed:
-                self._doomed.discard(key)
-                self._free(key)
+    def release(self, version: str) -> None:
+        """A sequence that held `version` ended."""
+        self._refs[version] -= 1
+        if self._refs[version] == 0:
+            del self._refs[version]
+            if version in self._doomed:
+                self._doomed.discard(version)
+                self._free(version)
 
-    def pin(self, key: str, weights: LoraWeights | None) -> None:
-        """Keep `key` resident until unpinned; at least one slot stays free for everyone else."""
-        if key in self._pinned:
+    def pin(self, version: str, weights: LoraWeights | None) -> None:
+        """Keep `version` resident until unpinned; at least one slot stays free for everyone else."""
+        if version in self._pinned:
             return
         if len(self._pinned) + 1 >= self.max_loras:
             raise ResourceExhausted(
                 f"cannot pin more than {self.max_loras - 1} adapters with max_loras {self.max_loras}: "
                 "one slot must stay available to unpinned adapters")
-        if key not in self._slot_of:
-            if not self.has_room_for(key):
+        if version not in self._slot_of:
+            if not self.has_room_for(version):
                 raise ResourceExhausted("every adapter slot is in use by running requests; retry the pin shortly")
-            self._place(key, weights)
-        self._pinned.add(key)
+            self._place(version, weights)
+        self._pinned.add(version)
 
-    def unpin(self, key: str) -> None:
-        self._pinned.discard(key)
+    def unpin(self, version: str) -> None:
+        self._pinned.discard(version)
 
     def pinned(self) -> set[str]:
         return set(self._pinned)
 
-    def drop(self, key: str) -> None:
-        """Forget `key` (its adapter was removed or replaced) as soon as no sequence holds it."""
-        self._pinned.discard(key)
-        if key not in self._slot_of:
+    def drop(self, version: str) -> None:
+        """Forget `version` (its adapter was removed or replaced) as soon as no sequence holds it."""
+        self._pinned.discard(version)
+        if version not in self._slot_of:
             return
-        if self._refs.get(key):
-            self._doomed.add(key)
+        if self._refs.get(version):
+            self._doomed.add(version)
         else:
-            self._free(key)
+            self._free(version)
 
-    def _place(self, key: str, weights: LoraWeights | None) -> int:
+    def _place(self, version: str, weights: LoraWeights | None) -> int:
         if weights is None:
-            raise KeyError(f"adapter {key} is not resident and no weights were given")
+            raise KeyError(f"adapter {version} is not resident and no weights were given")
         used = set(self._slot_of.values())
         free = [s for s in range(1, self.max_loras + 1) if s not in used]
         if free:
@@ -112,20 +112,20 @@ class AdapterSlots:
                 layer.load_slot(slot, None, None, 0.0)
             else:
                 layer.load_slot(slot, module.a, module.b, module.scaling)
-        self._slot_of[key] = slot
+        self._slot_of[version] = slot
         self.loads_total += 1
         return slot
 
     def _victim(self) -> str | None:
-        for key in self._slot_of:  # oldest first
-            if not self._refs.get(key) and key not in self._pinned:
-                return key
+        for version in self._slot_of:  # oldest first
+            if not self._refs.get(version) and version not in self._pinned:
+                return version
         return None
 
-    def _free(self, key: str) -> int:
+    def _free(self, version: str) -> int:
         # Zeroed, not left for the next `_place` to overwrite: a freed slot must hold nothing of
         # an adapter that was removed (its values could be the reason it was removed).
-        slot = self._slot_of.pop(key)
+        slot = self._slot_of.pop(version)
         for layer in self._layers.values():
             layer.clear_slot(slot)
         return slot
@@ -140,24 +140,24 @@ class HostCache:
         self._items: OrderedDict[str, LoraWeights] = OrderedDict()
         self.evictions_total = 0
 
-    def get(self, key: str) -> LoraWeights | None:
-        weights = self._items.get(key)
+    def get(self, version: str) -> LoraWeights | None:
+        weights = self._items.get(version)
         if weights is not None:
-            self._items.move_to_end(key)
+            self._items.move_to_end(version)
         return weights
 
-    def put(self, key: str, weights: LoraWeights, keep: set[str]) -> None:
-        self._items[key] = weights
-        self._items.move_to_end(key)
+    def put(self, version: str, weights: LoraWeights, keep: set[str]) -> None:
+        self._items[version] = weights
+        self._items.move_to_end(version)
         while len(self._items) > self.capacity:
-            victim = next((k for k in self._items if k not in keep and k != key), None)
+            victim = next((k for k in self._items if k not in keep and k != version), None)
             if victim is None:
                 break
             del self._items[victim]
             self.evictions_total += 1
 
-    def discard(self, key: str) -> None:
-        self._items.pop(key, None)
+    def discard(self, version: str) -> None:
+        self._items.pop(version, None)
 
     def keys(self) -> list[str]:
         return list(self._items)

@@ -18,16 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraserve.access.principal import DEFAULT_TENANT, TenantLimits
-from loraserve.engine.native import CheckedAdapter, Engine
-from loraserve.engine.remote import EngineClient
+from loraserve.engine.contract import CheckedAdapter, Engine
 from loraserve.errors import AdapterIncompatible, AdapterNotFound, InvalidArgument, ResourceExhausted
 from loraserve.store.adapter_config import AdapterConfig
 from loraserve.store.adapter_store import AdapterStore, StagedAdapter
-from loraserve.store.staging import UploadStaging
 from loraserve.store.import_roots import resolve_import_path
-from loraserve.store.layout import MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, now_rfc3339, split_adapter_key
+from loraserve.store.layout import MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, now_rfc3339, split_adapter_id
 from loraserve.store.peft_files import CONFIG_FILE, PICKLE_FILES, WEIGHTS_FILE
 from loraserve.store.safetensors_check import check_safetensors_header
+from loraserve.store.staging import UploadStaging
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +62,7 @@ than one store sync interval, so no replica reads a version that vanished under 
 
 
 class AdapterRegistry:
-    def __init__(self, engine: Engine | EngineClient, settings) -> None:
+    def __init__(self, engine: Engine, settings) -> None:
         self.engine = engine
         self.store = AdapterStore(Path(settings.adapters_dir), max_adapter_bytes=settings.max_adapter_bytes,
                                   max_store_bytes=settings.max_store_bytes or None,
@@ -144,7 +143,7 @@ class AdapterRegistry:
 
     # ---- checks ------------------------------------------------------------------------
     def _source_files(self, name: str, path: str) -> dict[str, Path]:
-        split_adapter_key(name)
+        split_adapter_id(name)
         folder = resolve_import_path(path, self.roots)
         if not (folder / WEIGHTS_FILE).is_file() and any((folder / p).exists() for p in PICKLE_FILES):
             raise AdapterIncompatible(f"adapter {name!r} has only a pickled weights file; convert it to "
@@ -171,7 +170,7 @@ class AdapterRegistry:
         the `add_adapter` that follows (a validation alone keeps nothing)."""
         name = staged.name
         config = AdapterConfig.from_bytes((staged.path / CONFIG_FILE).read_bytes(), name)
-        shapes = self.engine.lora_module_shapes()
+        shapes = self.engine.base.lora_module_shapes
         max_rank = self.engine.config.max_lora_rank
         headers = check_safetensors_header(staged.path / WEIGHTS_FILE, self.max_adapter_bytes,
                                            label=f"adapter {name!r}: {WEIGHTS_FILE}")
@@ -224,7 +223,7 @@ class AdapterRegistry:
     def _check_quota(self, name: str, size_bytes: int, limits: TenantLimits) -> None:
         """The tenant's adapter count and store bytes after this publish stay within its limits
         (another replica publishing at the same moment can overshoot by its one adapter)."""
-        tenant, _ = split_adapter_key(name)
+        tenant, _ = split_adapter_id(name)
         self.store.refresh_one(name)
         count, used = self.store.tenant_usage(tenant)
         try:

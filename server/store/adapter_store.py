@@ -45,7 +45,7 @@ from loraserve.store.layout import (
     new_tmp_name,
     new_version_name,
     now_rfc3339,
-    split_adapter_key,
+    split_adapter_id,
     store_full_is_resource_exhausted,
     swap_symlink,
     tmp_is_leftover,
@@ -128,7 +128,7 @@ class AdapterStore:
             return [self._index[name] for name in sorted(self._index)]
 
     def get(self, name: str) -> Manifest:
-        split_adapter_key(name)
+        split_adapter_id(name)
         with self._lock:
             if name not in self._index:
                 raise AdapterNotFound(f"adapter {name!r} is not registered")
@@ -138,7 +138,7 @@ class AdapterStore:
         """The current version's directory (a PEFT directory, readable by `read_adapter_dir`).
         It names that version, not `current`, so it never changes under a reader; a replace
         or remove deletes it once it is superseded."""
-        split_adapter_key(name)
+        split_adapter_id(name)
         with self._lock:
             if name not in self._paths:
                 raise AdapterNotFound(f"adapter {name!r} is not registered")
@@ -245,7 +245,7 @@ class AdapterStore:
     def set_shared(self, name: str, shared: bool) -> None:
         """Share an adapter with every tenant, or stop sharing it (a marker file next to
         `current`, so every replica sees it; a replace keeps it, a remove drops it)."""
-        split_adapter_key(name)
+        split_adapter_id(name)
         with self._lock, self._writer():
             self._sync_name(name)
             if name not in self._index:
@@ -280,7 +280,7 @@ class AdapterStore:
 
     def refresh_one(self, name: str) -> bool:
         """`refresh` for one name (a cache miss): whether it changed."""
-        split_adapter_key(name)
+        split_adapter_id(name)
         with self._lock:
             return self._sync_name(name)
 
@@ -319,7 +319,7 @@ class AdapterStore:
 
     def remove(self, name: str) -> None:
         """Delete an adapter (served, or broken at start-up); AdapterNotFound if neither."""
-        split_adapter_key(name)
+        split_adapter_id(name)
         with self._lock, self._writer():
             self._sync_name(name)
             if name not in self._index and name not in self._problems:

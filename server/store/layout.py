@@ -85,19 +85,19 @@ def check_tenant_name(tenant: str) -> None:
                               "(at most 128, starting with a letter or digit)")
 
 
-def adapter_key(tenant: str, name: str) -> str:
+def adapter_id(tenant: str, name: str) -> str:
     """The id an adapter has in the store and the engine: '<tenant>/<name>', both checked."""
     check_tenant_name(tenant)
     check_adapter_name(name)
     return f"{tenant}/{name}"
 
 
-def split_adapter_key(key: str) -> tuple[str, str]:
-    """(tenant, name) of a key made by `adapter_key`; InvalidArgument for anything else."""
-    if not isinstance(key, str) or key.count("/") != 1:
-        raise InvalidArgument(f"invalid adapter id {key!r}: expected '<tenant>/<name>'")
-    tenant, name = key.split("/")
-    adapter_key(tenant, name)
+def split_adapter_id(adapter_id_: str) -> tuple[str, str]:
+    """(tenant, name) of an id made by `adapter_id`; InvalidArgument for anything else."""
+    if not isinstance(adapter_id_, str) or adapter_id_.count("/") != 1:
+        raise InvalidArgument(f"invalid adapter id {adapter_id_!r}: expected '<tenant>/<name>'")
+    tenant, name = adapter_id_.split("/")
+    adapter_id(tenant, name)
     return tenant, name
 
 
@@ -105,7 +105,7 @@ def check_adapter_ref(ref: str) -> None:
     """InvalidArgument unless `ref` is an adapter name or a '<tenant>/<name>' id (the engine
     serves both: the server always uses ids, tests and embedders may use plain names)."""
     if isinstance(ref, str) and "/" in ref:
-        split_adapter_key(ref)
+        split_adapter_id(ref)
     else:
         check_adapter_name(ref)
 
@@ -154,8 +154,8 @@ def tmp_is_leftover(path: Path) -> bool:
 
 
 def content_digest(config_sha256: str, weights_sha256: str) -> str:
-    """The adapter's identity, 'sha256:<hex>' over the two files' sha256 digests. The same
-    formula as `peft_files.read_adapter_dir`, so the engine's digest and the store's agree."""
+    """The adapter's identity, 'sha256:<hex>' over the two files' sha256 digests (the store's
+    manifests and the engine's reads both compute it here, so they agree)."""
     inner = bytes.fromhex(config_sha256) + bytes.fromhex(weights_sha256)
     return "sha256:" + hashlib.sha256(inner).hexdigest()
 
@@ -197,7 +197,7 @@ class Manifest:
     hyperparameters, metrics, peak memory, versions)."""
 
     def __post_init__(self) -> None:
-        split_adapter_key(self.name)
+        split_adapter_id(self.name)
         if sorted(f.name for f in self.files) != sorted(ADAPTER_FILES):
             raise InvalidArgument(f"manifest files must be {', '.join(ADAPTER_FILES)}, "
                                   f"got {', '.join(f.name for f in self.files) or 'none'}")

@@ -29,7 +29,7 @@ from loraserve.store.layout import (
     copy_in_durably,
     fsync_dir,
     new_tmp_name,
-    split_adapter_key,
+    split_adapter_id,
     store_full_is_resource_exhausted,
 )
 from loraserve.store.safetensors_check import check_safetensors_header
@@ -66,7 +66,7 @@ def stage_files(root: Path, name: str, files: Mapping[str, bytes | Path], max_ad
     """Copy an adapter's two files (contents, or paths to read) into a new `.tmp-*` directory
     of `root`. Refuses a bad name, other file names, a missing file, an adapter over
     `max_adapter_bytes`, a config that is not a JSON object, and a malformed safetensors header."""
-    split_adapter_key(name)
+    split_adapter_id(name)
     unexpected = sorted(set(files) - set(ADAPTER_FILES))
     if unexpected:
         raise InvalidArgument(f"adapter {name!r}: unexpected file {unexpected[0]!r}; an adapter is "
@@ -113,7 +113,7 @@ class UploadStaging:
     with a discard writes nothing."""
 
     def __init__(self, root: Path, name: str, max_adapter_bytes: int) -> None:
-        split_adapter_key(name)
+        split_adapter_id(name)
         self.name = name
         self.max_adapter_bytes = max_adapter_bytes
         self.path = root / new_tmp_name("upload")

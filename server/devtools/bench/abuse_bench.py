@@ -41,8 +41,8 @@ def run_abuse_bench(args: argparse.Namespace) -> int:
 def _measure(root: Path, args: argparse.Namespace) -> dict:
     import psutil
 
-    from loraserve.devtools.synthetic_base import init_model
     from loraserve.devtools.server_process import ServerProcess, free_port
+    from loraserve.devtools.synthetic_base import init_model
 
     base = init_model(root / "base", args.arch, args.size, seed=0)
     port = free_port()

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
+from loraserve.config import BaseModelConfig, EngineConfig
 from loraserve.devtools.bench.peft_baseline import NEAR_TIE_GAP, PeftBaseline, first_differences
 from loraserve.devtools.bench.runs import measure_in, write_result
-from loraserve.config import BaseModelConfig, EngineConfig
-from loraserve.engine.native import Engine
+from loraserve.engine.native import NativeEngine
 from loraserve.engine.request import GenerationRequest, RequestStream, SamplingParams
 from loraserve.errors import ConfigError
 
@@ -132,7 +132,7 @@ def _measure(config: BenchConfig, root: Path) -> tuple[Measurements, Workload]:
           flush=True)
     base_dir, adapter_dirs = build_inputs(config, root)
     base = BaseModelConfig(model=str(base_dir), quantization=config.quantization)
-    engine = Engine.load(EngineConfig(
+    engine = NativeEngine.load(EngineConfig(
         base=base, max_loras=config.adapters, max_cpu_loras=max(16, config.adapters), max_lora_rank=config.rank,
         max_batch_size=max(32, config.requests, BUSY_REQUESTS + 1)))
     engine.start()
@@ -152,8 +152,8 @@ def build_inputs(config: BenchConfig, root: Path) -> tuple[Path, dict[str, Path]
     """Write the synthetic base and `adapters` random rank-`rank` adapters (all-linear preset)."""
     from transformers import AutoModelForCausalLM
 
-    from loraserve.devtools.synthetic_base import init_model
     from loraserve.devtools.random_adapters import make_random_adapter
+    from loraserve.devtools.synthetic_base import init_model
 
     base_dir = init_model(root / "base", config.arch, config.size, seed=0)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)  # shared by every adapter
@@ -165,7 +165,7 @@ def build_inputs(config: BenchConfig, root: Path) -> tuple[Path, dict[str, Path]
     return base_dir, adapters
 
 
-def make_workload(engine: Engine, adapters: list[str], config: BenchConfig) -> Workload:
+def make_workload(engine: NativeEngine, adapters: list[str], config: BenchConfig) -> Workload:
     """Distinct short prompts: 12-17 tokens with the synthetic tokenizer (BOS included)."""
     prompts = [engine.encode(f"Story {i} about {TOPICS[i % len(TOPICS)]}") for i in range(config.requests)]
     busy = [engine.encode(f"Long answer {i} about {TOPICS[-1 - i % len(TOPICS)]}") for i in range(BUSY_REQUESTS)]
@@ -177,7 +177,7 @@ def make_workload(engine: Engine, adapters: list[str], config: BenchConfig) -> W
 
 
 # ---- measurements ----------------------------------------------------------------------------
-def engine_throughput(engine: Engine, prompts: list[list[int]], adapters: list[str | None],
+def engine_throughput(engine: NativeEngine, prompts: list[list[int]], adapters: list[str | None],
                       new_tokens: int) -> tuple[float, list[list[int]]]:
     """Submit every request at once; tokens/s from the first submit to the last finish."""
     gc.collect()
@@ -202,7 +202,7 @@ def peft_throughput(generate: Callable[[list[list[int]], list[str], int], list[l
     return len(prompts) * new_tokens / (time.perf_counter() - start), tokens
 
 
-def first_token_seconds(engine: Engine, prompt: list[int], adapter: str | None, delay: float = 0.0) -> float:
+def first_token_seconds(engine: NativeEngine, prompt: list[int], adapter: str | None, delay: float = 0.0) -> float:
     """Seconds from submit to the first TokenEvent of a short request sent after `delay` seconds;
     reads it to the end."""
     time.sleep(delay)
@@ -216,7 +216,7 @@ def first_token_seconds(engine: Engine, prompt: list[int], adapter: str | None, 
     return seconds
 
 
-def ttft_round(engine: Engine, workload: Workload, rng: random.Random) -> tuple[list[float], list[float], bool]:
+def ttft_round(engine: NativeEngine, workload: Workload, rng: random.Random) -> tuple[list[float], list[float], bool]:
     """TTFT samples of the same short request on the idle engine, then while BUSY_REQUESTS long
     requests decode. The third value says whether every long request was still running when the
     last busy sample got its first token (else the engine was not busy throughout).
@@ -248,7 +248,7 @@ def ttft_round(engine: Engine, workload: Workload, rng: random.Random) -> tuple[
     return idle, busy, min(ends) > last_sample
 
 
-def run_rounds(config: BenchConfig, engine: Engine, peft: PeftBaseline, workload: Workload) -> Measurements:
+def run_rounds(config: BenchConfig, engine: NativeEngine, peft: PeftBaseline, workload: Workload) -> Measurements:
     """Warm every variant up once, then `repeats` rounds of every variant in rotated order."""
     w, n = workload, workload.new_tokens
     base_only: list[str | None] = [None] * len(w.prompts)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from loraserve.engine.native import Engine
+from loraserve.engine.native import NativeEngine
 from loraserve.lora.adapter import LoraWeights, ModuleLora
 
 BAD = {"bad-nan": ("A", float("nan")), "bad-inf": ("B", float("inf"))}
@@ -28,17 +28,17 @@ def poisoned(weights: LoraWeights, which: str, value: float) -> LoraWeights:
     return LoraWeights(weights.name, modules, weights.rank)
 
 
-def poison(engine: Engine, name: str, which: str, value: float) -> None:
+def poison(engine: NativeEngine, name: str, which: str, value: float) -> None:
     """Spoil the decoded weights of registered adapter `name` in the host tier (on the engine
     thread, between two steps, as every change of its state)."""
-    entry = next(e for e in engine.adapters() if e.name == name)
+    entry = next(e for e in engine.adapters() if e.adapter_id == name)
     scheduler = engine._scheduler
 
     def swap() -> None:
-        weights = scheduler.host.get(entry.key)
+        weights = scheduler.host.get(entry.version)
         if weights is None:
             raise RuntimeError(f"adapter {name} is not in host memory")
-        scheduler.host.put(entry.key, poisoned(weights, which, value), keep=set())
+        scheduler.host.put(entry.version, poisoned(weights, which, value), keep=set())
     engine._on_engine(swap)
 
 
@@ -47,8 +47,8 @@ def changed_tokens(base_dir: Path, quantization: str, new_tokens: int = 16) -> d
     requests use a NaN and an inf adapter, against the same batch with healthy stand-ins, and
     again after the bad adapters are unregistered and the stand-ins load into their slots."""
     from loraserve.config import BaseModelConfig, EngineConfig
-    from loraserve.engine.request import GenerationRequest, SamplingParams
     from loraserve.devtools.random_adapters import make_random_adapter
+    from loraserve.engine.request import GenerationRequest, SamplingParams
 
     with tempfile.TemporaryDirectory(prefix="loraserve-poison-") as tmp:
         names = ["h0", "h1", "h2", "s-nan", "s-inf"]
@@ -58,7 +58,7 @@ def changed_tokens(base_dir: Path, quantization: str, new_tokens: int = 16) -> d
         prompts = ["The patient reports", "患者主诉胸闷", "def f(x):", '{"r": 8,', "Dear customer", "The contract",
                    "Question: why?", "今天天气很好", "Summarise:"]
 
-        def run(engine: Engine, adapters: list[str | None]) -> list[list[int] | None]:
+        def run(engine: NativeEngine, adapters: list[str | None]) -> list[list[int] | None]:
             streams = [engine.submit(GenerationRequest(engine.encode(p), SamplingParams(
                 max_new_tokens=new_tokens, ignore_eos=True), a)) for p, a in zip(prompts, adapters)]
             out = []
@@ -69,9 +69,9 @@ def changed_tokens(base_dir: Path, quantization: str, new_tokens: int = 16) -> d
                     out.append(None)
             return out
 
-        def load() -> Engine:
+        def load() -> NativeEngine:
             config = EngineConfig(base=BaseModelConfig(str(base_dir), quantization=quantization), max_loras=5)
-            engine = Engine.load(config)
+            engine = NativeEngine.load(config)
             engine.start()
             return engine
         stand_in = {"BAD-nan": "s-nan", "BAD-inf": "s-inf"}

@@ -26,14 +26,14 @@ from pathlib import Path
 
 import torch
 
-from loraserve.devtools.bench.engine_bench import TOPICS, BenchConfig, build_inputs, machine_info
-from loraserve.devtools.bench.runs import measure_in, write_result
 from loraserve.client import AsyncLoraserveClient, Generation
 from loraserve.config import EngineConfig
-from loraserve.engine.native import Engine
-from loraserve.engine.engine_process import engine_threads
-from loraserve.engine.request import GenerationRequest, SamplingParams
+from loraserve.devtools.bench.engine_bench import TOPICS, BenchConfig, build_inputs, machine_info
+from loraserve.devtools.bench.runs import measure_in, write_result
 from loraserve.devtools.server_process import ServerProcess, free_port, server_env
+from loraserve.engine.engine_process import engine_threads
+from loraserve.engine.native import NativeEngine
+from loraserve.engine.request import GenerationRequest, SamplingParams
 
 VARIANTS = ("grpc", "engine")
 RATIO_TARGETS: dict[str, tuple[str, str, str, float]] = {
@@ -131,7 +131,7 @@ def _measure(config: BenchConfig, root: Path) -> tuple[EngineConfig, Workload, d
         threads = engine_threads(0)
         if threads is not None:
             torch.set_num_threads(threads)
-        engine = Engine.load(settings)
+        engine = NativeEngine.load(settings)
         engine.start()
         for name, path in adapter_dirs.items():
             engine.add_adapter(name, path)
@@ -160,7 +160,7 @@ async def _connect(target: str) -> AsyncLoraserveClient:
     return AsyncLoraserveClient(target)  # must be created inside the running loop
 
 
-def make_workload(engine: Engine, adapters: list[str], config: BenchConfig) -> Workload:
+def make_workload(engine: NativeEngine, adapters: list[str], config: BenchConfig) -> Workload:
     """The engine bench's prompts (12-17 tokens with the synthetic tokenizer), as text."""
     prompts = [f"Story {i} about {TOPICS[i % len(TOPICS)]}" for i in range(config.requests)]
     return Workload(prompts=prompts, prompt_ids=[engine.encode(p) for p in prompts],
@@ -205,7 +205,7 @@ async def grpc_round(client: AsyncLoraserveClient, w: Workload) -> Round:
                  itl_s=[b - a for t in traces for a, b in zip(t.arrivals, t.arrivals[1:])])
 
 
-def engine_round(engine: Engine, w: Workload) -> Round:
+def engine_round(engine: NativeEngine, w: Workload) -> Round:
     """Every request submitted at once to the in-process engine and read with `result()`.
     Not engine_bench.engine_throughput: that sets ignore_eos, which a gRPC request cannot ask for,
     and both variants must serve exactly the same requests."""
