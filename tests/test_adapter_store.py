@@ -48,10 +48,10 @@ def assert_whole(store: AdapterStore) -> None:
     """The on-disk state is exactly one current version per served adapter, no leftovers."""
     assert not [p.name for p in store.root.iterdir() if p.name.startswith(".tmp-")]
     for manifest in store.list():
-        name_dir = store.root / manifest.name
+        name_dir = store.root / manifest.adapter_id
         assert sorted(p.name for p in name_dir.iterdir() if p.name != SHARED_MARKER) == \
-            sorted([CURRENT_LINK, store.path_of(manifest.name).name])
-        assert (name_dir / CURRENT_LINK).resolve() == store.path_of(manifest.name)
+            sorted([CURRENT_LINK, store.path_of(manifest.adapter_id).name])
+        assert (name_dir / CURRENT_LINK).resolve() == store.path_of(manifest.adapter_id)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def store(tmp_path) -> Iterator[AdapterStore]:
 # ---- the basic contract --------------------------------------------------------------------
 def test_publish_get_list_remove(store):
     manifest, created = store.publish("t/alpha", adapter_files(1), **FIELDS)
-    assert created and manifest.name == "t/alpha" and manifest.r == 8 and manifest.lora_alpha == 16.0
+    assert created and manifest.adapter_id == "t/alpha" and manifest.r == 8 and manifest.lora_alpha == 16.0
     assert manifest.target_modules == ("q_proj", "v_proj") and manifest.source == "register"
     assert manifest.size_bytes == sum(len(b) for b in adapter_files(1).values())
     assert manifest.created_time.endswith("Z") and manifest.digest.startswith("sha256:")
@@ -86,9 +86,9 @@ def test_publish_get_list_remove(store):
     assert (store.path_of("t/alpha") / WEIGHTS_FILE).read_bytes() == adapter_files(1)[WEIGHTS_FILE]
     assert store.total_bytes() == manifest.size_bytes
     store.publish("t/beta", adapter_files(2), **FIELDS)
-    assert [m.name for m in store.list()] == ["t/alpha", "t/beta"]
+    assert [m.adapter_id for m in store.list()] == ["t/alpha", "t/beta"]
     store.remove("t/alpha")
-    assert [m.name for m in store.list()] == ["t/beta"]
+    assert [m.adapter_id for m in store.list()] == ["t/beta"]
     assert not (store.root / "t" / "alpha").exists()
     for call in (store.get, store.path_of, store.remove):
         with pytest.raises(AdapterNotFound, match="'t/alpha'"):
@@ -196,7 +196,7 @@ def test_store_limit_counts_replaced_versions_once(tmp_path):
         store.publish("t/b", adapter_files(3), **FIELDS, replace=True)  # same size: fits
         store.remove("t/a")
         store.publish("t/c", adapter_files(4), **FIELDS)
-        assert store.total_bytes() == 2 * size and [m.name for m in store.list()] == ["t/b", "t/c"]
+        assert store.total_bytes() == 2 * size and [m.adapter_id for m in store.list()] == ["t/b", "t/c"]
         assert_whole(store)
 
 
@@ -222,7 +222,7 @@ def test_leftovers_are_cleaned_at_start(tmp_path):
     (root / "README").write_text("an operator's note")  # not ours: left alone
     with AdapterStore(root, max_adapter_bytes=MB) as store:
         assert store.list() == [good]
-        assert [(p.name, "missing" in p.message) for p in store.problems] == [("t/lost", True)]
+        assert [(p.adapter_id, "missing" in p.message) for p in store.problems] == [("t/lost", True)]
         assert sorted(p.name for p in root.iterdir()) == [".lock", "README", "t"]
         assert sorted(p.name for p in (root / "t").iterdir()) == ["good"]
         assert_whole(store)
@@ -244,8 +244,8 @@ def test_damaged_adapter_is_reported_and_not_served(tmp_path, damage, words):
         store.publish("t/hit", adapter_files(2), **FIELDS)
         damage(store.path_of("t/hit"))
     with AdapterStore(root, max_adapter_bytes=MB) as store:
-        assert [m.name for m in store.list()] == ["t/ok"]
-        assert len(store.problems) == 1 and store.problems[0].name == "t/hit"
+        assert [m.adapter_id for m in store.list()] == ["t/ok"]
+        assert len(store.problems) == 1 and store.problems[0].adapter_id == "t/hit"
         assert words in store.problems[0].message and str(root) not in store.problems[0].message
         with pytest.raises(AdapterNotFound):
             store.path_of("t/hit")

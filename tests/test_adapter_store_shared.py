@@ -114,7 +114,7 @@ def test_concurrent_writer_processes_lose_nothing(tmp_path):
     assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
     store = AdapterStore(tmp_path, max_adapter_bytes=MB)
     expected = {"t/shared"} | {f"{p}/{i}" for p in "pqr" for i in range(15) if not (i % 3 == 1 and i < 14)}
-    assert {m.name for m in store.list()} == expected and store.problems == []
+    assert {m.adapter_id for m in store.list()} == expected and store.problems == []
     for name in expected:
         entries = sorted(p.name for p in (tmp_path / name).iterdir())
         assert entries == sorted([CURRENT_LINK, store.path_of(name).name])

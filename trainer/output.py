@@ -20,6 +20,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from loraserve.store.adapter_config import AdapterConfig
 from loraserve.store.adapter_store import AdapterStore
 from loraserve.store.layout import (
     CONFIG_FILE,
@@ -31,6 +32,7 @@ from loraserve.store.layout import (
     new_tmp_name,
     write_durably,
 )
+from loraserve.store.peft_names import lora_modules
 
 # The trainer's own bound; a server still applies its --max-adapter-bytes when it loads one.
 MAX_TRAINED_ADAPTER_BYTES = 64 * 1024**3
@@ -77,12 +79,11 @@ def write_adapter(peft_model, output_dir: str | Path, name: str, manifest: dict,
 
 
 def _publish(root: Path, saved: Path, name: str, manifest: dict) -> Path:
-    config = json.loads((saved / CONFIG_FILE).read_text())
+    config = AdapterConfig.from_bytes((saved / CONFIG_FILE).read_bytes(), name)
     with safe_open(saved / WEIGHTS_FILE, "pt") as f:
-        keys = list(f.keys())
-    modules = sorted({k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in keys})
+        modules = lora_modules(f.keys())
     store = AdapterStore(root, max_adapter_bytes=MAX_TRAINED_ADAPTER_BYTES)
-    store.publish(name, {f: saved / f for f in (CONFIG_FILE, WEIGHTS_FILE)}, r=int(config["r"]),
-                  lora_alpha=float(config["lora_alpha"]), target_modules=modules,
+    store.publish(name, {f: saved / f for f in (CONFIG_FILE, WEIGHTS_FILE)}, r=config.r,
+                  lora_alpha=config.lora_alpha, target_modules=modules,
                   base_fingerprint=manifest["base_fingerprint"], source="trainer", replace=True, training=manifest)
     return store.path_of(name)

@@ -31,6 +31,7 @@ from loraserve.errors import AdapterIncompatible
 from loraserve.lora.peft_compat import keep_module_targets
 from loraserve.lora.targets import PRESETS, target_regex
 from loraserve.lora.wrapping import supported_linear_names
+from loraserve.store.peft_names import PREFIX as PEFT_PREFIX
 from loraserve.trainer.config import TrainConfig
 from loraserve.trainer.data import collate, load_examples, split_examples
 from loraserve.trainer.output import write_adapter
@@ -116,7 +117,7 @@ def _with_lora(model, config: TrainConfig):
     if not targeted:
         raise AdapterIncompatible(f"target {config.target!r} matches no module of this base")
     # PEFT names modules inside its wrapper; the served base names them without the prefix.
-    unservable = sorted(t for t in targeted if t.removeprefix("base_model.model.") not in servable)
+    unservable = sorted(t for t in targeted if t.removeprefix(PEFT_PREFIX) not in servable)
     if unservable or getattr(peft_model.peft_config["default"], "target_parameters", None):
         raise AdapterIncompatible(f"target {config.target!r} reaches modules the server does not serve "
                                   f"(e.g. {(unservable or ['routed MoE experts'])[0]})")

@@ -27,7 +27,7 @@ Work = Callable[[Principal], Awaitable[tuple[object, str]]]  # -> (response, sha
 
 
 def manifest_to_proto(m) -> pb.AdapterManifest:
-    tenant, name = split_adapter_id(m.name)
+    tenant, name = split_adapter_id(m.adapter_id)
     return pb.AdapterManifest(
         name=name, tenant=tenant,
         files=[pb.FileDigest(name=f.name, sha256=f.sha256, size_bytes=f.size_bytes) for f in m.files],
@@ -168,7 +168,7 @@ class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
     async def ListAdapters(self, request, context):
         async def work(caller):
             statuses = await self._run(None, self._registry.list)
-            shown = [status_to_proto(s) for s in statuses if self._access.visible(s.manifest.name, caller)]
+            shown = [status_to_proto(s) for s in statuses if self._access.visible(s.manifest.adapter_id, caller)]
             return pb.ListAdaptersResponse(adapters=shown), ""
         return await self._serve(context, "ListAdapters", "", "generate", work, management=False)
 

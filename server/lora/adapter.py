@@ -8,7 +8,6 @@ refused here with the adapter name, the field and the values.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import torch
@@ -17,8 +16,7 @@ from peft.utils.other import get_pattern_key
 from loraserve.errors import AdapterIncompatible
 from loraserve.lora.wrapping import UNSUPPORTED_MODULES
 from loraserve.store.adapter_config import AdapterConfig
-
-_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+from loraserve.store.peft_names import lora_name, parse_lora_name
 
 
 @dataclass
@@ -58,10 +56,10 @@ def parse_adapter(name: str, config: dict | AdapterConfig, tensors: dict[str, to
         raise AdapterIncompatible(f"adapter {name!r}: LoRA rank {config.max_rank} is greater than max_lora_rank {max_rank}")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        match = _KEY.match(key)
-        if match is None:
+        lora = parse_lora_name(key)
+        if lora is None:
             raise AdapterIncompatible(_describe_unexpected_key(name, key))
-        pairs.setdefault(match["module"], {})[match["which"]] = tensor
+        pairs.setdefault(lora.module, {})[lora.which] = tensor
     if not pairs:
         raise AdapterIncompatible(f"adapter {name!r} holds no LoRA weights")
     modules: dict[str, ModuleLora] = {}
@@ -81,10 +79,10 @@ def parse_adapter(name: str, config: dict | AdapterConfig, tensors: dict[str, to
             raise AdapterIncompatible(f"adapter {name!r}: module {module} has non-float weights ({a.dtype})")
         scaling = alpha / (math.sqrt(r) if config.use_rslora else r)
         a, b = a.to(dtype).contiguous(), b.to(dtype).contiguous()
-        _check_finite(name, f"base_model.model.{module}.lora_A.weight", a, dtype)
-        _check_finite(name, f"base_model.model.{module}.lora_B.weight", b, dtype)
+        _check_finite(name, lora_name(module, "A"), a, dtype)
+        _check_finite(name, lora_name(module, "B"), b, dtype)
         # What the slot will hold (layers.MultiLoraLinear.load_slot folds the scaling into B).
-        _check_finite(name, f"base_model.model.{module}.lora_B.weight", b * scaling, dtype, scaling)
+        _check_finite(name, lora_name(module, "B"), b * scaling, dtype, scaling)
         modules[module] = ModuleLora(a, b, scaling)
     return LoraWeights(name=name, modules=modules, rank=max(m.a.shape[0] for m in modules.values()))
 

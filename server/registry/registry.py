@@ -1,31 +1,26 @@
-"""Adapters by name for the API: the store on disk is the source of truth, the engine serves
+"""Adapters by id for the API: the store on disk is the source of truth, the engine serves
 what the store holds.
 
-Every register/upload stages the files inside the store first (size caps, config as plain
-data, safetensors header checked before any tensor is allocated), then validates that staged
-copy — header shapes against the base, code-loading config keys, the engine's LoRA checks —
-and only then commits it: what was checked is exactly what is published, with no window for
-the source to change in between. One lock orders commit and engine registration, so
-concurrent register/unregister of a name never leave the store and the engine disagreeing.
+Every register/upload is staged inside the store, admitted (`loraserve.registry.admission`: one
+pass of every check) and only then committed: what was checked is exactly what is published,
+with no window for the source to change in between. One lock orders commit and engine
+registration, so concurrent register/unregister of an adapter never leave the store and the
+engine disagreeing.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from loraserve.access.principal import DEFAULT_TENANT, TenantLimits
-from loraserve.engine.contract import CheckedAdapter, Engine
+from loraserve.engine.contract import Engine
 from loraserve.errors import AdapterIncompatible, AdapterNotFound, InvalidArgument, ResourceExhausted
-from loraserve.store.adapter_config import AdapterConfig
+from loraserve.registry.admission import admit, source_files
 from loraserve.store.adapter_store import AdapterStore, StagedAdapter
-from loraserve.store.import_roots import resolve_import_path
-from loraserve.store.layout import MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, now_rfc3339, split_adapter_id
-from loraserve.store.peft_files import CONFIG_FILE, PICKLE_FILES, WEIGHTS_FILE
-from loraserve.store.safetensors_check import check_safetensors_header
+from loraserve.store.layout import Manifest, now_rfc3339, split_adapter_id
 from loraserve.store.staging import UploadStaging
 
 log = logging.getLogger(__name__)
@@ -37,23 +32,6 @@ class AdapterStatus:
     tier: str
     pinned: bool
     shared: bool = False
-
-
-@dataclass(frozen=True)
-class Checked:
-    """What validation learned about a staged adapter: its manifest fields, and the engine's
-    check, handed back to it so the files are not decoded twice."""
-
-    lora_alpha: float
-    adapter: CheckedAdapter
-
-    @property
-    def r(self) -> int:
-        return self.adapter.rank
-
-    @property
-    def target_modules(self) -> tuple[str, ...]:
-        return self.adapter.modules
 
 
 SUPERSEDED_GRACE_SECONDS = 300.0
@@ -68,23 +46,22 @@ class AdapterRegistry:
                                   max_store_bytes=settings.max_store_bytes or None,
                                   superseded_grace_seconds=SUPERSEDED_GRACE_SECONDS)
         self.roots = [Path(r) for r in settings.import_roots]
-        self.max_adapter_bytes = settings.max_adapter_bytes
         self._lock = threading.Lock()
         for problem in self.store.problems:
-            log.error("adapter store: %s: %s (not served)", problem.name, problem.message)
+            log.error("adapter store: %s: %s (not served)", problem.adapter_id, problem.message)
 
     # ---- start-up ----------------------------------------------------------------------
     def load_store(self, preload: list[str], pin: list[str]) -> None:
         """Serve every stored adapter built for this base; warm and pin as configured."""
         for manifest in self.store.list():
             if manifest.base_fingerprint != self.engine.base.fingerprint:
-                log.error("adapter %s was built for base %s, not the served base %s: not served", manifest.name,
+                log.error("adapter %s was built for base %s, not the served base %s: not served", manifest.adapter_id,
                           manifest.base_fingerprint[:19], self.engine.base.fingerprint[:19])
                 continue
             try:
-                self.engine.add_adapter(manifest.name, self.store.path_of(manifest.name))
+                self.engine.add_adapter(manifest.adapter_id, self.store.path_of(manifest.adapter_id))
             except Exception as exc:  # one bad stored adapter must not keep the server from starting
-                log.error("adapter %s in the store cannot be served: %s", manifest.name, exc)
+                log.error("adapter %s in the store cannot be served: %s", manifest.adapter_id, exc)
         # Settings may name adapters of the open server's tenant without it.
         pin, preload = ([n if "/" in n else f"{DEFAULT_TENANT}/{n}" for n in names] for names in (pin, preload))
         for name in pin:
@@ -142,51 +119,18 @@ class AdapterRegistry:
         log.warning("serving adapter %s (%s) published by another process", name, manifest.source)
 
     # ---- checks ------------------------------------------------------------------------
-    def _source_files(self, name: str, path: str) -> dict[str, Path]:
-        split_adapter_id(name)
-        folder = resolve_import_path(path, self.roots)
-        if not (folder / WEIGHTS_FILE).is_file() and any((folder / p).exists() for p in PICKLE_FILES):
-            raise AdapterIncompatible(f"adapter {name!r} has only a pickled weights file; convert it to "
-                                      f"{WEIGHTS_FILE} (pickles are never loaded)")
-        self._check_source_manifest(name, folder)
-        return {CONFIG_FILE: folder / CONFIG_FILE, WEIGHTS_FILE: folder / WEIGHTS_FILE}
-
-    def _check_source_manifest(self, name: str, folder: Path) -> None:
-        """An adapter directory written by the trainer or another store carries manifest.json;
-        one built for a different base is refused before anything else is read."""
-        path = folder / MANIFEST_FILE
-        if not path.is_file():
-            return
-        try:
-            recorded = json.loads(path.read_bytes()[:MAX_MANIFEST_BYTES]).get("base_fingerprint", "")
-        except (ValueError, AttributeError):
-            raise AdapterIncompatible(f"adapter {name!r}: {MANIFEST_FILE} is not a valid manifest") from None
-        if recorded and recorded != self.engine.base.fingerprint:
-            raise AdapterIncompatible(f"adapter {name!r} was built for base {str(recorded)[:19]}..., not the served "
-                                      f"base {self.engine.base.fingerprint[:19]}...")
-
-    def _check_staged(self, staged: StagedAdapter, keep: bool) -> Checked:
-        """Every check of a staged adapter; with `keep`, the engine holds the decoded weights for
-        the `add_adapter` that follows (a validation alone keeps nothing)."""
-        name = staged.name
-        config = AdapterConfig.from_bytes((staged.path / CONFIG_FILE).read_bytes(), name)
-        shapes = self.engine.base.lora_module_shapes
-        max_rank = self.engine.config.max_lora_rank
-        headers = check_safetensors_header(staged.path / WEIGHTS_FILE, self.max_adapter_bytes,
-                                           label=f"adapter {name!r}: {WEIGHTS_FILE}")
-        for key, header in headers.items():  # still nothing allocated: shapes come from the header
-            _check_shape(key, tuple(header.shape), shapes, max_rank, name)
-        return Checked(config.lora_alpha, self.engine.check_adapter(name, staged.path, keep=keep))
-
     def validate(self, name: str, path: str) -> Manifest:
         """The manifest the adapter would get; publishes nothing."""
         with self.store.stage(name, self._source_files(name, path)) as staged:
-            checked = self._check_staged(staged, keep=False)
-            return Manifest(name=name, files=staged.files, r=checked.r, lora_alpha=checked.lora_alpha,
+            checked = admit(staged, self.engine, keep=False)
+            return Manifest(adapter_id=name, files=staged.files, r=checked.r, lora_alpha=checked.lora_alpha,
                             target_modules=checked.target_modules, base_fingerprint=self.engine.base.fingerprint,
                             size_bytes=staged.size_bytes, created_time=now_rfc3339(), source="register")
 
     # ---- changes -----------------------------------------------------------------------
+    def _source_files(self, adapter_id: str, path: str) -> dict[str, Path]:
+        return source_files(adapter_id, path, self.roots, self.engine.base.fingerprint)
+
     def register(self, name: str, path: str, replace: bool,
                  limits: TenantLimits | None = None) -> tuple[AdapterStatus, bool]:
         """Publish the directory `path` (under an import root) as adapter id `name`
@@ -207,9 +151,9 @@ class AdapterRegistry:
         """Check and commit a staged adapter (or stage (name, files) first), then serve it."""
         if isinstance(staged, tuple):
             staged = self.store.stage(*staged)
-        name = staged.name
+        name = staged.adapter_id
         with staged:
-            checked = self._check_staged(staged, keep=True)
+            checked = admit(staged, self.engine, keep=True)
             with self._lock:
                 self._check_quota(name, staged.size_bytes, limits or TenantLimits())
                 manifest, created = self.store.commit(
@@ -263,7 +207,7 @@ class AdapterRegistry:
         return AdapterStatus(manifest, tier, pinned, self.store.is_shared(name))
 
     def list(self) -> list[AdapterStatus]:
-        return [self.status(m.name, m) for m in self.store.list() if self.engine.has_adapter(m.name)]
+        return [self.status(m.adapter_id, m) for m in self.store.list() if self.engine.has_adapter(m.adapter_id)]
 
     def get(self, name: str) -> AdapterStatus:
         if not self.engine.has_adapter(name):
@@ -275,27 +219,3 @@ class AdapterRegistry:
 
     def unpin(self, name: str) -> None:
         self.engine.unpin_adapter(name)
-
-
-def _check_shape(key: str, shape: tuple[int, ...], shapes: dict[str, tuple[int, int]], max_rank: int,
-                 name: str) -> None:
-    """Header-level check of one tensor against the base, before anything is allocated. Keys
-    the engine's parser explains better (unexpected names, modules without slots) pass here."""
-    prefix = "base_model.model."
-    for suffix, is_a in ((".lora_A.weight", True), (".lora_B.weight", False)):
-        if key.startswith(prefix) and key.endswith(suffix):
-            module = key[len(prefix):-len(suffix)]
-            break
-    else:
-        return None
-    if module not in shapes:
-        return None
-    in_features, out_features = shapes[module]
-    if len(shape) != 2:
-        raise AdapterIncompatible(f"adapter {name!r}: {key} has {len(shape)} dimensions, expected 2")
-    rank, features = (shape[0], shape[1]) if is_a else (shape[1], shape[0])
-    needed = in_features if is_a else out_features
-    if features != needed or not 1 <= rank <= max_rank:
-        raise AdapterIncompatible(f"adapter {name!r}: {key} has shape {tuple(shape)}, which does not fit this base "
-                                  f"(needs {needed} features and a rank of 1..{max_rank})")
-    return None

@@ -4,7 +4,7 @@ which ones exist (what is published survives a restart). Layout and atomicity: `
 Publishing is two steps so that what is validated is exactly what is served:
 `stage()` copies the files into the store's private staging area (hashing them, checking
 sizes and the safetensors header), the caller validates the staged copy against the base
-(`Engine.check_adapter(name, staged.path)`), and `commit()` records the manifest and swaps
+(`Engine.check_adapter(adapter_id, staged.path)`), and `commit()` records the manifest and swaps
 the version in. `publish()` does both for callers that have already validated.
 
 The store knows nothing of slots, engines or gRPC. It is thread-safe (one lock around every
@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 class StoreProblem:
     """An adapter found at start-up that is not served, and why (for logs and operators)."""
 
-    name: str
+    adapter_id: str
     message: str
 
 
@@ -91,9 +91,9 @@ class AdapterStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._index: dict[str, Manifest] = {}
-        self._paths: dict[str, Path] = {}  # name -> its current version directory
+        self._paths: dict[str, Path] = {}  # adapter_id -> its current version directory
         self._problems: dict[str, StoreProblem] = {}
-        self._bad_versions: dict[str, str] = {}  # name -> the version found broken at start-up
+        self._bad_versions: dict[str, str] = {}  # adapter_id -> the version found broken at start-up
         self._shared: set[str] = set()  # adapters an admin shared with every tenant
         with self._lock, self._writer():
             self._recover()
@@ -118,31 +118,31 @@ class AdapterStore:
     # ---- reading -----------------------------------------------------------------------
     @property
     def problems(self) -> list[StoreProblem]:
-        """Adapters on disk that are not served (found broken at start-up), by name."""
+        """Adapters on disk that are not served (found broken at start-up), by id."""
         with self._lock:
-            return sorted(self._problems.values(), key=lambda p: p.name)
+            return sorted(self._problems.values(), key=lambda p: p.adapter_id)
 
     def list(self) -> list[Manifest]:
-        """Every served adapter's manifest, by name."""
+        """Every served adapter's manifest, by id."""
         with self._lock:
-            return [self._index[name] for name in sorted(self._index)]
+            return [self._index[adapter_id] for adapter_id in sorted(self._index)]
 
-    def get(self, name: str) -> Manifest:
-        split_adapter_id(name)
+    def get(self, adapter_id: str) -> Manifest:
+        split_adapter_id(adapter_id)
         with self._lock:
-            if name not in self._index:
-                raise AdapterNotFound(f"adapter {name!r} is not registered")
-            return self._index[name]
+            if adapter_id not in self._index:
+                raise AdapterNotFound(f"adapter {adapter_id!r} is not registered")
+            return self._index[adapter_id]
 
-    def path_of(self, name: str) -> Path:
+    def path_of(self, adapter_id: str) -> Path:
         """The current version's directory (a PEFT directory, readable by `read_adapter_dir`).
         It names that version, not `current`, so it never changes under a reader; a replace
         or remove deletes it once it is superseded."""
-        split_adapter_id(name)
+        split_adapter_id(adapter_id)
         with self._lock:
-            if name not in self._paths:
-                raise AdapterNotFound(f"adapter {name!r} is not registered")
-            return self._paths[name]
+            if adapter_id not in self._paths:
+                raise AdapterNotFound(f"adapter {adapter_id!r} is not registered")
+            return self._paths[adapter_id]
 
     def total_bytes(self) -> int:
         """Bytes of adapter files over every served adapter (what `max_store_bytes` bounds)."""
@@ -150,25 +150,25 @@ class AdapterStore:
             return sum(m.size_bytes for m in self._index.values())
 
     # ---- publishing --------------------------------------------------------------------
-    def stage(self, name: str, files: Mapping[str, bytes | Path]) -> StagedAdapter:
+    def stage(self, adapter_id: str, files: Mapping[str, bytes | Path]) -> StagedAdapter:
         """Copy an adapter's files into the staging area, checked (see `stage_files`)."""
-        return stage_files(self.root, name, files, self.max_adapter_bytes)
+        return stage_files(self.root, adapter_id, files, self.max_adapter_bytes)
 
-    def open_upload(self, name: str) -> UploadStaging:
+    def open_upload(self, adapter_id: str) -> UploadStaging:
         """A staging area an upload writes into chunk by chunk (see `UploadStaging`)."""
-        return UploadStaging(self.root, name, self.max_adapter_bytes)
+        return UploadStaging(self.root, adapter_id, self.max_adapter_bytes)
 
     def commit(self, staged: StagedAdapter, *, r: int, lora_alpha: float, target_modules: Sequence[str],
                base_fingerprint: str, source: str, replace: bool = False,
                training: dict | None = None) -> tuple[Manifest, bool]:
         """Publish a staged adapter: (its manifest, True), or (the existing manifest, False)
-        when the name already holds the same content. Different content under the name is
+        when the id already holds the same content. Different content under the id is
         AdapterAlreadyExists unless `replace`; going over `max_store_bytes` is
         ResourceExhausted. The staged files are consumed either way."""
         if staged.done:
             raise ValueError("this staged adapter was already committed or discarded")
         try:
-            manifest = Manifest(name=staged.name, files=staged.files, r=r, lora_alpha=float(lora_alpha),
+            manifest = Manifest(adapter_id=staged.adapter_id, files=staged.files, r=r, lora_alpha=float(lora_alpha),
                                 target_modules=tuple(target_modules), base_fingerprint=base_fingerprint,
                                 size_bytes=staged.size_bytes, created_time=now_rfc3339(), source=source,
                                 training=training)
@@ -176,37 +176,37 @@ class AdapterStore:
                 write_durably(staged.path / MANIFEST_FILE, manifest.to_json())
                 fsync_dir(staged.path)
                 with self._lock, self._writer():
-                    self._sync_name(staged.name)
+                    self._sync_one(staged.adapter_id)
                     if self.max_store_bytes is not None:
                         self._sync_all()
                     return self._commit_locked(staged, manifest, replace)
         finally:
             staged.discard()
 
-    def publish(self, name: str, files: Mapping[str, bytes | Path], *, r: int, lora_alpha: float,
+    def publish(self, adapter_id: str, files: Mapping[str, bytes | Path], *, r: int, lora_alpha: float,
                 target_modules: Sequence[str], base_fingerprint: str, source: str,
                 replace: bool = False, training: dict | None = None) -> tuple[Manifest, bool]:
         """`stage` then `commit`, for files the caller has already validated."""
-        with self.stage(name, files) as staged:
+        with self.stage(adapter_id, files) as staged:
             return self.commit(staged, r=r, lora_alpha=lora_alpha, target_modules=target_modules,
                                base_fingerprint=base_fingerprint, source=source, replace=replace,
                                training=training)
 
     def _commit_locked(self, staged: StagedAdapter, manifest: Manifest, replace: bool) -> tuple[Manifest, bool]:
-        name = manifest.name
-        old = self._index.get(name)
+        adapter_id = manifest.adapter_id
+        old = self._index.get(adapter_id)
         if old is not None and old.digest == manifest.digest:
             return old, False
         if old is not None and not replace:
-            raise AdapterAlreadyExists(f"adapter {name!r} is already registered with different content; "
+            raise AdapterAlreadyExists(f"adapter {adapter_id!r} is already registered with different content; "
                                        "set replace to swap it")
         if self.max_store_bytes is not None:
             total = sum(m.size_bytes for m in self._index.values()) - (old.size_bytes if old else 0)
             total += manifest.size_bytes
             if total > self.max_store_bytes:
-                raise ResourceExhausted(f"adapter {name!r} would bring the store to {total:,} bytes, over its "
+                raise ResourceExhausted(f"adapter {adapter_id!r} would bring the store to {total:,} bytes, over its "
                                         f"limit of {self.max_store_bytes:,}; remove adapters first")
-        name_dir = self.root / name
+        name_dir = self.root / adapter_id
         if not name_dir.parent.is_dir():
             os.mkdir(name_dir.parent)
             fsync_dir(self.root)
@@ -223,40 +223,40 @@ class AdapterStore:
             if link_target(name_dir) != version:
                 shutil.rmtree(name_dir / version, ignore_errors=True)
                 raise
-            self._record(name, manifest, name_dir / version)  # swapped; only its fsync failed
+            self._record(adapter_id, manifest, name_dir / version)  # swapped; only its fsync failed
             raise
-        self._record(name, manifest, name_dir / version)
+        self._record(adapter_id, manifest, name_dir / version)
         return manifest, True
 
-    def _record(self, name: str, manifest: Manifest, version_dir: Path) -> None:
+    def _record(self, adapter_id: str, manifest: Manifest, version_dir: Path) -> None:
         """Index the new current version and delete the versions it supersedes (past the grace)."""
-        self._index[name] = manifest
-        self._paths[name] = version_dir
-        self._problems.pop(name, None)
-        self._bad_versions.pop(name, None)
+        self._index[adapter_id] = manifest
+        self._paths[adapter_id] = version_dir
+        self._problems.pop(adapter_id, None)
+        self._bad_versions.pop(adapter_id, None)
         prune_versions(version_dir.parent, self.superseded_grace_seconds)
 
     # ---- sharing and per-tenant usage -------------------------------------------------------
-    def is_shared(self, name: str) -> bool:
+    def is_shared(self, adapter_id: str) -> bool:
         """Whether an admin shared this adapter with every tenant."""
         with self._lock:
-            return name in self._shared
+            return adapter_id in self._shared
 
-    def set_shared(self, name: str, shared: bool) -> None:
+    def set_shared(self, adapter_id: str, shared: bool) -> None:
         """Share an adapter with every tenant, or stop sharing it (a marker file next to
         `current`, so every replica sees it; a replace keeps it, a remove drops it)."""
-        split_adapter_id(name)
+        split_adapter_id(adapter_id)
         with self._lock, self._writer():
-            self._sync_name(name)
-            if name not in self._index:
-                raise AdapterNotFound(f"adapter {name!r} is not registered")
-            marker = self.root / name / SHARED_MARKER
+            self._sync_one(adapter_id)
+            if adapter_id not in self._index:
+                raise AdapterNotFound(f"adapter {adapter_id!r} is not registered")
+            marker = self.root / adapter_id / SHARED_MARKER
             if shared and not os.path.lexists(marker):
                 write_durably(marker, b"")
             elif not shared and os.path.lexists(marker):
                 marker.unlink()
             fsync_dir(marker.parent)
-            (self._shared.add if shared else self._shared.discard)(name)
+            (self._shared.add if shared else self._shared.discard)(adapter_id)
 
     def tenant_usage(self, tenant: str) -> tuple[int, int]:
         """(adapters, bytes) the tenant has in the store, as last seen (for its quotas)."""
@@ -267,7 +267,7 @@ class AdapterStore:
     # ---- what other processes changed -------------------------------------------------------
     def refresh(self) -> list[str]:
         """Re-read which version of each adapter is current on disk: the names another process
-        published, replaced or removed since this one last looked, by name. Superseded
+        published, replaced or removed since this one last looked, by id. Superseded
         versions past their grace are deleted on the way."""
         with self._lock:
             changed = self._sync_all()
@@ -278,63 +278,63 @@ class AdapterStore:
                     prune_versions(name_dir, self.superseded_grace_seconds)
         return changed
 
-    def refresh_one(self, name: str) -> bool:
-        """`refresh` for one name (a cache miss): whether it changed."""
-        split_adapter_id(name)
+    def refresh_one(self, adapter_id: str) -> bool:
+        """`refresh` for one adapter (a cache miss): whether it changed."""
+        split_adapter_id(adapter_id)
         with self._lock:
-            return self._sync_name(name)
+            return self._sync_one(adapter_id)
 
     def _sync_all(self) -> list[str]:
         on_disk = {f"{tenant}/{name}" for tenant, name in _adapter_dirs(self.root)}
-        return [name for name in sorted(on_disk | set(self._index)) if self._sync_name(name)]
+        return [adapter_id for adapter_id in sorted(on_disk | set(self._index)) if self._sync_one(adapter_id)]
 
-    def _sync_name(self, name: str) -> bool:
-        """Make the index entry for `name` match the disk; whether it changed. Another
-        process's version is checked against its manifest by name and size (the full sha256
+    def _sync_one(self, adapter_id: str) -> bool:
+        """Make the index entry for `adapter_id` match the disk; whether it changed. Another
+        process's version is checked against its manifest by file names and sizes (the full sha256
         check happens where the weights are read: the engine's digest must equal it)."""
-        version = read_current(self.root / name)
-        known = self._paths.get(name)
+        version = read_current(self.root / adapter_id)
+        known = self._paths.get(adapter_id)
         if version is None:
             if known is None:
                 return False
-            del self._index[name], self._paths[name]
-            self._shared.discard(name)
+            del self._index[adapter_id], self._paths[adapter_id]
+            self._shared.discard(adapter_id)
             return True
-        shared = os.path.lexists(self.root / name / SHARED_MARKER)
-        if shared != (name in self._shared):
-            (self._shared.add if shared else self._shared.discard)(name)
+        shared = os.path.lexists(self.root / adapter_id / SHARED_MARKER)
+        if shared != (adapter_id in self._shared):
+            (self._shared.add if shared else self._shared.discard)(adapter_id)
             if known is not None and known.name == version:
                 return True
-        if (known is not None and known.name == version) or self._bad_versions.get(name) == version:
+        if (known is not None and known.name == version) or self._bad_versions.get(adapter_id) == version:
             return False
         try:
-            manifest = verify_version(name, self.root / name / version, hashes=False)
+            manifest = verify_version(adapter_id, self.root / adapter_id / version, hashes=False)
         except (ValueError, OSError) as exc:  # superseded while reading it: the next look sees the new one
-            log.warning("adapter store: adapter %s, version %s: %s", name, version, exc)
+            log.warning("adapter store: adapter %s, version %s: %s", adapter_id, version, exc)
             return False
-        self._index[name] = manifest
-        self._paths[name] = self.root / name / version
-        self._problems.pop(name, None)
+        self._index[adapter_id] = manifest
+        self._paths[adapter_id] = self.root / adapter_id / version
+        self._problems.pop(adapter_id, None)
         return True
 
-    def remove(self, name: str) -> None:
+    def remove(self, adapter_id: str) -> None:
         """Delete an adapter (served, or broken at start-up); AdapterNotFound if neither."""
-        split_adapter_id(name)
+        split_adapter_id(adapter_id)
         with self._lock, self._writer():
-            self._sync_name(name)
-            if name not in self._index and name not in self._problems:
-                raise AdapterNotFound(f"adapter {name!r} is not registered")
-            # One rename takes the whole name out of the store atomically; the slow delete
+            self._sync_one(adapter_id)
+            if adapter_id not in self._index and adapter_id not in self._problems:
+                raise AdapterNotFound(f"adapter {adapter_id!r} is not registered")
+            # One rename takes the whole adapter out of the store atomically; the slow delete
             # happens after, and a crash during it leaves a `.tmp-*` that start-up deletes.
             tomb: Path | None = self.root / new_tmp_name("removed")
             try:
-                os.rename(self.root / name, tomb)
+                os.rename(self.root / adapter_id, tomb)
             except FileNotFoundError:  # reported lost at start-up: nothing left on disk
                 tomb = None
-            self._index.pop(name, None)
-            self._paths.pop(name, None)
-            self._problems.pop(name, None)
-            self._shared.discard(name)
+            self._index.pop(adapter_id, None)
+            self._paths.pop(adapter_id, None)
+            self._problems.pop(adapter_id, None)
+            self._shared.discard(adapter_id)
             fsync_dir(self.root)
         if tomb is not None:
             remove_path(tomb)
@@ -360,30 +360,30 @@ class AdapterStore:
         fsync_dir(self.root)
         log.info("adapter store: %d adapters served, %d not served", len(self._index), len(self._problems))
 
-    def _recover_adapter(self, name: str, name_dir: Path) -> None:
+    def _recover_adapter(self, adapter_id: str, name_dir: Path) -> None:
         """Keep `current` and the version it names; delete what is left over; verify it."""
         had_link = os.path.lexists(name_dir / CURRENT_LINK)
         version = read_current(name_dir)
         if version is None:
             remove_path(name_dir)  # without `current` it was a first publish that never finished
             if had_link:
-                self._report(name, f"adapter {name!r} was lost: its current version is missing")
+                self._report(adapter_id, f"adapter {adapter_id!r} was lost: its current version is missing")
             return
         prune_versions(name_dir, self.superseded_grace_seconds)
         try:
-            manifest = verify_version(name, name_dir / version)
+            manifest = verify_version(adapter_id, name_dir / version)
         except ValueError as exc:
-            self._bad_versions[name] = version
-            self._report(name, f"adapter {name!r} is not served: {exc}; publish it again or remove it")
+            self._bad_versions[adapter_id] = version
+            self._report(adapter_id, f"adapter {adapter_id!r} is not served: {exc}; publish it again or remove it")
             return
-        self._index[name] = manifest
-        self._paths[name] = name_dir / version
+        self._index[adapter_id] = manifest
+        self._paths[adapter_id] = name_dir / version
         if os.path.lexists(name_dir / SHARED_MARKER):
-            self._shared.add(name)
+            self._shared.add(adapter_id)
 
-    def _report(self, name: str, message: str) -> None:
+    def _report(self, adapter_id: str, message: str) -> None:
         log.error("adapter store: %s", message)
-        self._problems[name] = StoreProblem(name, message)
+        self._problems[adapter_id] = StoreProblem(adapter_id, message)
 
 
 def _adapter_dirs(root: Path) -> list[tuple[str, str]]:

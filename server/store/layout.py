@@ -50,6 +50,8 @@ from loraserve.errors import AdapterIncompatible, InvalidArgument, ResourceExhau
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+"""Weights files PEFT may also write: pickles, which can run code when loaded, so never opened."""
 MANIFEST_FILE = "manifest.json"
 CURRENT_LINK = "current"
 SHARED_MARKER = "shared"
@@ -180,8 +182,8 @@ class Manifest:
     files. `r`, `lora_alpha` and `target_modules` (the modules actually present, not the PEFT
     regex) come from the engine's validation; the store records them without interpreting."""
 
-    name: str
-    """The adapter's id: '<tenant>/<name>'."""
+    adapter_id: str
+    """'<tenant>/<name>' (saved as "name" in manifest.json, the format's first spelling)."""
     files: tuple[FileDigest, ...]
     r: int
     lora_alpha: float
@@ -197,7 +199,7 @@ class Manifest:
     hyperparameters, metrics, peak memory, versions)."""
 
     def __post_init__(self) -> None:
-        split_adapter_id(self.name)
+        split_adapter_id(self.adapter_id)
         if sorted(f.name for f in self.files) != sorted(ADAPTER_FILES):
             raise InvalidArgument(f"manifest files must be {', '.join(ADAPTER_FILES)}, "
                                   f"got {', '.join(f.name for f in self.files) or 'none'}")
@@ -220,7 +222,8 @@ class Manifest:
         return content_digest(by_name[CONFIG_FILE], by_name[WEIGHTS_FILE])
 
     def to_json(self) -> bytes:
-        body = {"format_version": MANIFEST_FORMAT, **asdict(self)}
+        fields = asdict(self)
+        body = {"format_version": MANIFEST_FORMAT, "name": fields.pop("adapter_id"), **fields}
         if body["training"] is None:  # only the trainer's adapters carry a report
             del body["training"]
         return (json.dumps(body, indent=2) + "\n").encode("utf-8")
@@ -236,7 +239,8 @@ class Manifest:
             if version != MANIFEST_FORMAT:
                 raise ValueError(f"format_version {version!r} is not {MANIFEST_FORMAT}")
             files = tuple(FileDigest(str(f["name"]), str(f["sha256"]), int(f["size_bytes"])) for f in body.pop("files"))
-            return cls(files=files, target_modules=tuple(body.pop("target_modules")), **body)
+            return cls(adapter_id=body.pop("name"), files=files, target_modules=tuple(body.pop("target_modules")),
+                       **body)
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, InvalidArgument) as exc:
             raise ValueError(str(exc)) from None
 
@@ -340,8 +344,8 @@ def verify_version(name: str, version_dir: Path, hashes: bool = True) -> Manifes
         manifest = Manifest.from_json(manifest_path.read_bytes())
     except ValueError as exc:
         raise ValueError(f"{MANIFEST_FILE} is malformed ({exc})") from None
-    if manifest.name != name:
-        raise ValueError(f"{MANIFEST_FILE} names adapter {manifest.name!r}")
+    if manifest.adapter_id != name:
+        raise ValueError(f"{MANIFEST_FILE} names adapter {manifest.adapter_id!r}")
     for f in manifest.files:
         path = version_dir / f.name
         if not path.is_file() or path.is_symlink():

@@ -15,9 +15,7 @@ from safetensors.torch import load_file
 
 from loraserve.errors import AdapterIncompatible
 from loraserve.store.adapter_config import AdapterConfig
-from loraserve.store.layout import CONFIG_FILE, WEIGHTS_FILE, content_digest
-
-PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+from loraserve.store.layout import CONFIG_FILE, PICKLE_FILES, WEIGHTS_FILE, content_digest
 
 
 def read_adapter_dir(path: str | Path, adapter_id: str, config: AdapterConfig | None = None,

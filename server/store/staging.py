@@ -32,18 +32,23 @@ from loraserve.store.layout import (
     split_adapter_id,
     store_full_is_resource_exhausted,
 )
-from loraserve.store.safetensors_check import check_safetensors_header
+from loraserve.store.safetensors_check import TensorHeader, check_safetensors_header
 
 
 class StagedAdapter:
-    """An adapter's files copied into the store's staging area, hashed and header-checked, not
-    yet published. `path` is a PEFT directory only the store writes, so validating it and
-    then committing it cannot be raced. Leaving a `with` block without committing deletes it."""
+    """An adapter's files copied into the store's staging area, hashed, its config parsed and
+    its safetensors header checked, not yet published: what admission needs, found once. `path`
+    is a PEFT directory only the store writes, so validating it and then committing it cannot be
+    raced. Leaving a `with` block without committing deletes it."""
 
-    def __init__(self, name: str, path: Path, files: tuple[FileDigest, ...]) -> None:
-        self.name = name
+    def __init__(self, adapter_id: str, path: Path, files: tuple[FileDigest, ...], config: AdapterConfig,
+                 headers: dict[str, TensorHeader]) -> None:
+        self.adapter_id = adapter_id
         self.path = path
         self.files = files
+        self.config = config
+        self.headers = headers
+        """Tensor name -> (dtype, shape), from the header: nothing of the data is read yet."""
         self.size_bytes = sum(f.size_bytes for f in files)
         by_name = {f.name: f.sha256 for f in files}
         self.digest = content_digest(by_name[CONFIG_FILE], by_name[WEIGHTS_FILE])
@@ -90,18 +95,22 @@ def stage_files(root: Path, name: str, files: Mapping[str, bytes | Path], max_ad
             digests = tuple(copy_in_durably(staging / f, files[f], sizes[f], f"adapter {name!r}: {f}")
                             for f in ADAPTER_FILES)
             fsync_dir(staging)
-        _check_staged_files(staging, name, max_adapter_bytes)
+        config, headers = _check_staged_files(staging, name, max_adapter_bytes)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return StagedAdapter(name, staging, digests)
+    return StagedAdapter(name, staging, digests, config, headers)
 
 
-def _check_staged_files(staging: Path, name: str, max_adapter_bytes: int) -> None:
+def _check_staged_files(staging: Path, name: str,
+                        max_adapter_bytes: int) -> tuple[AdapterConfig, dict[str, TensorHeader]]:
+    """The config, parsed, and the header's tensors, checked: once, for everything after."""
     if (staging / CONFIG_FILE).stat().st_size > MAX_CONFIG_BYTES:
         raise AdapterIncompatible(f"adapter {name!r}: {CONFIG_FILE} is over the limit of {MAX_CONFIG_BYTES:,} bytes")
-    AdapterConfig.from_bytes((staging / CONFIG_FILE).read_bytes(), name)
-    check_safetensors_header(staging / WEIGHTS_FILE, max_adapter_bytes, label=f"adapter {name!r}: {WEIGHTS_FILE}")
+    config = AdapterConfig.from_bytes((staging / CONFIG_FILE).read_bytes(), name)
+    headers = check_safetensors_header(staging / WEIGHTS_FILE, max_adapter_bytes,
+                                       label=f"adapter {name!r}: {WEIGHTS_FILE}")
+    return config, headers
 
 
 class UploadStaging:
@@ -166,9 +175,9 @@ class UploadStaging:
                     f.close()
                     digests.append(FileDigest(file_name, digest.hexdigest(), self._sizes[file_name]))
                 fsync_dir(self.path)
-            _check_staged_files(self.path, self.name, self.max_adapter_bytes)
+            config, headers = _check_staged_files(self.path, self.name, self.max_adapter_bytes)
             self._done = True
-        return StagedAdapter(self.name, self.path, tuple(digests))
+        return StagedAdapter(self.name, self.path, tuple(digests), config, headers)
 
     def discard(self) -> None:
         """Delete what was written (a no-op once finished: the StagedAdapter owns it then)."""
