@@ -1,5 +1,6 @@
 # Two entry points that work on a fresh machine: `make demo` and `make test`.
-# Both create .venv and install what they need. On a GPU host, override the torch build:
+# Both create .venv and install everything (the package with all its extras: `.[test]`).
+# On a GPU host, override the torch build:
 #   make test TORCH_SPEC="torch==2.13.0" PIP_TORCH_ARGS="--index-url <your CUDA wheel index>"
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
@@ -8,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-serve bench-abuse clean
+.PHONY: install demo test test-fast bench bench-serve bench-abuse clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +25,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra
+
+# The quick subset while working: unit and deployment tests, without the slow ones (no server
+# processes but the few the engine-process tests start).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -ra tests/unit tests/deploy -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/loraserve bench engine --json benchmarks/results/engine.json

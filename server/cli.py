@@ -4,6 +4,7 @@ validated config objects it needs and hands them to the code that does the work.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -11,8 +12,27 @@ from collections.abc import Callable
 
 from loraserve import __version__
 
+EXTRA_MODULES = {
+    "serve": ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors", "tokenizers", "jinja2",
+              "psutil", "prometheus_client", "grpc_reflection"),
+    "train": ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors", "tokenizers", "jinja2"),
+}
+"""What each extra of the distribution installs, by import name (pyproject's optional-dependencies):
+the base install is the client only."""
+
+
+def _require(extra: str, command: str) -> None:
+    """ConfigError (one line, exit 2) when `command` runs on an install without its extra."""
+    from loraserve.errors import ConfigError
+
+    missing = [m for m in EXTRA_MODULES[extra] if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"`loraserve {command}` needs the {extra!r} extra ({', '.join(missing)} not installed): "
+                          f"pip install 'loraserve[{extra}]'")
+
 
 def _init_model(args: argparse.Namespace) -> int:
+    _require("serve", "init-model")
     from loraserve.devtools.synthetic_base import init_model
 
     path = init_model(args.out, args.arch, args.size, args.seed)
@@ -21,12 +41,15 @@ def _init_model(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    _require("serve", "demo")
+    _require("train", "demo")
     from loraserve.devtools.demo import run_demo
 
     return run_demo(args.workdir, arch=args.arch, quantization=args.quantization)
 
 
 def _serve(args: argparse.Namespace) -> int:
+    _require("serve", "serve")
     from loraserve.engine.engine_process import launch
     from loraserve.settings import resolve
 
@@ -43,6 +66,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    _require("train", "train")
     from loraserve.trainer.config import resolve
     from loraserve.trainer.train import train
 
@@ -61,6 +85,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export_merged(args: argparse.Namespace) -> int:
+    _require("train", "export-merged")
     from loraserve.trainer.export import export_merged
 
     print(f"wrote {export_merged(args.model, args.adapter, args.out, args.dtype)}")
@@ -68,24 +93,28 @@ def _export_merged(args: argparse.Namespace) -> int:
 
 
 def _bench_engine(args: argparse.Namespace) -> int:
+    _require("serve", "bench engine")
     from loraserve.devtools.bench.engine_bench import run_engine_bench
 
     return run_engine_bench(args)
 
 
 def _bench_serve(args: argparse.Namespace) -> int:
+    _require("serve", "bench serve")
     from loraserve.devtools.bench.serve_bench import run_serve_bench
 
     return run_serve_bench(args)
 
 
 def _bench_tenants(args: argparse.Namespace) -> int:
+    _require("serve", "bench tenants")
     from loraserve.devtools.bench.tenant_bench import run_tenant_bench
 
     return run_tenant_bench(args)
 
 
 def _bench_abuse(args: argparse.Namespace) -> int:
+    _require("serve", "bench abuse")
     from loraserve.devtools.bench.abuse_bench import run_abuse_bench
 
     return run_abuse_bench(args)

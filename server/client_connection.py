@@ -6,19 +6,13 @@ instead of at the first RPC."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import grpc
 
+from loraserve.access.pem import read_pem
+
 API_KEY_ENV = "LORASERVE_API_KEY"
-
-
-def _read_pem(path: str, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise ValueError(f"cannot read the {what} {path}: {exc.strerror}") from None
 
 
 class Connection:
@@ -50,9 +44,9 @@ class Connection:
         self._options: list[tuple[str, Any]] = []
         if self.tls:
             self._credentials = grpc.ssl_channel_credentials(
-                root_certificates=_read_pem(tls_ca, "TLS CA bundle") if tls_ca else None,
-                private_key=_read_pem(tls_key, "TLS client key") if tls_key else None,
-                certificate_chain=_read_pem(tls_cert, "TLS client certificate") if tls_cert else None)
+                root_certificates=read_pem(tls_ca, "TLS CA bundle") if tls_ca else None,
+                private_key=read_pem(tls_key, "TLS client key") if tls_key else None,
+                certificate_chain=read_pem(tls_cert, "TLS client certificate") if tls_cert else None)
             if tls_server_name:
                 self._options.append(("grpc.ssl_target_name_override", tls_server_name))
 

@@ -64,8 +64,9 @@ class Unavailable(LoraserveError):
     code = "UNAVAILABLE"
 
 
-class ConfigError(LoraserveError):
-    """A setting given to the process is invalid; names the setting and the value."""
+class ConfigError(LoraserveError, ValueError):
+    """A setting given to the process is invalid; names the setting and the value. Also a
+    ValueError, as a bad argument to the client library is."""
 
     code = "INVALID_ARGUMENT"
 

@@ -1,1 +1,1 @@
-"""LoRA / QLoRA trainer producing store-ready adapters (issue 4)."""
+"""LoRA / QLoRA trainer producing store-ready adapters (`loraserve.trainer`)."""

@@ -30,11 +30,11 @@ from loraserve.access.keys import (
     KeyRing,
     hash_secret,
     new_token,
-    now_rfc3339,
     read_document,
 )
 from loraserve.access.principal import ROLES
 from loraserve.errors import ConfigError
+from loraserve.rfc3339 import now_utc
 
 
 class KeyInfo(NamedTuple):
@@ -69,7 +69,7 @@ def add_key(path: str | Path, name: str, tenant: str, role: str) -> str:
     token, secret = new_token(key_id)
     salt = secrets.token_bytes(SALT_BYTES)
     doc["keys"].append({"name": name, "key_id": key_id, "tenant": tenant, "role": role, "salt": salt.hex(),
-                        "sha256": hash_secret(salt, secret).hex(), "created": now_rfc3339()})
+                        "sha256": hash_secret(salt, secret).hex(), "created": now_utc()})
     _write(path, doc)
     return token
 

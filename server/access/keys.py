@@ -49,6 +49,7 @@ import yaml
 from loraserve.access.file_signature import FileSignature, file_signature
 from loraserve.access.principal import ROLES, Principal, TenantLimits
 from loraserve.errors import ConfigError, Unauthenticated
+from loraserve.rfc3339 import format_utc
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +108,6 @@ def new_token(key_id: str) -> tuple[str, str]:
     """(token, secret) for a new key with `key_id`; the secret comes from `secrets`."""
     secret = secrets.token_urlsafe(SECRET_BYTES)
     return f"{KEY_PREFIX}{key_id}_{secret}", secret
-
-
-def now_rfc3339() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class KeyRing:
@@ -315,8 +312,7 @@ def _created(value: Any, where: str) -> str:
     if value is None:
         return ""
     if isinstance(value, dt.datetime):
-        value = value if value.tzinfo else value.replace(tzinfo=dt.UTC)
-        return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return format_utc(value)
     if isinstance(value, str):
         try:
             dt.datetime.fromisoformat(value)

@@ -12,21 +12,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from pathlib import Path
 
 import grpc
 
 from loraserve.access.file_signature import FileSignature, file_signature
+from loraserve.access.pem import read_pem
 from loraserve.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-
-def _read(path: str, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the {what} {path}: {exc.strerror}") from None
 
 
 class _CertificateFiles:
@@ -44,7 +37,7 @@ class _CertificateFiles:
 
     def _configuration(self) -> grpc.ServerCertificateConfiguration:
         """The files as a configuration; ConfigError when one is unreadable."""
-        data = [_read(path, what) for path, what in self.paths]
+        data = [read_pem(path, what) for path, what in self.paths]
         return grpc.ssl_server_certificate_configuration([(data[1], data[0])],
                                                          root_certificates=data[2] if len(data) > 2 else None)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from loraserve.engine.request import FinishEvent, SamplingParams
+from loraserve.engine.request import DEFAULT_MAX_NEW_TOKENS, FinishEvent, SamplingParams
 from loraserve.errors import InvalidArgument
 from loraserve.proto.v1 import inference_pb2 as pb
 
@@ -12,7 +12,6 @@ FINISH_REASONS = {
     "eos": pb.FINISH_REASON_EOS,
     "cancelled": pb.FINISH_REASON_CANCELLED,
 }
-DEFAULT_MAX_NEW_TOKENS = 64
 
 
 def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:

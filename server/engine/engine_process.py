@@ -1,11 +1,10 @@
-"""The engine process: loads the base, runs the `Engine`, and answers the server process over
-one pipe (`RemoteEngine` is the other end).
+"""The engine process: loads the base, runs a `NativeEngine`, and answers the server process
+over one pipe (`RemoteEngine` is the other end; what crosses it is `loraserve.engine.contract`).
 
 Why a process of its own: in one process the gRPC event loop (authentication, protobuf,
 refusing a flooding tenant) and the engine thread took turns on one GIL, and each time the
 engine released it inside a torch op, it waited for the loop to give it back. Under a flood of
-refused calls another tenant's latency grew 9x (benchmarks/results/tenants.json of the issue 5
-work). Two processes have two GILs; the engine's only other work is this module's three
+refused calls another tenant's latency grew 9x (measured with `bench tenants`). Two processes have two GILs; the engine's only other work is this module's three
 threads, which do little. vLLM splits its API server and EngineCore the same way.
 
 Messages are tuples, pickled by `multiprocessing.connection`:

@@ -14,6 +14,8 @@ from jinja2 import TemplateError
 
 from loraserve.errors import FailedPrecondition, InvalidArgument, LoraserveError
 
+DEFAULT_MAX_NEW_TOKENS = 64
+"""New tokens of a request that does not say (the proto documents the same default)."""
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
 FINISH_REASONS = ("length", "stop", "eos", "cancelled")
@@ -23,7 +25,7 @@ FINISH_REASONS = ("length", "stop", "eos", "cancelled")
 class SamplingParams:
     """Per-request decoding settings; temperature 0 means greedy."""
 
-    max_new_tokens: int = 64
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 0.0
     top_p: float = 1.0
     """Nucleus sampling mass, in (0, 1]."""

@@ -20,7 +20,8 @@ from loraserve.engine.contract import Engine
 from loraserve.errors import AdapterIncompatible, AdapterNotFound, InvalidArgument, ResourceExhausted
 from loraserve.registry.admission import admit, source_files
 from loraserve.store.adapter_store import AdapterStore, StagedAdapter
-from loraserve.store.layout import Manifest, now_rfc3339, split_adapter_id
+from loraserve.rfc3339 import now_utc
+from loraserve.store.layout import Manifest, split_adapter_id
 from loraserve.store.staging import UploadStaging
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ class AdapterRegistry:
             checked = admit(staged, self.engine, keep=False)
             return Manifest(adapter_id=name, files=staged.files, r=checked.r, lora_alpha=checked.lora_alpha,
                             target_modules=checked.target_modules, base_fingerprint=self.engine.base.fingerprint,
-                            size_bytes=staged.size_bytes, created_time=now_rfc3339(), source="register")
+                            size_bytes=staged.size_bytes, created_time=now_utc(), source="register")
 
     # ---- changes -----------------------------------------------------------------------
     def _source_files(self, adapter_id: str, path: str) -> dict[str, Path]:

@@ -33,6 +33,7 @@ from loraserve.errors import (
     ConfigError,
     ResourceExhausted,
 )
+from loraserve.rfc3339 import now_utc
 from loraserve.store.layout import (
     ADAPTER_NAME,
     CURRENT_LINK,
@@ -44,7 +45,6 @@ from loraserve.store.layout import (
     fsync_dir,
     new_tmp_name,
     new_version_name,
-    now_rfc3339,
     split_adapter_id,
     store_full_is_resource_exhausted,
     swap_symlink,
@@ -170,7 +170,7 @@ class AdapterStore:
         try:
             manifest = Manifest(adapter_id=staged.adapter_id, files=staged.files, r=r, lora_alpha=float(lora_alpha),
                                 target_modules=tuple(target_modules), base_fingerprint=base_fingerprint,
-                                size_bytes=staged.size_bytes, created_time=now_rfc3339(), source=source,
+                                size_bytes=staged.size_bytes, created_time=now_utc(), source=source,
                                 training=training)
             with store_full_is_resource_exhausted():
                 write_durably(staged.path / MANIFEST_FILE, manifest.to_json())

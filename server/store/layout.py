@@ -40,7 +40,6 @@ import socket
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 from loraserve.errors import AdapterIncompatible, InvalidArgument, ResourceExhausted
@@ -160,11 +159,6 @@ def content_digest(config_sha256: str, weights_sha256: str) -> str:
     manifests and the engine's reads both compute it here, so they agree)."""
     inner = bytes.fromhex(config_sha256) + bytes.fromhex(weights_sha256)
     return "sha256:" + hashlib.sha256(inner).hexdigest()
-
-
-def now_rfc3339() -> str:
-    """The current time as RFC 3339 UTC, e.g. '2025-01-31T12:00:00Z'."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import collect, greedy_request
+from model_fixtures import collect, greedy_request
 
 from loraserve.config import BaseModelConfig, EngineConfig
 from loraserve.engine.contract import (

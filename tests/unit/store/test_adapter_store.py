@@ -38,7 +38,7 @@ from loraserve.store.adapter_store import AdapterStore
 from loraserve.store.layout import CONFIG_FILE, CURRENT_LINK, MANIFEST_FILE, SHARED_MARKER, WEIGHTS_FILE, Manifest
 from loraserve.store.safetensors_check import check_safetensors_header
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 FIELDS = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "base_fingerprint": "sha256:base",
           "source": "register"}
 
@@ -301,7 +301,7 @@ CRASH_CHILD = textwrap.dedent("""
 
 
 def _child(root: Path, action: str, crash_at: int, sources: list[Path], delay: float = 0.0) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = dict(os.environ)
     return subprocess.Popen([sys.executable, "-c", CRASH_CHILD, str(root), action, str(crash_at), str(delay),
                              *map(str, sources)], stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
 

@@ -23,7 +23,7 @@ from loraserve.client import AsyncLoraserveClient, Generation, LoraserveClient, 
 from loraserve.devtools.server_process import running_server
 from loraserve.devtools.synthetic_base import init_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 SERVER_FLAGS = ("--quantization", "none", "--max-new-tokens", "16", "--max-input-tokens", "64")
 

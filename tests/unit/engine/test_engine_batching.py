@@ -9,7 +9,7 @@ the orderings asserted are those of the engine thread, not of the threads readin
 from __future__ import annotations
 
 import pytest
-from conftest import (
+from model_fixtures import (
     ADAPTER_SPECS,
     PROMPTS,
     collect,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import collect, greedy_request, running_engine
+from model_fixtures import collect, greedy_request, running_engine
 
 from loraserve.config import BaseModelConfig, EngineConfig
 from loraserve.devtools.server_process import start_server
@@ -164,7 +164,7 @@ def test_the_engine_process_exits_with_its_server_process(base_dirs, tmp_path):
               "print(c.process.pid, flush=True)\n"
               "time.sleep(600)\n")
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                              cwd=Path(__file__).resolve().parents[1])
+                              cwd=Path(__file__).resolve().parents[3])
     try:
         engine_pid = int(parent.stdout.readline())
         assert not _exited(engine_pid)
@@ -225,7 +225,7 @@ def test_a_server_that_fails_to_start_leaves_no_engine_process(tmp_path, base_di
         [sys.executable, "-m", "loraserve", "serve", "--model", str(base_dirs[ARCH]), "--quantization", "none",
          "--adapters-dir", str(tmp_path / "store"), "--api-keys-file", str(keys), "--host", "127.0.0.1",
          "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-        cwd=Path(__file__).resolve().parents[1])
+        cwd=Path(__file__).resolve().parents[3])
     output = server.communicate(timeout=180)[0].decode(errors="replace")
     assert server.returncode != 0 and "keys" in output
     deadline = time.monotonic() + 30

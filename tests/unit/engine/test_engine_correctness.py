@@ -12,7 +12,7 @@ import re
 
 import pytest
 import torch
-from conftest import (
+from model_fixtures import (
     ADAPTER_SPECS,
     PROMPTS,
     PeftReference,

@@ -170,7 +170,7 @@ def test_export_merged_matches_the_adapter(task, trained, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_qlora_peak_accelerator_memory_is_below_lora(tmp_path):
-    """Issue 4 acceptance 5 where it can be measured: on the `small` dense base, training with
+    """QLoRA's memory saving where it can be measured: on the `small` dense base, training with
     the NF4 base (QLoRA) peaks lower in GPU memory than with the bf16 base (LoRA)."""
     base = init_model(tmp_path / "small", "deepseek-llm", "small", seed=0)
     data = tmp_path / "task.jsonl"

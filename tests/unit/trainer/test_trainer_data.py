@@ -16,7 +16,7 @@ from loraserve.errors import InvalidArgument
 from loraserve.trainer.data import DataError, Example, collate, load_examples, split_examples
 
 ARCHS = ("deepseek-v3", "deepseek-llm")
-EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "trainer" / "examples"
+EXAMPLES_DIR = Path(__file__).resolve().parents[3] / "trainer" / "examples"
 
 CHAT = {"messages": [{"role": "system", "content": "你是医院的医学术语助手，只解释术语，不做诊断。"},
                      {"role": "user", "content": "什么是窦性心律不齐？"},

@@ -368,7 +368,8 @@ def test_open_server_refuses_remote_management_unless_allowed(world, tmp_path, a
         with grpc.insecure_channel(f"{ip}:{server.port}") as channel:
             from loraserve.proto.v1 import adapters_pb2_grpc, inference_pb2_grpc
             remote = adapters_pb2_grpc.AdapterServiceStub(channel)
-            register = lambda: remote.RegisterAdapter(apb.RegisterAdapterRequest(name="x", path="a0"), timeout=60)
+            def register():
+                return remote.RegisterAdapter(apb.RegisterAdapterRequest(name="x", path="a0"), timeout=60)
             if allow:
                 assert register().created
             else:

@@ -27,7 +27,7 @@ from loraserve.access.keys import (
 from loraserve.access.principal import Principal, TenantLimits
 from loraserve.errors import ConfigError, Unauthenticated
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def entry(name: str = "ci", tenant: str = "hospital-a", role: str = "manage", **fields) -> tuple[dict, str]:

@@ -20,7 +20,7 @@ from loraserve.errors import AdapterAlreadyExists, AdapterNotFound
 from loraserve.store.adapter_store import AdapterStore
 from loraserve.store.layout import CURRENT_LINK, STALE_TMP_SECONDS, new_tmp_name
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 FIELDS = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "base_fingerprint": "sha256:base",
           "source": "trainer"}
 
@@ -108,7 +108,7 @@ WRITER = textwrap.dedent("""
 def test_concurrent_writer_processes_lose_nothing(tmp_path):
     """Three processes publish, replace one shared name and remove, at once, on one store;
     afterwards a fresh open finds exactly the union of what each one left, all whole."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests" / "helpers")}
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), p], env=env, cwd=REPO)
              for p in ("p", "q", "r")]
     assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]

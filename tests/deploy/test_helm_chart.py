@@ -23,7 +23,7 @@ from loraserve.cli import build_parser
 from loraserve.settings import SETTINGS
 from loraserve.trainer.config import resolve as resolve_train_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "loraserve"
 KUBE_VERSION = kubernetes_validate.utils.latest_version()  # the newest schemas it bundles
 RELEASE, NAMESPACE = "ci", "ml"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import PROMPTS, collect, greedy_request, running_engine
+from model_fixtures import PROMPTS, collect, greedy_request, running_engine
 
 from loraserve.devtools.bench.poison import poison
 from loraserve.engine.native import NativeEngine

@@ -13,7 +13,7 @@ import yaml
 from loraserve.errors import ConfigError
 from loraserve.trainer.config import TrainConfig, add_flags, resolve
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 EXAMPLE = REPO / "trainer" / "examples" / "train.yaml"
 REQUIRED = {"model", "train_file", "adapter_name"}
 

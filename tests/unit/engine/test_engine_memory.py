@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import collect, greedy_request, running_engine
+from model_fixtures import collect, greedy_request, running_engine
 from safetensors.torch import load_file, save_file
 
 from loraserve.devtools.random_adapters import make_random_adapter

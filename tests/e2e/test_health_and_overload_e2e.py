@@ -141,7 +141,9 @@ def test_a_busy_metrics_port_stops_the_server_with_one_line(base, tmp_path):
 
 
 def test_more_calls_than_the_server_takes_are_resource_exhausted_and_counted(base, tmp_path):
-    with running_server(tmp_path, base, tmp_path / "store", "--quantization", "none", "--max-concurrent-rpcs", "64",
+    # Fewer calls in flight allowed (24) than the engine would take (32 running + 16 queued), each
+    # generating long enough to stay in flight: the excess is refused by the server's own bound.
+    with running_server(tmp_path, base, tmp_path / "store", "--quantization", "none", "--max-concurrent-rpcs", "24",
                         "--max-queue", "16", "--max-streams-per-connection", "256") as srv:
         async def flood() -> collections.Counter:
             codes: collections.Counter = collections.Counter()
@@ -150,7 +152,7 @@ def test_more_calls_than_the_server_takes_are_resource_exhausted_and_counted(bas
 
                 async def one() -> None:
                     req = ipb.GenerateStreamRequest(input=ipb.GenerationInput(prompt="hello", sampling=ipb.SamplingParams(
-                        max_new_tokens=8)))
+                        max_new_tokens=48)))
                     try:
                         async for _ in stub.GenerateStream(req, timeout=120):
                             pass
