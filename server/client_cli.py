@@ -232,7 +232,8 @@ def _info(client: LoraserveClient, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(info)
         return 0
-    for key in ("base_model", "architecture", "quantization", "base_fingerprint", "version"):
+    for key in ("base_model", "architecture", "quantization", "base_fingerprint", "version", "engine",
+                "engine_reason"):
         print(f"{key + ':':<18}{getattr(info, key)}")
     for key, value in dataclasses.asdict(info.limits).items():
         print(f"{key + ':':<18}{value}")

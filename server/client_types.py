@@ -116,6 +116,9 @@ class ServerInfo:
     architecture: str
     version: str
     limits: Limits
+    engine: str = ""
+    """native or vllm (empty from a server older than the field)."""
+    engine_reason: str = ""
 
 
 def _client_error(exc: grpc.RpcError) -> LoraserveClientError:
@@ -153,4 +156,5 @@ def _status(s: apb.AdapterStatus) -> Adapter:
 def _server_info(r: spb.GetServerInfoResponse) -> ServerInfo:
     limits = Limits(**{name: getattr(r.limits, name) for name in Limits.__dataclass_fields__})
     return ServerInfo(base_model=r.base_model, base_fingerprint=r.base_fingerprint, quantization=r.quantization,
-                      architecture=r.architecture, version=r.version, limits=limits)
+                      architecture=r.architecture, version=r.version, limits=limits, engine=r.engine,
+                      engine_reason=r.engine_reason)

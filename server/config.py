@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from loraserve.errors import ConfigError
 
@@ -29,6 +30,12 @@ class BaseModelConfig:
     """auto = accelerate spreads the model over all visible GPUs, or CPU when there is none."""
     trust_remote_code: bool = False
     """Never on by default: remote code in a checkpoint would run inside the server."""
+
+    @property
+    def public_name(self) -> str:
+        """How the base is named outside the server (GetServerInfo, metrics labels): a local
+        directory by its last component, never its path; a hub id as it is."""
+        return Path(self.model).name if Path(self.model).expanduser().is_dir() else self.model
 
     def __post_init__(self) -> None:
         if not self.model:

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from loraserve.config import QUANTIZATIONS, BaseModelConfig, EngineConfig
+from loraserve.engine.choice import ENGINES, VllmOptions
 from loraserve.errors import ConfigError
 
 
@@ -33,12 +34,15 @@ SETTINGS = (
     Setting("host", str, "[::]", "address the gRPC server binds"),
     Setting("port", int, 50051, "gRPC port"),
     Setting("metrics_port", int, 9400, "Prometheus /metrics port (0 = off)"),
-    Setting("quantization", str, "nf4", f"base quantization: {', '.join(QUANTIZATIONS)}"),
+    Setting("engine", str, "auto", "the engine: native (loraserve's, on transformers; the CPU default), vllm "
+            "(vLLM, for GPU hosts), or auto (vllm where it is installed and a CUDA device is visible, else native)"),
+    Setting("quantization", str, "nf4", f"base quantization: {', '.join(QUANTIZATIONS)} (vllm engine: nf4, a CUDA "
+            "GPU only, or none; FP8/AWQ/GPTQ checkpoints are served as they are with none)"),
     Setting("dtype", str, "auto", "compute dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32"),
     Setting("max_loras", int, 4, "adapter slots on the accelerator (most distinct adapters per batch)"),
     Setting("max_cpu_loras", int, 16, "adapters kept decoded in host memory"),
     Setting("max_lora_rank", int, 64, "highest adapter rank accepted"),
-    Setting("max_batch_size", int, 32, "most sequences decoding together"),
+    Setting("max_batch_size", int, 32, "most sequences decoding together (vLLM's max_num_seqs)"),
     Setting("max_queue", int, 256, "most waiting requests; beyond it RESOURCE_EXHAUSTED"),
     Setting("max_input_tokens", int, 4096, "longest prompt in tokens"),
     Setting("max_new_tokens", int, 2048, "largest max_new_tokens a request may ask for"),
@@ -77,6 +81,19 @@ SETTINGS = (
             "when three in a row are missing (the engine process is stopped or hung)"),
     Setting("engine_stall_timeout", float, 60.0, "seconds the engine may go without finishing a step while it "
             "has work before health turns NOT_SERVING (a wedged kernel or a deadlock)"),
+    Setting("tensor_parallel_size", int, 1, "vllm engine: GPUs each layer is split over (tensor parallelism)"),
+    Setting("pipeline_parallel_size", int, 1, "vllm engine: GPU groups the layers are split over (pipeline "
+            "parallelism)"),
+    Setting("gpu_memory_utilization", float, 0.9, "vllm engine: share of each GPU's memory it takes for weights, "
+            "activations and its paged KV cache"),
+    Setting("max_model_len", int, 0, "vllm engine: longest prompt + output it plans its KV cache for (0 = the "
+            "model's context)"),
+    Setting("enable_prefix_caching", bool, True, "vllm engine: reuse the KV of shared prompt prefixes (keyed by "
+            "adapter too)"),
+    Setting("enable_chunked_prefill", bool, True, "vllm engine: prefill long prompts in chunks between decode "
+            "steps, so running streams keep flowing"),
+    Setting("vllm_cpu_kv_cache_gib", int, 0, "vllm engine on a CPU host: its KV cache in GiB "
+            "(VLLM_CPU_KVCACHE_SPACE; 0 = vLLM's default)"),
     Setting("store_sync_interval", float, 10.0, "seconds between looks at the adapter store for what other "
             "replicas or training jobs changed (0 = only on a request for an unknown adapter)"),
 )
@@ -93,6 +110,15 @@ class ServerSettings:
             return self.values[name]
         except KeyError:
             raise AttributeError(name) from None
+
+    def vllm_options(self) -> VllmOptions:
+        v = self.values
+        return VllmOptions(tensor_parallel_size=v["tensor_parallel_size"],
+                           pipeline_parallel_size=v["pipeline_parallel_size"],
+                           gpu_memory_utilization=v["gpu_memory_utilization"], max_model_len=v["max_model_len"],
+                           enable_prefix_caching=v["enable_prefix_caching"],
+                           enable_chunked_prefill=v["enable_chunked_prefill"],
+                           cpu_kv_cache_gib=v["vllm_cpu_kv_cache_gib"])
 
     def engine_config(self) -> EngineConfig:
         v = self.values
@@ -157,8 +183,11 @@ def resolve(args: argparse.Namespace, environ: dict[str, str] | None = None) -> 
                           f"heartbeat intervals ({3 * values['heartbeat_interval']})")
     if not 0 <= values["front_nice"] <= 19:
         raise ConfigError(f"front_nice must be in 0..19, got {values['front_nice']}")
+    if values["engine"] not in ENGINES:
+        raise ConfigError(f"engine {values['engine']!r} is not one of {', '.join(ENGINES)}")
     settings = ServerSettings(values)
     settings.engine_config()  # validates the engine's part now, naming the setting
+    settings.vllm_options()
     return settings
 
 

@@ -9,10 +9,11 @@ UNAVAILABLE, running requests get `drain_timeout` seconds to finish, then the pr
 Health (`loraserve.api.health`): `liveness` and `readiness`, kept apart, and a stopped or wedged
 engine seen within three heartbeat intervals.
 
-The engine runs in a child process (`loraserve.engine.engine_process` says why); this process holds
-the gRPC front end, access control, the adapter store and metrics. Should the engine process
-die, health turns NOT_SERVING, every open request fails UNAVAILABLE, and this process exits 1
-so that its orchestrator starts a fresh server.
+The engine (`--engine`, `loraserve.engine.choice`) runs outside this process: the native one in
+a child process (`loraserve.engine.engine_process` says why), vLLM's engine core in vLLM's own;
+this process holds the gRPC front end, access control, the adapter store and metrics. Should the
+engine die, health turns NOT_SERVING, every open request fails UNAVAILABLE, and this process
+exits 1 so that its orchestrator starts a fresh server.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from loraserve.api.refusal_log import WINDOW_SECONDS as REFUSAL_WINDOW_SECONDS
 from loraserve.api.server_info import ServerInfoServicer
 from loraserve.api.status import log_refusal
 from loraserve.api.status import mistakes as client_mistakes
+from loraserve.engine.choice import EngineChoice, choose_engine
 from loraserve.engine.contract import Engine
 from loraserve.engine.engine_process import LaunchedEngine
 from loraserve.engine.remote import RemoteEngine
@@ -111,9 +113,15 @@ def grpc_options(settings: ServerSettings) -> list[tuple[str, int]]:
             ("grpc.http2.lookahead_bytes", RECEIVE_WINDOW_BYTES)]
 
 
-async def serve(settings: ServerSettings, launched: LaunchedEngine | None = None) -> int:
-    """Run the server until SIGTERM/SIGINT; returns the exit code. `launched`: its engine process,
+async def serve(settings: ServerSettings, launched: LaunchedEngine | None = None,
+                choice: EngineChoice | None = None) -> int:
+    """Run the server until SIGTERM/SIGINT; returns the exit code. `choice`: the engine (by
+    default what `settings.engine` means on this host); `launched`: the native engine's process,
     when the caller has already started it."""
+    choice = choice or choose_engine(settings.engine)
+    log.warning("engine: %s (%s)", choice.name, choice.reason)
+    if choice.name == "native":
+        lower_priority(settings.front_nice)  # its engine process, started before, keeps its own
     pin_mmap_threshold()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -124,10 +132,8 @@ async def serve(settings: ServerSettings, launched: LaunchedEngine | None = None
     if keys is not None:
         loop.add_signal_handler(signal.SIGHUP, keys.reload)
     engine_gone = asyncio.Event()
-    engine = RemoteEngine(settings.engine_config(), lambda: loop.call_soon_threadsafe(engine_gone.set),
-                          settings.engine_threads, launched, heartbeat_interval=settings.heartbeat_interval,
-                          stall_timeout=settings.engine_stall_timeout)
-    metrics = ServerMetrics(engine)
+    engine = _engine(settings, choice, launched, lambda: loop.call_soon_threadsafe(engine_gone.set))
+    metrics = ServerMetrics(engine, vllm_series=choice.name == "vllm")
     guard = CallGuard(settings.max_concurrent_rpcs, {ADAPTER_SERVICE: UPLOAD_MESSAGE_BYTES},
                       on_refused=_refused(metrics))
     server = grpc.aio.server(interceptors=[guard], options=grpc_options(settings))
@@ -144,7 +150,7 @@ async def serve(settings: ServerSettings, launched: LaunchedEngine | None = None
         server)
     inference = InferenceServicer(engine, metrics, access, on_miss=registry.ensure)
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(inference, server)
-    server_info_pb2_grpc.add_ServerInfoServiceServicer_to_server(ServerInfoServicer(engine, access), server)
+    server_info_pb2_grpc.add_ServerInfoServiceServicer_to_server(ServerInfoServicer(engine, access, choice), server)
     reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, health_pb2.DESCRIPTOR
                                          .services_by_name["Health"].full_name), server)
     try:
@@ -168,6 +174,8 @@ async def serve(settings: ServerSettings, launched: LaunchedEngine | None = None
         await server.stop(grace=0)
         await asyncio.to_thread(engine.stop)
         return 1 if loading.done() else 0
+    if choice.name == "vllm":
+        lower_priority(settings.front_nice)  # now that vLLM's engine core process runs, at its own priority
     guard.request_bytes[INFERENCE_SERVICE] = inference_request_bytes(engine.input_limits.max_input_bytes,
                                                                      settings.max_input_tokens)
     engine.add_load_observer(metrics.adapter_load.observe)
@@ -207,6 +215,18 @@ async def serve(settings: ServerSettings, launched: LaunchedEngine | None = None
     await server.stop(grace=1.0)
     await asyncio.to_thread(engine.stop)
     return 0
+
+
+def _engine(settings: ServerSettings, choice: EngineChoice, launched: LaunchedEngine | None,
+            on_exit) -> Engine:
+    """The chosen engine, not loaded yet (`wait_loaded` loads it); `on_exit` is called if it dies."""
+    if choice.name == "vllm":
+        from loraserve.engine.vllm_engine import VllmEngine
+
+        return VllmEngine(settings.engine_config(), settings.vllm_options(), on_exit,
+                          heartbeat_interval=settings.heartbeat_interval, stall_timeout=settings.engine_stall_timeout)
+    return RemoteEngine(settings.engine_config(), on_exit, settings.engine_threads, launched,
+                        heartbeat_interval=settings.heartbeat_interval, stall_timeout=settings.engine_stall_timeout)
 
 
 def _listen(server: grpc.aio.Server, settings: ServerSettings) -> int:
@@ -290,7 +310,7 @@ def lower_priority(increment: int) -> None:
     for tid in (int(t) for t in os.listdir(tasks)):
         with contextlib.suppress(OSError):  # a thread that just ended
             os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
-    log.info("front end at nice +%d: the engine process goes first when CPUs are short", increment)
+    log.info("front end at nice +%d: the engine goes first when CPUs are short", increment)
 
 
 def _load_keys(settings: ServerSettings) -> KeyFile | None:
@@ -306,6 +326,6 @@ def _load_keys(settings: ServerSettings) -> KeyFile | None:
     return keys
 
 
-def run(settings: ServerSettings, launched: LaunchedEngine | None = None) -> int:
+def run(settings: ServerSettings, launched: LaunchedEngine | None = None, choice: EngineChoice | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(serve(settings, launched))
+    return asyncio.run(serve(settings, launched, choice))

@@ -21,7 +21,10 @@ TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 class ServerMetrics:
     """The server's metrics in their own registry (so several servers can live in one test process)."""
 
-    def __init__(self, engine) -> None:
+    def __init__(self, engine, vllm_series: bool = False) -> None:
+        """`vllm_series`: the engine is vLLM's, whose own `vllm:*` series (its queue, KV cache,
+        LoRA info, ...) are served here too, in place of the LoRA info series loraserve writes
+        for routers with the native engine."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("loraserve_requests", "Finished generation RPCs, and RPCs of any service refused "
@@ -42,7 +45,9 @@ class ServerMetrics:
                                       buckets=LATENCY_BUCKETS, registry=r)
         self.data_loss = Counter("loraserve_adapter_data_loss", "Requests refused because a stored adapter's files "
                                  "no longer match its manifest", ["adapter", "tenant"], registry=r)
-        r.register(_EngineCollector(engine))
+        r.register(_EngineCollector(engine, lora_info=not vllm_series))
+        if vllm_series:
+            r.register(_VllmCollector())
 
     def track_held_refusals(self, held: Callable[[], dict[str, int]]) -> None:
         """Export `held()` (tenant -> refusals being held now) as a gauge at scrape time."""
@@ -79,10 +84,11 @@ class _HeldRefusalsCollector:
 
 
 class _EngineCollector:
-    """Engine state at scrape time, and the vLLM-compatible LoRA info series."""
+    """Engine state at scrape time, and (`lora_info`) the vLLM-compatible LoRA info series."""
 
-    def __init__(self, engine) -> None:
+    def __init__(self, engine, lora_info: bool) -> None:
         self._engine = engine
+        self._lora_info = lora_info
 
     def describe(self):
         return []
@@ -113,9 +119,40 @@ class _EngineCollector:
         hits.add_metric(["cpu"], s.cpu_hits_total)
         hits.add_metric(["disk"], s.disk_loads_total)
         yield hits
+        if not self._lora_info:
+            return
         # vLLM's series, read by LoRA-aware routers (e.g. the Gateway API inference extension).
         info = GaugeMetricFamily("vllm:lora_requests_info", "Running and waiting adapters (vLLM-compatible)",
                                  labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
         info.add_metric([",".join(s.running_adapters), ",".join(s.waiting_adapters),
                          str(self._engine.config.max_loras)], time.time())
         yield info
+
+
+class _VllmCollector:
+    """vLLM's own series (`vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`,
+    `vllm:lora_requests_info`, ...), as vLLM registered them in this process, so LoRA-aware
+    routers read them on the server's metrics port. vLLM names each adapter version
+    '<adapter id>#<n>' (its LoRA requests are keyed by name); in `vllm:lora_requests_info` the
+    names are the adapter ids clients and routers use."""
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+        for family in get_prometheus_registry().collect():
+            if family.name == "vllm:lora_requests_info":
+                for sample in family.samples:
+                    for label in ("running_lora_adapters", "waiting_lora_adapters"):
+                        if label in sample.labels:
+                            sample.labels[label] = _adapter_ids(sample.labels[label])
+            if family.name.startswith("vllm:"):
+                yield family
+
+
+def _adapter_ids(version_names: str) -> str:
+    """'t/a#3,t/b#1,t/a#4' -> 't/a,t/b' (version suffixes off, each id once, in order)."""
+    ids = [name.rsplit("#", 1)[0] for name in version_names.split(",") if name]
+    return ",".join(dict.fromkeys(ids))

@@ -23,7 +23,7 @@ from loraserve.config import EngineConfig
 from loraserve.engine.contract import AdapterEntry, AdmittedFiles, BaseInfo, CheckedAdapter, EngineStats, Heartbeat
 from loraserve.engine.detokenizer import IncrementalDetokenizer
 from loraserve.engine.input_limits import InputLimits, max_token_bytes
-from loraserve.engine.request import GenerationRequest, RequestStream, SamplingParams, encode_input
+from loraserve.engine.request import GenerationRequest, RequestStream, SamplingParams, encode_input, validate_request
 from loraserve.engine.runner import ModelRunner
 from loraserve.engine.scheduler import BatchScheduler
 from loraserve.engine.sequence import Sequence
@@ -32,7 +32,6 @@ from loraserve.errors import (
     AdapterDataLoss,
     AdapterIncompatible,
     AdapterNotFound,
-    InvalidArgument,
     ResourceExhausted,
     Unavailable,
 )
@@ -145,7 +144,7 @@ class NativeEngine:
         given, as the engine process gives one that forwards its events)."""
         if not self._accepting:
             raise Unavailable("the engine is not accepting requests (starting up or draining)")
-        self._validate(request)
+        validate_request(request, self.config, self.loaded_base.model.config.vocab_size, self.max_context)
         version = None
         if request.adapter:
             with self._lock:
@@ -168,23 +167,6 @@ class NativeEngine:
     def cancel(self, stream: RequestStream) -> None:
         stream.cancel()
         self._scheduler.wake()
-
-    def _validate(self, request: GenerationRequest) -> None:
-        request.sampling.validate(self.config.max_new_tokens_limit)
-        ids = request.prompt_token_ids
-        if not ids:
-            raise InvalidArgument("the input is empty: give a prompt or messages")
-        if len(ids) > self.config.max_input_tokens:
-            raise InvalidArgument(f"the prompt has {len(ids)} tokens, over max_input_tokens {self.config.max_input_tokens}")
-        vocab = self.loaded_base.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise InvalidArgument(f"prompt token ids must be in [0, {vocab})")
-        if self.max_context and len(ids) + request.sampling.max_new_tokens > self.max_context:
-            raise InvalidArgument(
-                f"prompt ({len(ids)} tokens) + max_new_tokens ({request.sampling.max_new_tokens}) exceeds the "
-                f"model's context of {self.max_context} tokens")
-        if request.adapter:
-            check_adapter_ref(request.adapter)
 
     # ---- adapters ----------------------------------------------------------------------
     def read_adapter(self, adapter_id: str, path: str | Path,

@@ -13,6 +13,7 @@ from typing import AsyncIterator, Iterator
 from jinja2 import TemplateError
 
 from loraserve.errors import FailedPrecondition, InvalidArgument, LoraserveError
+from loraserve.store.layout import check_adapter_ref
 
 DEFAULT_MAX_NEW_TOKENS = 64
 """New tokens of a request that does not say (the proto documents the same default)."""
@@ -62,6 +63,25 @@ class SamplingParams:
                 raise InvalidArgument("stop sequences must not be empty")
             if len(s) > MAX_STOP_LENGTH:
                 raise InvalidArgument(f"stop sequences may be at most {MAX_STOP_LENGTH} characters, got one of {len(s)}")
+
+
+def validate_request(request: GenerationRequest, config, vocab_size: int, max_context: int | None) -> None:
+    """InvalidArgument naming the field for a request no engine should queue (`config`: the
+    EngineConfig, for its limits); the same rules whichever engine serves it."""
+    request.sampling.validate(config.max_new_tokens_limit)
+    ids = request.prompt_token_ids
+    if not ids:
+        raise InvalidArgument("the input is empty: give a prompt or messages")
+    if len(ids) > config.max_input_tokens:
+        raise InvalidArgument(f"the prompt has {len(ids)} tokens, over max_input_tokens {config.max_input_tokens}")
+    if any(not 0 <= t < vocab_size for t in ids):
+        raise InvalidArgument(f"prompt token ids must be in [0, {vocab_size})")
+    if max_context and len(ids) + request.sampling.max_new_tokens > max_context:
+        raise InvalidArgument(
+            f"prompt ({len(ids)} tokens) + max_new_tokens ({request.sampling.max_new_tokens}) exceeds the "
+            f"model's context of {max_context} tokens")
+    if request.adapter:
+        check_adapter_ref(request.adapter)
 
 
 def encode_input(tokenizer, prompt: str | None = None, messages: list[dict[str, str]] | None = None) -> list[int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import os
 import signal
 import socket
 import threading
@@ -171,3 +172,10 @@ def test_more_calls_than_the_server_takes_are_resource_exhausted_and_counted(bas
         refused = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                       if line.startswith("loraserve_requests_total{") and 'code="RESOURCE_EXHAUSTED"' in line)
         assert refused == codes["RESOURCE_EXHAUSTED"], (refused, codes)
+
+
+def test_the_front_end_runs_at_front_nice_and_the_engine_process_does_not(base, tmp_path):
+    with running_server(tmp_path, base, tmp_path / "store", "--quantization", "none", "--front-nice", "5") as srv:
+        front = psutil.Process(srv.process.pid)
+        niceness = {int(os.getpriority(os.PRIO_PROCESS, t.id)) for t in front.threads()}  # nice is per thread
+        assert niceness == {5} and engine_process(srv).nice() == 0

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eloraserve/v1/server_info.proto\x12\x0cloraserve.v1\"\x16\n\x14GetServerInfoRequest\"\xbf\x01\n\x06Limits\x12\x15\n\rmax_lora_rank\x18\x01 \x01(\r\x12\x11\n\tmax_loras\x18\x02 \x01(\r\x12\x15\n\rmax_cpu_loras\x18\x03 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\r\x12\x11\n\tmax_queue\x18\x05 \x01(\r\x12\x18\n\x10max_input_tokens\x18\x06 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x07 \x01(\r\x12\x17\n\x0fmax_input_bytes\x18\x08 \x01(\x04\"\xa8\x01\n\x15GetServerInfoResponse\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x02 \x01(\t\x12\x14\n\x0cquantization\x18\x03 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x04 \x01(\t\x12$\n\x06limits\x18\x05 \x01(\x0b\x32\x14.loraserve.v1.Limits\x12\x0f\n\x07version\x18\x06 \x01(\t2m\n\x11ServerInfoService\x12X\n\rGetServerInfo\x12\".loraserve.v1.GetServerInfoRequest\x1a#.loraserve.v1.GetServerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eloraserve/v1/server_info.proto\x12\x0cloraserve.v1\"\x16\n\x14GetServerInfoRequest\"\xbf\x01\n\x06Limits\x12\x15\n\rmax_lora_rank\x18\x01 \x01(\r\x12\x11\n\tmax_loras\x18\x02 \x01(\r\x12\x15\n\rmax_cpu_loras\x18\x03 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\r\x12\x11\n\tmax_queue\x18\x05 \x01(\r\x12\x18\n\x10max_input_tokens\x18\x06 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x07 \x01(\r\x12\x17\n\x0fmax_input_bytes\x18\x08 \x01(\x04\"\xcf\x01\n\x15GetServerInfoResponse\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x02 \x01(\t\x12\x14\n\x0cquantization\x18\x03 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x04 \x01(\t\x12$\n\x06limits\x18\x05 \x01(\x0b\x32\x14.loraserve.v1.Limits\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x07 \x01(\t\x12\x15\n\rengine_reason\x18\x08 \x01(\t2m\n\x11ServerInfoService\x12X\n\rGetServerInfo\x12\".loraserve.v1.GetServerInfoRequest\x1a#.loraserve.v1.GetServerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,7 +36,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LIMITS']._serialized_start=73
   _globals['_LIMITS']._serialized_end=264
   _globals['_GETSERVERINFORESPONSE']._serialized_start=267
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=435
-  _globals['_SERVERINFOSERVICE']._serialized_start=437
-  _globals['_SERVERINFOSERVICE']._serialized_end=546
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=474
+  _globals['_SERVERINFOSERVICE']._serialized_start=476
+  _globals['_SERVERINFOSERVICE']._serialized_end=585
 # @@protoc_insertion_point(module_scope)
