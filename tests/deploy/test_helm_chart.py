@@ -187,6 +187,17 @@ def test_values_reach_their_flags():
     assert odd.refusal_hold == 0.25 and parse_command(server_container(render({}))).refusal_hold == 1.0
 
 
+def test_vllm_values_reach_their_flags():
+    args = parse_command(server_container(scenario("vllm-tp")))
+    assert (args.engine, args.quantization, args.tensor_parallel_size, args.pipeline_parallel_size) == \
+        ("vllm", "nf4", 2, 1)
+    assert (args.gpu_memory_utilization, args.max_model_len, args.vllm_cpu_kv_cache_gib) == (0.85, 16384, 0)
+    assert args.enable_prefix_caching is False and args.enable_chunked_prefill is True
+    default = parse_command(server_container(render({})))
+    assert default.engine == "auto" and default.enable_prefix_caching is True
+    assert server_container(scenario("vllm-tp"))["resources"]["limits"]["nvidia.com/gpu"] == 2
+
+
 # Settings the chart derives from other values instead of a `server.<camelCase>` key.
 DERIVED_SETTINGS = {"model": "model", "adapters_dir": "adapterStore.mountPath", "api_keys_file": "apiKeys",
                     "tls_cert": "tls", "tls_key": "tls", "tls_client_ca": "tls.clientAuth"}
@@ -375,6 +386,8 @@ def test_chart_created_secrets_hold_the_values():
     ({"training": {"enabled": True}}, "training.config.adapter_name"),
     ({"model": {"source": "volume", "path": "m", "volume": {"type": "emptyDir"}}}, "model.source volume"),
     ({"model": {"source": "volume"}}, "model.path"),
+    ({"server": {"tensorParallelSize": 2}, "gpu": {"count": 2}}, "only the vllm engine does"),
+    ({"server": {"engine": "vllm", "tensorParallelSize": 4}, "gpu": {"count": 2}}, "but gpu.count is 2"),
 ])
 def test_inconsistent_values_fail_with_a_reason(values, message):
     with pytest.raises(helm_python.HelmRenderError, match=message):
@@ -510,6 +523,9 @@ def test_training_job_name_follows_what_it_runs():
     {"autoscaling": {"metric": {"type": "Object"}}},
     {"terminationGracePeriodSeconds": "60"},
     {"model": {"source": "s3"}},
+    {"server": {"engine": "tgi"}},
+    {"server": {"gpuMemoryUtilization": 1.5}},
+    {"server": {"tensorParallelSize": 0}},
 ])
 def test_schema_rejects_wrong_values(values):
     with pytest.raises(helm_python.HelmValuesError):

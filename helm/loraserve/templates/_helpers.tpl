@@ -135,6 +135,13 @@ app.kubernetes.io/component: server
 {{- if and .Values.training.enabled (not .Values.adapterStore.persistence.enabled) }}
 {{- fail "training.enabled needs adapterStore.persistence.enabled: the Job publishes into the servers' store claim" }}
 {{- end }}
+{{- $parallel := mul (int64 .Values.server.tensorParallelSize) (int64 .Values.server.pipelineParallelSize) }}
+{{- if and (gt $parallel 1) (ne .Values.server.engine "vllm") }}
+{{- fail (printf "server.tensorParallelSize x pipelineParallelSize = %d splits the model over GPUs, which only the vllm engine does: set server.engine to vllm" $parallel) }}
+{{- end }}
+{{- if and (gt $parallel 1) (ne (int64 .Values.gpu.count) $parallel) }}
+{{- fail (printf "server.tensorParallelSize x pipelineParallelSize = %d GPUs per server, but gpu.count is %d: make them equal" $parallel (int64 .Values.gpu.count)) }}
+{{- end }}
 {{- $_ := include "loraserve.terminationGracePeriodSeconds" . }}
 {{- end }}
 
@@ -164,11 +171,14 @@ grace period ends, so it must cover the sleep plus the server's whole drain.
 {{- $s := .Values.server }}
 {{- $args := list "--log-level" $s.logLevel "serve" "--model" (include "loraserve.modelArg" .) "--adapters-dir" .Values.adapterStore.mountPath }}
 {{- $args = concat $args (list "--host" $s.host "--port" (toString (int64 $s.port)) "--metrics-port" (toString (int64 $s.metricsPort))) }}
-{{- $args = concat $args (list "--quantization" $s.quantization "--dtype" $s.dtype) }}
-{{- range $flag, $key := dict "--max-loras" "maxLoras" "--max-cpu-loras" "maxCpuLoras" "--max-lora-rank" "maxLoraRank" "--max-batch-size" "maxBatchSize" "--max-queue" "maxQueue" "--max-input-tokens" "maxInputTokens" "--max-new-tokens" "maxNewTokens" "--max-adapter-bytes" "maxAdapterBytes" "--max-store-bytes" "maxStoreBytes" "--engine-threads" "engineThreads" "--front-nice" "frontNice" "--max-concurrent-rpcs" "maxConcurrentRpcs" "--max-streams-per-connection" "maxStreamsPerConnection" "--max-concurrent-uploads" "maxConcurrentUploads" "--max-concurrent-uploads-per-tenant" "maxConcurrentUploadsPerTenant" }}
+{{- $args = concat $args (list "--engine" $s.engine "--quantization" $s.quantization "--dtype" $s.dtype) }}
+{{- range $flag, $key := dict "--max-loras" "maxLoras" "--max-cpu-loras" "maxCpuLoras" "--max-lora-rank" "maxLoraRank" "--max-batch-size" "maxBatchSize" "--max-queue" "maxQueue" "--max-input-tokens" "maxInputTokens" "--max-new-tokens" "maxNewTokens" "--max-adapter-bytes" "maxAdapterBytes" "--max-store-bytes" "maxStoreBytes" "--engine-threads" "engineThreads" "--front-nice" "frontNice" "--max-concurrent-rpcs" "maxConcurrentRpcs" "--max-streams-per-connection" "maxStreamsPerConnection" "--max-concurrent-uploads" "maxConcurrentUploads" "--max-concurrent-uploads-per-tenant" "maxConcurrentUploadsPerTenant" "--tensor-parallel-size" "tensorParallelSize" "--pipeline-parallel-size" "pipelineParallelSize" "--max-model-len" "maxModelLen" "--vllm-cpu-kv-cache-gib" "vllmCpuKvCacheGib" }}
 {{- $args = concat $args (list $flag (toString (int64 (index $s $key)))) }}
 {{- end }}
 {{- $args = concat $args (list "--drain-timeout" (include "loraserve.number" $s.drainTimeout) "--store-sync-interval" (include "loraserve.number" $s.storeSyncInterval) "--refusal-hold" (include "loraserve.number" $s.refusalHold)) }}
+{{- $args = concat $args (list "--gpu-memory-utilization" (include "loraserve.number" $s.gpuMemoryUtilization)) }}
+{{- $args = append $args (ternary "--enable-prefix-caching" "--no-enable-prefix-caching" $s.enablePrefixCaching) }}
+{{- $args = append $args (ternary "--enable-chunked-prefill" "--no-enable-chunked-prefill" $s.enableChunkedPrefill) }}
 {{- $args = concat $args (list "--heartbeat-interval" (include "loraserve.number" $s.heartbeatInterval) "--engine-stall-timeout" (include "loraserve.number" $s.engineStallTimeout)) }}
 {{- range $s.importRoots }}{{ $args = concat $args (list "--import-roots" (toString .)) }}{{ end }}
 {{- range $s.preload }}{{ $args = concat $args (list "--preload" (toString .)) }}{{ end }}
