@@ -4,6 +4,7 @@ and stop it with SIGTERM the way an orchestrator would."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -174,8 +175,14 @@ def running_server(workdir: Path, model: Path, adapters_dir: Path, *extra: str, 
 
 
 def _children(pid: int) -> list[int]:
-    """The child processes of `pid` (Linux /proc)."""
-    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    """The descendant processes of `pid` (Linux /proc): the engine process, or vLLM's engine
+    core and its workers."""
+    direct = [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    found = list(direct)
+    for child in direct:
+        with contextlib.suppress(OSError):  # it just exited
+            found += _children(child)
+    return found
 
 
 def _cpu_seconds(pid: int) -> float:

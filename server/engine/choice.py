@@ -57,6 +57,11 @@ class VllmOptions:
     """Longest prompt + output vLLM plans its KV cache for (0: the model's own context)."""
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    max_num_batched_tokens: int = 0
+    """Tokens one engine step may take, prefill chunks and decodes together (0: vLLM's default)."""
+    long_prefill_token_threshold: int = 0
+    """Most prompt tokens one request's prefill takes in a step while others wait or decode, so
+    a long prompt is read in pieces between their steps (0: no cap)."""
     cpu_kv_cache_gib: int = 0
     """On a CPU host, the KV cache in whole GiB (VLLM_CPU_KVCACHE_SPACE; 0: vLLM's default)."""
 
@@ -66,5 +71,7 @@ class VllmOptions:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0.05 <= self.gpu_memory_utilization <= 1.0:
             raise ConfigError(f"gpu_memory_utilization must be in 0.05..1, got {self.gpu_memory_utilization}")
-        if self.max_model_len < 0 or self.cpu_kv_cache_gib < 0:
-            raise ConfigError("max_model_len and vllm_cpu_kv_cache_gib must be >= 0 (0 = the default)")
+        for name in ("max_model_len", "cpu_kv_cache_gib", "max_num_batched_tokens", "long_prefill_token_threshold"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{'vllm_' if name == 'cpu_kv_cache_gib' else ''}{name} must be >= 0 (0 = the "
+                                  f"default), got {getattr(self, name)}")

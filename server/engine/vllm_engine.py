@@ -95,6 +95,7 @@ class VllmEngine(VllmAdapterMethods):
         self._gone: str | None = None
         self._last_progress = time.monotonic()
         self._pinger: asyncio.Task | None = None
+        self._vllm_threads: set[int] = set()
 
     # ---- lifecycle ---------------------------------------------------------------------
     @property
@@ -120,9 +121,15 @@ class VllmEngine(VllmAdapterMethods):
         self.base = BaseInfo(facts.fingerprint, facts.model_type, facts.model_dir, facts.max_context,
                              dict(facts.lora_module_shapes))
 
+    def engine_threads(self) -> set[int]:
+        """Native ids of the threads in this process that do vLLM's work: the engine loop's, and
+        those vLLM started while it came up (its sockets' I/O threads)."""
+        return {self._thread.native_id, *self._vllm_threads}
+
     async def _start_llm(self, args):
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        before = _thread_ids()
         try:
             llm = AsyncLLM.from_engine_args(args)
         except (ValueError, TypeError, NotImplementedError) as exc:  # vLLM's own checks of the options
@@ -131,6 +138,7 @@ class VllmEngine(VllmAdapterMethods):
         if not all(await llm.collective_rpc("loraserve_install_counters")):
             log.warning("some adapter counters are not available with this vLLM version")
         self._pinger = asyncio.create_task(self._ping_forever(llm))
+        self._vllm_threads = _thread_ids() - before
         return llm
 
     def start(self, warmup: bool = True) -> None:
@@ -330,14 +338,16 @@ class VllmEngine(VllmAdapterMethods):
 
     async def _ping_forever(self, llm) -> None:
         """Ask the engine core something cheap every heartbeat interval: an answer while idle is
-        progress; a dead engine core ends every open request UNAVAILABLE and tells the server."""
+        progress; a dead engine core ends every open request UNAVAILABLE and tells the server.
+        `is_sleeping` is answered by the engine core itself: a call that reaches the workers
+        (list_loras) keeps them busy-polling their shared-memory queue, a CPU core each, forever."""
         while True:
             await asyncio.sleep(self.heartbeat_interval)
             if llm.errored:
                 self._engine_died()
                 return
             try:
-                await asyncio.wait_for(llm.list_loras(), timeout=self.heartbeat_interval * 10)
+                await asyncio.wait_for(llm.is_sleeping(), timeout=self.heartbeat_interval * 10)
             except TimeoutError:
                 continue
             except Exception:  # noqa: BLE001 - a dead engine core: its error is in `errored`
@@ -356,6 +366,13 @@ class VllmEngine(VllmAdapterMethods):
             self._end(request, Unavailable(GONE))
         if self._on_exit is not None:
             self._on_exit()
+
+
+def _thread_ids() -> set[int]:
+    try:
+        return {int(t) for t in os.listdir("/proc/self/task")}
+    except OSError:  # not Linux
+        return set()
 
 
 def _report_end(request: _Request) -> None:

@@ -105,6 +105,8 @@ def engine_args(config: EngineConfig, options: VllmOptions, facts: BaseModelFact
         tensor_parallel_size=options.tensor_parallel_size, pipeline_parallel_size=options.pipeline_parallel_size,
         gpu_memory_utilization=options.gpu_memory_utilization, enable_prefix_caching=options.enable_prefix_caching,
         enable_chunked_prefill=options.enable_chunked_prefill, max_num_seqs=config.max_batch_size,
+        max_num_batched_tokens=options.max_num_batched_tokens or None,
+        long_prefill_token_threshold=options.long_prefill_token_threshold,
         enable_lora=True, max_loras=config.max_loras, max_cpu_loras=config.max_cpu_loras,
         max_lora_rank=config.max_lora_rank, disable_log_stats=False,
         lora_target_modules=list(config.target_modules) if config.target_modules is not None else None, worker_extension_cls=PROBE,

@@ -90,49 +90,71 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     hf_logging.disable_progress_bar()
     config = BenchConfig.from_args(args)
     started = time.perf_counter()
-    measured = measure_in(args.workdir, "serve", lambda root: _measure(config, root))
+    engine = getattr(args, "engine", "native")
+    measured = measure_in(args.workdir, "serve", lambda root: _measure(config, root, engine,
+                                                                       getattr(args, "kv_cache_gib", 2)))
     result = summarize(config, *measured, time.perf_counter() - started)
     print_report(result)
     write_result(args.json_out, result)
     return 0 if result["server"]["exit_code"] == 0 else 1
 
 
-def serve_flags(config: BenchConfig, base_dir: Path, store: Path, imports: Path, port: int) -> list[str]:
+def serve_flags(config: BenchConfig, base_dir: Path, store: Path, imports: Path, port: int,
+                engine: str = "native", kv_cache_gib: int = 2) -> list[str]:
     """The `loraserve serve` flags of the bench's server; the in-process engine is configured from
     the same flags (`engine_config`), so the two cannot drift apart."""
-    return ["--model", str(base_dir), "--adapters-dir", str(store), "--host", "127.0.0.1", "--port", str(port),
+    return ["--engine", engine, "--vllm-cpu-kv-cache-gib", str(kv_cache_gib), "--model", str(base_dir), "--adapters-dir", str(store), "--host", "127.0.0.1", "--port", str(port),
             "--metrics-port", "0", "--quantization", config.quantization, "--max-loras", str(config.adapters),
             "--max-cpu-loras", str(max(16, config.adapters)), "--max-lora-rank", str(config.rank),
             "--max-batch-size", str(max(32, config.requests)), "--import-roots", str(imports)]
 
 
-def engine_config(flags: list[str]) -> EngineConfig:
-    """The EngineConfig a server started with `flags` in this environment builds."""
+def server_settings(flags: list[str]):
+    """The ServerSettings a server started with `flags` in this environment builds."""
     from loraserve.settings import add_flags, resolve
 
     parser = argparse.ArgumentParser()
     add_flags(parser)
-    return resolve(parser.parse_args(flags)).engine_config()
+    return resolve(parser.parse_args(flags))
 
 
-def _measure(config: BenchConfig, root: Path) -> tuple[EngineConfig, Workload, dict[str, list[Round]], dict]:
+def engine_config(flags: list[str]) -> EngineConfig:
+    """The EngineConfig a server started with `flags` in this environment builds."""
+    return server_settings(flags).engine_config()
+
+
+def in_process_engine(engine: str, flags: list[str]):
+    """The engine a server started with `flags` runs, here in this process, started."""
+    settings = server_settings(flags)
+    if engine == "vllm":
+        from loraserve.engine.vllm_engine import VllmEngine
+
+        made = VllmEngine(settings.engine_config(), settings.vllm_options())
+        made.wait_loaded()
+    else:
+        made = NativeEngine.load(settings.engine_config())
+    made.start()
+    return made
+
+
+def _measure(config: BenchConfig, root: Path, engine_name: str = "native",
+             kv_cache_gib: int = 2) -> tuple[EngineConfig, Workload, dict[str, list[Round]], dict]:
     print(f"building a {config.size} {config.arch} base and {config.adapters} rank-{config.rank} adapters in {root}",
           flush=True)
     base_dir, adapter_dirs = build_inputs(config, root)
     port = free_port()
-    flags = serve_flags(config, base_dir, root / "store", root / "adapters", port)
+    flags = serve_flags(config, base_dir, root / "store", root / "adapters", port, engine_name, kv_cache_gib)
     settings = engine_config(flags)
     server = ServerProcess(flags, f"127.0.0.1:{port}", root / "server.log")
     engine = None
-    info: dict = {"command": ["python", "-m", "loraserve", "serve", *flags]}
+    info: dict = {"command": ["python", "-m", "loraserve", "serve", *flags], "engine": engine_name}
     try:
         # The in-process engine loads while the server starts: nothing is measured yet. It
         # uses the torch threads the server's engine process chooses, so the two compare.
         threads = engine_threads(0)
         if threads is not None:
             torch.set_num_threads(threads)
-        engine = NativeEngine.load(settings)
-        engine.start()
+        engine = in_process_engine(engine_name, flags)
         for name, path in adapter_dirs.items():
             engine.add_adapter(name, path)
         info["ready_s"] = server.wait_serving()
@@ -314,7 +336,7 @@ def summarize(config: BenchConfig, settings: EngineConfig, workload: Workload, r
 def print_report(result: dict) -> None:
     """The human-readable table: throughput, the ratio with its target, latency percentiles."""
     c, m = result["config"], result["machine"]
-    print(f"\nserve bench: {c['arch']} {c['size']} {c['quantization']}, {c['requests']} concurrent greedy requests x "
+    print(f"\nserve bench ({result['server']['engine']} engine): {c['arch']} {c['size']} {c['quantization']}, {c['requests']} concurrent greedy requests x "
           f"{c['new_tokens']} new tokens (prompts {c['prompt_tokens'][0]}-{c['prompt_tokens'][1]} tokens), "
           f"{c['adapters']} adapters r={c['rank']}, {c['repeats']} rounds")
     print(f"machine: {m['cpu_model']}, {m['cpu_count']} CPUs, torch threads: bench {m['torch_threads']}, server "
