@@ -124,6 +124,13 @@ def _bench_peer(args: argparse.Namespace) -> int:
     return run_peer_bench(args)
 
 
+def _bench_scale(args: argparse.Namespace) -> int:
+    _require("serve", "bench scale")
+    from loraserve.devtools.bench.scale_bench import run_scale_bench
+
+    return run_scale_bench(args)
+
+
 def _bench_tenants(args: argparse.Namespace) -> int:
     _require("serve", "bench tenants")
     from loraserve.devtools.bench.tenant_bench import run_tenant_bench
@@ -320,7 +327,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_args(b, ("deepseek-llm",), SIZES, ("none",))
     b.set_defaults(arch="deepseek-llm", quantization="none", requests=32, repeats=2)
     b.add_argument("--kv-cache-gib", type=int, default=2, help="the vLLM servers' KV cache on a CPU host (GiB)")
+    b.add_argument("--base", default=None, help="an existing deepseek-llm-architecture model directory instead of a "
+                   "synthetic one (adapters are still made at random)")
+    b.add_argument("--long-prefill-token-threshold", type=int, default=16,
+                   help="both vLLM servers: most prompt tokens of one prefill per step (0 = no cap; on a 2-core CPU "
+                   "a cap of 16 keeps a short request's TTFT near the decode-step time)")
     b.set_defaults(func=_bench_peer)
+
+    b = bench.add_parser("scale", help="the native engine at realistic load: 32 slots, adapter churn, TTFT under a "
+                         "long prefill, the prefix cache", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON here")
+    b.add_argument("--archs", nargs="+", choices=ARCHS, default=["deepseek-v3", "deepseek-llm"])
+    b.add_argument("--size", choices=SIZES, default="small")
+    b.add_argument("--quantization", choices=QUANTIZATIONS, default="nf4")
+    b.add_argument("--repeats", type=int, default=3, help="alternating rounds; medians are reported")
+    b.add_argument("--workdir", default=None, help="where to build the bases and adapters (a temp dir when unset)")
+    b.set_defaults(func=_bench_scale)
 
     from loraserve.devtools.bench.tenant_bench import add_flags as add_tenant_bench_flags  # torch-free
 

@@ -54,7 +54,9 @@ class EngineConfig:
     max_loras: int = 4
     """Adapter slots on the accelerator: the most distinct adapters in one running batch."""
     max_cpu_loras: int = 16
-    """Adapters kept decoded in host memory (LRU) behind the slots."""
+    """Adapters kept decoded in host memory (LRU) behind the slots, at most."""
+    host_cache_bytes: int = 0
+    """Host memory for those decoded adapters, at most (0 = auto: an eighth of the host's RAM)."""
     max_lora_rank: int = 64
     """Highest adapter rank accepted; slot buffers are padded to it."""
     max_batch_size: int = 32
@@ -65,9 +67,13 @@ class EngineConfig:
     """Longest prompt accepted, in tokens."""
     max_new_tokens_limit: int = 2048
     """Largest max_new_tokens a request may ask for."""
-    max_prefill_tokens: int = 4096
-    """Prompt tokens prefilled between two decode steps: bounds the stall running sequences see
-    when new requests join."""
+    max_prefill_tokens: int = 0
+    """Prompt tokens prefilled per engine step (padded), between two decode steps: a longer
+    prompt is prefilled in chunks over several steps, so running sequences never stall for a
+    whole long prefill. 0 = auto (512 with CUDA, 64 on a CPU)."""
+    prefix_cache_bytes: int = 256 << 20
+    """Host or accelerator memory for the KV of prompt prefixes, reused per adapter version
+    (0 = off)."""
     max_slot_wait_steps: int = 64
     """Decode steps the oldest request may wait for an adapter slot before newer requests stop
     overtaking it (starvation guard)."""
@@ -76,7 +82,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         positive = ("max_loras", "max_cpu_loras", "max_lora_rank", "max_batch_size", "max_queue",
-                    "max_input_tokens", "max_new_tokens_limit", "max_prefill_tokens", "max_slot_wait_steps")
+                    "max_input_tokens", "max_new_tokens_limit", "max_slot_wait_steps")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -85,7 +91,9 @@ class EngineConfig:
             raise ConfigError(
                 f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras ({self.max_loras}): "
                 "every adapter in a slot is also held in host memory")
-        if self.max_prefill_tokens < self.max_input_tokens:
-            raise ConfigError(
-                f"max_prefill_tokens ({self.max_prefill_tokens}) must be at least max_input_tokens "
-                f"({self.max_input_tokens}), or the longest prompt could never be prefilled")
+        if not isinstance(self.host_cache_bytes, int) or self.host_cache_bytes < 0:
+            raise ConfigError(f"host_cache_bytes must be an integer >= 0 (0 = auto), got {self.host_cache_bytes!r}")
+        if not isinstance(self.prefix_cache_bytes, int) or self.prefix_cache_bytes < 0:
+            raise ConfigError(f"prefix_cache_bytes must be an integer >= 0 (0 = off), got {self.prefix_cache_bytes!r}")
+        if not isinstance(self.max_prefill_tokens, int) or self.max_prefill_tokens < 0:
+            raise ConfigError(f"max_prefill_tokens must be an integer >= 0 (0 = auto), got {self.max_prefill_tokens!r}")

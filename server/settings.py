@@ -45,6 +45,12 @@ SETTINGS = (
     Setting("max_batch_size", int, 32, "most sequences decoding together (vLLM's max_num_seqs)"),
     Setting("max_queue", int, 256, "most waiting requests; beyond it RESOURCE_EXHAUSTED"),
     Setting("max_input_tokens", int, 4096, "longest prompt in tokens"),
+    Setting("host_cache_mib", int, 0, "native engine: host memory for decoded adapters behind the slots, at most "
+            "(0 = auto: an eighth of the host's RAM); max_cpu_loras caps their number"),
+    Setting("prefix_cache_mib", int, 256, "native engine: memory for the KV of prompt prefixes, reused by later "
+            "prompts on the same adapter version (0 = off)"),
+    Setting("max_prefill_tokens", int, 0, "native engine: prompt tokens prefilled per step, between decode steps; "
+            "longer prompts are prefilled in chunks (0 = auto: 512 with CUDA, 64 on a CPU)"),
     Setting("max_new_tokens", int, 2048, "largest max_new_tokens a request may ask for"),
     Setting("max_adapter_bytes", int, 2 * 1024**3, "largest adapter accepted (bytes)"),
     Setting("max_store_bytes", int, 0, "total size of the adapter store (bytes; 0 = unlimited)"),
@@ -92,6 +98,10 @@ SETTINGS = (
             "adapter too)"),
     Setting("enable_chunked_prefill", bool, True, "vllm engine: prefill long prompts in chunks between decode "
             "steps, so running streams keep flowing"),
+    Setting("max_num_batched_tokens", int, 0, "vllm engine: tokens one step may take, prefill chunks and decodes "
+            "together (0 = vLLM's default)"),
+    Setting("long_prefill_token_threshold", int, 0, "vllm engine: most prompt tokens one request's prefill takes "
+            "per step while others run, so running streams and short prompts are not held up (0 = no cap)"),
     Setting("vllm_cpu_kv_cache_gib", int, 0, "vllm engine on a CPU host: its KV cache in GiB "
             "(VLLM_CPU_KVCACHE_SPACE; 0 = vLLM's default)"),
     Setting("store_sync_interval", float, 10.0, "seconds between looks at the adapter store for what other "
@@ -118,6 +128,8 @@ class ServerSettings:
                            gpu_memory_utilization=v["gpu_memory_utilization"], max_model_len=v["max_model_len"],
                            enable_prefix_caching=v["enable_prefix_caching"],
                            enable_chunked_prefill=v["enable_chunked_prefill"],
+                           max_num_batched_tokens=v["max_num_batched_tokens"],
+                           long_prefill_token_threshold=v["long_prefill_token_threshold"],
                            cpu_kv_cache_gib=v["vllm_cpu_kv_cache_gib"])
 
     def engine_config(self) -> EngineConfig:
@@ -126,7 +138,8 @@ class ServerSettings:
             base=BaseModelConfig(model=v["model"], quantization=v["quantization"], dtype=v["dtype"]),
             max_loras=v["max_loras"], max_cpu_loras=v["max_cpu_loras"], max_lora_rank=v["max_lora_rank"],
             max_batch_size=v["max_batch_size"], max_queue=v["max_queue"], max_input_tokens=v["max_input_tokens"],
-            max_new_tokens_limit=v["max_new_tokens"], max_prefill_tokens=max(4096, v["max_input_tokens"]))
+            max_new_tokens_limit=v["max_new_tokens"], max_prefill_tokens=v["max_prefill_tokens"],
+            prefix_cache_bytes=v["prefix_cache_mib"] << 20, host_cache_bytes=v["host_cache_mib"] << 20)
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:

@@ -119,6 +119,15 @@ class _EngineCollector:
         hits.add_metric(["cpu"], s.cpu_hits_total)
         hits.add_metric(["disk"], s.disk_loads_total)
         yield hits
+        prefix = CounterMetricFamily("loraserve_prefix_cache_lookups", "Prompts looked up in the prefix cache "
+                                     "(native engine; per adapter version)", labels=["result"])
+        prefix.add_metric(["hit"], s.prefix_cache_hits_total)
+        prefix.add_metric(["miss"], s.prefix_cache_misses_total)
+        yield prefix
+        yield CounterMetricFamily("loraserve_prefix_cache_hit_tokens", "Prompt tokens whose prefill the prefix "
+                                  "cache saved", value=s.prefix_cache_hit_tokens_total)
+        yield GaugeMetricFamily("loraserve_prefix_cache_bytes", "Memory held by the prefix cache",
+                                value=s.prefix_cache_bytes)
         if not self._lora_info:
             return
         # vLLM's series, read by LoRA-aware routers (e.g. the Gateway API inference extension).

@@ -115,6 +115,11 @@ class EngineStats:
     disk_load_seconds_total: float
     running_adapters: list[str]
     waiting_adapters: list[str]
+    prefix_cache_hits_total: int = 0
+    prefix_cache_misses_total: int = 0
+    prefix_cache_hit_tokens_total: int = 0
+    """Prompt tokens whose prefill the prefix cache saved."""
+    prefix_cache_bytes: int = 0
 
 
 @runtime_checkable

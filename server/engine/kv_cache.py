@@ -1,11 +1,18 @@
-"""The running batch's KV cache: one padded tensor pair per layer, rows aligned on the right.
+"""The running batch's KV cache: per layer, one buffer pair with spare rows and spare columns on
+both sides, the batch's rows aligned on the right.
 
-Every row of the batch shares one time axis of length `length`; a sequence shorter than the
+Every row shares one time axis, columns `start..end` of the buffer; a sequence shorter than the
 batch's longest sits at the right end of its row and the columns before it are padding (zeros,
-masked out of attention). This lets a sequence whose prefill ran alone join a batch that is
-already decoding, and lets a finished sequence leave by dropping its row, while the model sees
-an ordinary transformers `Cache`. The whole layout lives in this class, so a paged layout can
-replace it without touching the scheduler or runner.
+masked out of attention). A decode step writes every row's new token at column `end`. So the
+model sees an ordinary transformers `Cache`, and:
+- a sequence joins by writing its own rows into spare rows (a longer one than the batch's
+  longest first moves `start` left into the spare columns, zeroing them for the other rows);
+- a sequence leaves by moving the last row into its place (one row copied), and padding no
+  remaining row needs is dropped by moving `start` right (nothing copied);
+- only when spare rows or columns run out is the buffer reallocated, with twice the spare.
+So nothing but the joining or leaving sequence itself is copied, amortized over the batch's
+life. The whole layout lives in this class: a paged layout could replace it without touching
+the scheduler or the runner.
 """
 
 from __future__ import annotations
@@ -13,56 +20,107 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+MIN_SPARE_COLUMNS = 64
+MIN_ROWS = 8
 
-class _PaddedLayer(DynamicLayer):
-    """One layer's keys/values in a buffer with spare time capacity, so a decode step writes in
-    place instead of concatenating the whole history (DynamicLayer's O(T) copy per token)."""
+
+class _RowLayer(DynamicLayer):
+    """One layer's keys/values: buffers [R, H, C, D]; rows 0..rows-1 and columns start..end hold
+    the batch (what `keys` / `values` view)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._k: torch.Tensor | None = None  # [B, H, capacity, Dk]
-        self._v: torch.Tensor | None = None  # [B, H, capacity, Dv]
-        self.length = 0
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+        self.rows = 0
+        self.start = 0
+        self.end = 0
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
-    def _ensure_capacity(self, batch: int, need: int, k_like: torch.Tensor, v_like: torch.Tensor) -> None:
-        if self._k is not None and self._k.shape[0] == batch and self._k.shape[2] >= need:
+    def _views(self) -> None:
+        self.keys = self._k[:self.rows, :, self.start:self.end]
+        self.values = self._v[:self.rows, :, self.start:self.end]
+
+    def reserve(self, rows: int, left: int, right: int, k_like: torch.Tensor, v_like: torch.Tensor) -> None:
+        """Make room for `rows` rows, `left` columns before `start` and `right` after `end`:
+        reallocated (the batch copied once) only when the spare runs out, with twice as much."""
+        if self._k is not None and rows <= self._k.shape[0] and left <= self.start \
+                and self.end + right <= self._k.shape[2]:
             return
-        capacity = max(need, 16, 2 * (self._k.shape[2] if self._k is not None else 0))
-        k = k_like.new_zeros(batch, k_like.shape[1], capacity, k_like.shape[3])
-        v = v_like.new_zeros(batch, v_like.shape[1], capacity, v_like.shape[3])
-        if self._k is not None and self.length:
-            k[:, :, : self.length] = self._k[:, :, : self.length]
-            v[:, :, : self.length] = self._v[:, :, : self.length]
+        old_rows = self._k.shape[0] if self._k is not None else 0
+        new_rows = max(rows, MIN_ROWS, 2 * old_rows if rows > old_rows else old_rows)
+        spare_left = max(left, MIN_SPARE_COLUMNS, 2 * self.start if left > self.start else self.start)
+        old_right = (self._k.shape[2] - self.end) if self._k is not None else 0
+        spare_right = max(right, MIN_SPARE_COLUMNS, 2 * old_right if right > old_right else old_right)
+        columns = spare_left + self.length + spare_right
+        k = k_like.new_zeros(new_rows, k_like.shape[1], columns, k_like.shape[3])
+        v = v_like.new_zeros(new_rows, v_like.shape[1], columns, v_like.shape[3])
+        if self._k is not None and self.rows and self.length:
+            k[:self.rows, :, spare_left:spare_left + self.length] = self._k[:self.rows, :, self.start:self.end]
+            v[:self.rows, :, spare_left:spare_left + self.length] = self._v[:self.rows, :, self.start:self.end]
         self._k, self._v = k, v
+        self.start, self.end = spare_left, spare_left + self.length
+        if not self.is_initialized:
+            self.lazy_initialization(k, v)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+        """A decode step: every row's new keys/values at column `end`."""
         new = key_states.shape[-2]
-        self._ensure_capacity(key_states.shape[0], self.length + new, key_states, value_states)
-        self._k[:, :, self.length : self.length + new] = key_states
-        self._v[:, :, self.length : self.length + new] = value_states
-        self.length += new
-        self.keys = self._k[:, :, : self.length]
-        self.values = self._v[:, :, : self.length]
+        self.reserve(self.rows, 0, new, key_states, value_states)
+        self._k[:self.rows, :, self.end:self.end + new] = key_states
+        self._v[:self.rows, :, self.end:self.end + new] = value_states
+        self.end += new
+        self._views()
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
         return self.length
 
-    def set_rows(self, k: torch.Tensor | None, v: torch.Tensor | None) -> None:
-        """Replace the content with `k`/`v` ([B, H, T, D]); spare capacity is re-grown lazily."""
-        self._k, self._v = k, v
-        self.length = 0 if k is None else k.shape[2]
-        self.keys = k
-        self.values = v
-        self.is_initialized = k is not None
-        if k is not None:
-            self.dtype, self.device = k.dtype, k.device
+    def add_rows(self, k_new: torch.Tensor, v_new: torch.Tensor, pads: list[int]) -> int:
+        """Write a prefill's rows ([n, H, L, D], `pads[i]` left padding in row i) as the last rows,
+        right-aligned; returns how many columns `start` moved left (extra padding of old rows)."""
+        n, width = k_new.shape[0], k_new.shape[2]
+        grow = max(0, width - self.length)
+        self.reserve(self.rows + n, grow, 0, k_new, v_new)
+        if grow:
+            self._k[:self.rows, :, self.start - grow:self.start] = 0  # stale columns become padding
+            self._v[:self.rows, :, self.start - grow:self.start] = 0
+            self.start -= grow
+        rows = slice(self.rows, self.rows + n)
+        self._k[rows, :, self.start:self.end] = 0
+        self._v[rows, :, self.start:self.end] = 0
+        self._k[rows, :, self.end - width:self.end] = k_new
+        self._v[rows, :, self.end - width:self.end] = v_new
+        for i, pad in enumerate(pads):  # a pad position's KV is never attended to, but must be finite
+            if pad:
+                self._k[self.rows + i, :, self.end - width:self.end - width + pad] = 0
+                self._v[self.rows + i, :, self.end - width:self.end - width + pad] = 0
+        self.rows += n
+        self._views()
+        return grow
+
+    def move_row(self, source: int, target: int) -> None:
+        self._k[target, :, self.start:self.end] = self._k[source, :, self.start:self.end]
+        self._v[target, :, self.start:self.end] = self._v[source, :, self.start:self.end]
+
+    def shrink(self, rows: int, trim: int) -> None:
+        """Keep the first `rows` rows; drop `trim` leading padding columns (no copy)."""
+        self.rows = rows
+        if rows == 0:
+            self._k = self._v = None  # an empty batch gives its memory back
+            self.start = self.end = 0
+            self.keys = self.values = None
+            self.is_initialized = False
+            return
+        self.start += trim
+        self._views()
 
 
 class BatchKVCache(Cache):
@@ -70,7 +128,7 @@ class BatchKVCache(Cache):
     precede its tokens, so its real length is `length - left_pad[i]`."""
 
     def __init__(self, num_layers: int) -> None:
-        super().__init__(layers=[_PaddedLayer() for _ in range(num_layers)])
+        super().__init__(layers=[_RowLayer() for _ in range(num_layers)])
         self.left_pad: list[int] = []
 
     @property
@@ -82,47 +140,32 @@ class BatchKVCache(Cache):
         return len(self.left_pad)
 
     def append(self, prefilled: Cache, left_pads: list[int]) -> None:
-        """Add the rows of a prefill batch (left-padded, `left_pads[i]` pad columns in row i) as
-        the last rows. Pad columns are zeroed: a pad position's keys/values are never attended
-        to, but must be finite, or 0 * NaN would leak into the attention sum."""
+        """Add the rows of a prefill (left-padded, `left_pads[i]` pad columns in row i) as the
+        last rows; only those rows are copied."""
         new_len = prefilled.layers[0].get_seq_length()
-        total = max(self.length, new_len)
-        shift = total - self.length  # extra padding every existing row needs on the left
-        offset = total - new_len  # extra padding every new row needs on the left
-        n_new = len(left_pads)
+        grow = 0
         for mine, theirs in zip(self.layers, prefilled.layers):
-            k_new, v_new = theirs.keys[:, :, :new_len], theirs.values[:, :, :new_len]
-            b = mine.keys.shape[0] if self.left_pad else 0
-            k = k_new.new_zeros(b + n_new, k_new.shape[1], total, k_new.shape[3])
-            v = v_new.new_zeros(b + n_new, v_new.shape[1], total, v_new.shape[3])
-            if b:
-                k[:b, :, shift:] = mine.keys
-                v[:b, :, shift:] = mine.values
-            k[b:, :, offset:] = k_new
-            v[b:, :, offset:] = v_new
-            for i, pad in enumerate(left_pads):
-                if pad:
-                    k[b + i, :, offset:offset + pad] = 0
-                    v[b + i, :, offset:offset + pad] = 0
-            mine.set_rows(k, v)
-        self.left_pad = [p + shift for p in self.left_pad] + [offset + pad for pad in left_pads]
+            grow = mine.add_rows(theirs.keys[:, :, :new_len], theirs.values[:, :, :new_len], left_pads)
+        offset = self.length - new_len  # the new rows' extra padding on the left
+        self.left_pad = [p + grow for p in self.left_pad] + [offset + pad for pad in left_pads]
 
-    def keep_rows(self, keep: list[int]) -> None:
-        """Keep only the rows in `keep` (in that order), freeing the others' memory, then drop
-        padding columns that no remaining row needs."""
-        if not keep:
-            for layer in self.layers:
-                layer.set_rows(None, None)
-            self.left_pad = []
-            return
-        pads = [self.left_pad[i] for i in keep]
-        trim = min(pads)
-        index = torch.tensor(keep, device=self.layers[0].keys.device)
+    def remove_rows(self, rows: set[int]) -> list[int]:
+        """Drop the rows in `rows`, filling each hole with the current last row (one row copied
+        per hole); returns the new order: new row j holds what was row order[j]."""
+        order = list(range(self.batch_size))
+        for hole in sorted(rows, reverse=True):
+            last = len(order) - 1
+            if hole != last:
+                for layer in self.layers:
+                    layer.move_row(last, hole)
+                order[hole] = order[last]
+            order.pop()
+        pads = [self.left_pad[i] for i in order]
+        trim = min(pads) if pads else 0
         for layer in self.layers:
-            k = layer.keys.index_select(0, index)[:, :, trim:].contiguous()
-            v = layer.values.index_select(0, index)[:, :, trim:].contiguous()
-            layer.set_rows(k, v)
+            layer.shrink(len(order), trim)
         self.left_pad = [p - trim for p in pads]
+        return order
 
     def decode_inputs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Attention mask [B, T+1], position ids [B, 1] and cache position [1] for one decode step."""

@@ -242,6 +242,7 @@ class NativeEngine:
             self._scheduler.fail_waiting_for(entry.version, message)
             self._scheduler.host.discard(entry.version)
             self._scheduler.slots.drop(entry.version)
+            self._scheduler.prefix.drop_version(entry.version)
             with self._lock:
                 self._versions.pop(entry.version, None)
         self._on_engine(drop)
@@ -333,6 +334,11 @@ class NativeEngine:
         """How long an idle engine thread sleeps between looks at its inbox (<= a heartbeat)."""
         self._scheduler.idle_wait_s = seconds
 
+    def step_time(self) -> tuple[float, float]:
+        """Seconds of decode steps so far (forward, host work after it): the benchmarks' share
+        of a step spent outside the model."""
+        return self._on_engine(lambda: (self._scheduler.step_time.forward_s, self._scheduler.step_time.host_s))
+
     def stats(self) -> EngineStats:
         """A consistent snapshot, taken on the engine thread between two steps."""
         return self._on_engine(self._snapshot)
@@ -350,4 +356,6 @@ class NativeEngine:
             slot_evictions_total=s.slots.evictions_total, host_evictions_total=s.host.evictions_total,
             gpu_hits_total=s.tiers.gpu_hits, cpu_hits_total=s.tiers.cpu_hits,
             disk_loads_total=s.tiers.disk_loads, disk_load_seconds_total=s.tiers.disk_load_seconds,
-            running_adapters=s.running_adapters(), waiting_adapters=s.waiting_adapters())
+            running_adapters=s.running_adapters(), waiting_adapters=s.waiting_adapters(),
+            prefix_cache_hits_total=s.prefix.stats.hits, prefix_cache_misses_total=s.prefix.stats.misses,
+            prefix_cache_hit_tokens_total=s.prefix.stats.hit_tokens, prefix_cache_bytes=s.prefix.nbytes)

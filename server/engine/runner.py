@@ -1,4 +1,5 @@
-"""Runs the model: a prefill per joining sequence, one batched decode step for all others.
+"""Runs the model: prefills (short prompts in one padded forward, a long one in chunks on a KV
+of its own), one batched decode step for the running batch.
 
 The runner owns the batch's KV cache and tells the LoRA layers which slot each row uses
 before every forward; it knows nothing about requests, sampling or adapters' names.
@@ -21,6 +22,7 @@ class ModelRunner:
         self.context = context
         self.device = model.get_input_embeddings().weight.device
         self.cache = BatchKVCache(model.config.num_hidden_layers)
+        self._last_prefill: tuple[DynamicCache, list[int], list[int]] | None = None  # cache, pads, lengths
 
     @property
     def batch_size(self) -> int:
@@ -43,7 +45,46 @@ class ModelRunner:
         out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=prefilled,
                          use_cache=True, logits_to_keep=1, **kwargs)
         self.cache.append(prefilled, pads)
+        self._last_prefill = (prefilled, pads, [len(p) for p in prompts])
         return out.logits[:, -1].float()
+
+    def prefilled_kv(self, row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the keys and values ([1, H, T, D], views) of prompt `row` of the last
+        `prefill`, its padding cut off."""
+        cache, pads, lengths = self._last_prefill
+        start, end = pads[row], pads[row] + lengths[row]
+        return [(layer.keys[row:row + 1, :, start:end], layer.values[row:row + 1, :, start:end])
+                for layer in cache.layers]
+
+    @staticmethod
+    def kv_of(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
+    @torch.inference_mode()
+    def cache_from(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+        """A prompt's own KV that starts as a copy of `kv` (a cached prefix)."""
+        cache = DynamicCache(config=self.model.config)
+        for i, (k, v) in enumerate(kv):
+            cache.update(k.clone(), v.clone(), i)
+        return cache
+
+    @torch.inference_mode()
+    def prefill_chunk(self, cache: DynamicCache | None, tokens: list[int], start: int,
+                      slot: int) -> tuple[DynamicCache, torch.Tensor]:
+        """Prefill `tokens`, positions start.. of one prompt, on that prompt's own KV (`cache`,
+        None for the first chunk); returns the KV and the logits after the chunk's last token,
+        [1, V] float32. The batch is untouched until `join`."""
+        self.context.set([slot])
+        cache = cache if cache is not None else DynamicCache(config=self.model.config)
+        positions = torch.arange(start, start + len(tokens), device=self.device)
+        out = self.model(input_ids=torch.tensor([tokens], device=self.device), position_ids=positions[None],
+                         cache_position=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return cache, out.logits[:, -1].float()
+
+    @torch.inference_mode()
+    def join(self, cache: DynamicCache) -> None:
+        """Add a prompt prefilled by `prefill_chunk` as the last row of the batch."""
+        self.cache.append(cache, [0])
 
     @torch.inference_mode()
     def decode(self, last_tokens: list[int], slots: list[int]) -> torch.Tensor:
@@ -55,6 +96,8 @@ class ModelRunner:
                          cache_position=cache_position, past_key_values=self.cache, use_cache=True)
         return out.logits[:, -1].float()
 
-    def keep_rows(self, keep: list[int]) -> None:
-        """Drop every row not in `keep`, freeing its KV memory now."""
-        self.cache.keep_rows(keep)
+    @torch.inference_mode()
+    def remove_rows(self, rows: set[int]) -> list[int]:
+        """Drop the rows in `rows` (their KV is free for the next to join); returns the new row
+        order: new row j is what was row order[j]."""
+        return self.cache.remove_rows(rows)

@@ -1,9 +1,12 @@
 """The engine thread: continuous batching over many adapters.
 
 Each iteration: apply messages from other threads (new requests, loaded adapters, admin
-calls), drop cancelled and expired sequences, admit waiting requests (prefill, first token)
-while the batch, the adapter slots and the prefill budget allow, then run one decode step for
-the whole batch. A request joins at any step and leaves the step it finishes, releasing its
+calls), drop cancelled and expired sequences, admit waiting requests while the batch and the
+adapter slots allow, prefill within the step's token budget (short prompts whole, in one padded
+forward; a long prompt one chunk per step on a KV of its own, joining the batch when it is
+complete), then run one decode step for the whole batch. A long prompt is so read between
+decode steps: running sequences keep streaming, and a short prompt arriving behind it is
+prefilled in the next step, never padded to it. A request joins at any step and leaves the step it finishes, releasing its
 KV rows and its slot hold at once. Only this thread touches the model, the slots and the host
 cache, so none of them needs a lock.
 """
@@ -15,35 +18,32 @@ import queue
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from loraserve.config import EngineConfig
+from loraserve.engine.adapter_tiers import AdapterTiers, TierCounters, WeightsLoader
+from loraserve.engine.prefill import plan_prefill, prefill_budget
+from loraserve.engine.prefix_cache import PrefixCache
 from loraserve.engine.request import ErrorEvent
 from loraserve.engine.runner import ModelRunner
 from loraserve.engine.sampling import sample_batch
 from loraserve.engine.sequence import Sequence
 from loraserve.errors import AdapterIncompatible, AdapterNotFound, Cancelled, DeadlineExceeded, LoraserveError
-from loraserve.lora.adapter import LoraWeights
 from loraserve.lora.slots import AdapterSlots, HostCache
 
 log = logging.getLogger(__name__)
 
-WeightsLoader = Callable[[str], LoraWeights]
-"""Reads and decodes the adapter version `version` from the store (runs on a loader thread)."""
-
-
 @dataclass
-class TierCounters:
-    """Where adapter lookups were served from, and loads between tiers."""
+class StepTime:
+    """Seconds of decode steps so far: in the model's forward (and the KV update), and on the
+    host after it (sampling, detokenizing, streaming the tokens, removing finished rows)."""
 
-    gpu_hits: int = 0
-    cpu_hits: int = 0
-    disk_loads: int = 0
-    disk_load_seconds: float = 0.0
+    forward_s: float = 0.0
+    host_s: float = 0.0
 
 
 class BatchScheduler:
@@ -54,9 +54,8 @@ class BatchScheduler:
         self.config = config
         self.runner = runner
         self.slots = slots
-        self.host = HostCache(config.max_cpu_loras)
-        self.tiers = TierCounters()
-        self._loader = loader
+        self.adapters = AdapterTiers(slots, HostCache(config.max_cpu_loras, config.host_cache_bytes or _auto_host_bytes()),
+                                     loader, lambda *done: self._inbox.put(("loaded", done)))
         self._eos_ids = eos_ids
         self._vocab_size = vocab_size
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -68,8 +67,10 @@ class BatchScheduler:
         self.idle = threading.Event()  # set while nothing is queued or running
         self.idle.set()
         self._running: list[Sequence] = []
-        self._loading: set[str] = set()
-        self._load_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
+        self._prefilling: list[Sequence] = []  # admitted (slot held), prompt not fully prefilled
+        self.prefill_budget = prefill_budget(config.max_prefill_tokens, runner.device)
+        self.prefix = PrefixCache(config.prefix_cache_bytes)
+        self.step_time = StepTime()
         self._steps = 0
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
@@ -78,8 +79,6 @@ class BatchScheduler:
         """When the engine thread last went round its loop (a step, a message, or an idle wake):
         read by the heartbeat, so a step that never ends shows as no progress."""
         self.idle_wait_s = 0.5
-        self.load_observers: list[Callable[[float], None]] = []
-        """Called (on the engine thread) with the seconds each disk load took."""
 
     # ---- used from other threads -------------------------------------------------------
     def start(self) -> None:
@@ -113,7 +112,19 @@ class BatchScheduler:
         """Fail everything still queued or running and end the thread."""
         self._inbox.put(("stop", None))
         self._thread.join()
-        self._load_pool.shutdown(wait=True)
+        self.adapters.shutdown()
+
+    @property
+    def host(self) -> HostCache:
+        return self.adapters.host
+
+    @property
+    def tiers(self) -> TierCounters:
+        return self.adapters.counters
+
+    @property
+    def load_observers(self) -> list[Callable[[float], None]]:
+        return self.adapters.load_observers
 
     @property
     def num_waiting(self) -> int:
@@ -121,10 +132,11 @@ class BatchScheduler:
 
     @property
     def num_running(self) -> int:
-        return len(self._running)
+        """Sequences in the batch, those whose prompt is being prefilled included."""
+        return len(self._running) + len(self._prefilling)
 
     def running_adapters(self) -> list[str]:
-        return sorted({s.request.adapter for s in list(self._running) if s.request.adapter})
+        return sorted({s.request.adapter for s in [*self._running, *self._prefilling] if s.request.adapter})
 
     def waiting_adapters(self) -> list[str]:
         return sorted({s.request.adapter for s in list(self._waiting) if s.request.adapter})
@@ -133,19 +145,22 @@ class BatchScheduler:
     def _loop(self) -> None:
         while not self._stop:
             self.progress_at = time.monotonic()
-            idle = not self._running and not self._ready_to_admit()
+            idle = not self._running and not self._prefilling and not self._ready_to_admit()
             self._drain_inbox(block=idle)
             if self._stop:
                 break
             try:
                 self._drop_finished_early()
                 self._admit()
+                self.adapters.prefetch(self._waiting)
+                if self._prefilling:
+                    self._prefill_step()
                 if self._running:
                     self._step()
             except Exception as exc:  # a server fault: fail every request, keep the thread alive
                 log.exception("engine step failed; failing %d running requests", len(self._running))
                 self._fail_running(LoraserveError(f"internal engine error ({type(exc).__name__})"))
-            if not self._running and self.num_waiting == 0:
+            if not self._running and not self._prefilling and self.num_waiting == 0:
                 self.idle.set()
         self._fail_all(Cancelled("the engine shut down before the request finished"))
 
@@ -173,15 +188,9 @@ class BatchScheduler:
                     future.set_exception(exc)
         elif kind == "loaded":
             version, weights, error, seconds = payload
-            self._loading.discard(version)
+            self.adapters.loaded(version, weights, seconds, keep=self.slots.pinned() | self._waiting_keys())
             if error is not None:
                 self._fail_waiting(lambda s: s.adapter_version == version, error)
-            else:
-                self.tiers.disk_loads += 1
-                self.tiers.disk_load_seconds += seconds
-                for observe in self.load_observers:
-                    observe(seconds)
-                self.host.put(version, weights, keep=self.slots.pinned() | self._waiting_keys())
         elif kind == "stop":
             self._stop = True
 
@@ -189,8 +198,7 @@ class BatchScheduler:
         return {s.adapter_version for s in self._waiting if s.adapter_version is not None}
 
     def _ready_to_admit(self) -> bool:
-        return any(s.adapter_version is None or self.host.get(s.adapter_version) is not None
-                   or self.slots.slot_of(s.adapter_version) is not None for s in self._waiting)
+        return any(self.adapters.is_available(s.adapter_version) for s in self._waiting)
 
     def _drop_finished_early(self) -> None:
         """Cancelled or expired sequences leave before this step runs."""
@@ -200,6 +208,10 @@ class BatchScheduler:
             if error is not None:
                 self._unqueue(seq)
                 seq.stream.push(ErrorEvent(error))
+        for seq in list(self._prefilling):
+            error = _early_end(seq, now)
+            if error is not None:
+                self._end_prefilling(seq, error)
         ended = [(i, _early_end(s, now)) for i, s in enumerate(self._running)]
         ended = [(i, e) for i, e in ended if e is not None]
         if ended:
@@ -213,73 +225,95 @@ class BatchScheduler:
             self._remove_rows(gone)
 
     def _admit(self) -> None:
-        """Move waiting requests into the batch (one padded prefill for all of them) while the
-        batch, the slots and the prefill budget allow; oldest first, skipping those whose
-        adapter is still loading or cannot get a slot."""
-        joining: list[Sequence] = []
-        longest = 0
+        """Move waiting requests into the batch (their prompts to be prefilled) while the batch
+        and the slots allow; oldest first, skipping those whose adapter is still loading or
+        cannot get a slot."""
         guard = self._starving()
         for seq in list(self._waiting):
-            if len(self._running) + len(joining) >= self.config.max_batch_size:
+            if len(self._running) + len(self._prefilling) >= self.config.max_batch_size:
                 break
             if guard is not None and seq is not guard and seq.adapter_version is not None:
                 continue  # base-only requests take no slot, so they may still pass
-            if not self._adapter_ready(seq):
+            if not self.adapters.ready(seq, self._steps):
                 continue
-            prompt_len = len(seq.request.prompt_token_ids)
-            # Padded prefill cost: every joining prompt is padded to the longest.
-            if joining and max(longest, prompt_len) * (len(joining) + 1) > self.config.max_prefill_tokens:
-                break  # the rest join at the next step; running sequences must not stall longer
-            longest = max(longest, prompt_len)
             self._unqueue(seq)
             version = seq.adapter_version
             seq.slot = self.slots.acquire(version, self.host.get(version)) if version is not None else 0
             seq.admitted_at = time.monotonic()
-            joining.append(seq)
-        if joining:
-            self._prefill(joining)
+            length, kv = self.prefix.lookup(version, seq.request.prompt_token_ids)
+            if kv is not None:  # the rest of the prompt is prefilled on a copy of the cached prefix
+                seq.prefill_cache, seq.prefilled = self.runner.cache_from(kv), length
+            self._prefilling.append(seq)
 
-    def _adapter_ready(self, seq: Sequence) -> bool:
-        """True when the sequence's adapter is in a slot or can be put in one now; otherwise
-        starts loading it from disk or notes that the sequence is waiting for a slot."""
-        version = seq.adapter_version
-        if version is None:
-            return True
-        if self.slots.slot_of(version) is not None:
-            self.tiers.gpu_hits += 1
-            return True
-        if self.host.get(version) is None:
-            # Read from disk only when the weights could be used soon or fit without evicting
-            # another waiting adapter's; otherwise loads would evict each other while every
-            # slot is busy and the loader would re-read the same files over and over.
-            if self.slots.has_room_for(version) or len(self.host) < self.host.capacity:
-                self._start_load(version)
-            return False
-        if not self.slots.has_room_for(version):
-            if seq.blocked_since_step is None:
-                seq.blocked_since_step = self._steps
-            return False
-        self.tiers.cpu_hits += 1
-        return True
+    def _prefill_step(self) -> None:
+        plan = plan_prefill([(len(s.request.prompt_token_ids), s.prefilled) for s in self._prefilling],
+                            self.prefill_budget)
+        whole = [self._prefilling[i] for i in plan.whole]
+        chunks = [(self._prefilling[i], tokens) for i, tokens in plan.chunks]
+        if whole:
+            self._prefilling = [s for s in self._prefilling if s not in whole]
+            self._prefill_whole(whole)
+        for seq, tokens in chunks:
+            self._prefill_chunk(seq, tokens)
 
-    def _prefill(self, joining: list[Sequence]) -> None:
+    def _prefill_whole(self, joining: list[Sequence]) -> None:
         prompts = [s.request.prompt_token_ids for s in joining]
         try:
             logits = self.runner.prefill(prompts, [s.slot for s in joining])  # [n, V]
         except Exception:  # e.g. out of memory on long prompts: only these requests fail
             log.exception("prefill failed for %d requests", len(joining))
             for seq in joining:
-                if seq.adapter_version is not None:
-                    self.slots.release(seq.adapter_version)
+                self._release(seq)
                 seq.stream.push(ErrorEvent(LoraserveError("internal engine error during prefill")))
             return  # the batch's cache is untouched: prefill adds rows only on success
+        if self.prefix.enabled:
+            for row, seq in enumerate(joining):
+                self.prefix.store(seq.adapter_version, seq.request.prompt_token_ids, self.runner.prefilled_kv(row))
+        self._joined(joining, logits)
+
+    def _prefill_chunk(self, seq: Sequence, tokens: int) -> None:
+        """One chunk of a long prompt on its own KV; the sequence joins the batch after its last."""
+        prompt = seq.request.prompt_token_ids
+        chunk = prompt[seq.prefilled:seq.prefilled + tokens]
+        try:
+            seq.prefill_cache, logits = self.runner.prefill_chunk(seq.prefill_cache, chunk, seq.prefilled, seq.slot)
+        except Exception:  # only this request fails
+            log.exception("prefill of a chunk failed for request %s", seq.request.request_id)
+            self._end_prefilling(seq, LoraserveError("internal engine error during prefill"))
+            return
+        seq.prefilled += len(chunk)
+        if seq.prefilled < len(prompt):
+            return
+        self._prefilling.remove(seq)
+        self.prefix.store(seq.adapter_version, prompt, self.runner.kv_of(seq.prefill_cache))
+        self.runner.join(seq.prefill_cache)
+        seq.prefill_cache = None
+        self._joined([seq], logits)
+
+    def _joined(self, joining: list[Sequence], logits: torch.Tensor) -> None:
+        """Sequences whose prompts are prefilled (their KV rows now the batch's last): their
+        first token."""
         first_row = len(self._running)
         self._running.extend(joining)
-        for seq, prompt in zip(joining, prompts):
+        for seq in joining:
             if seq.request.sampling.repetition_penalty != 1.0:
                 seq.seen = torch.zeros(self._vocab_size, dtype=torch.bool, device=logits.device)
-                seq.seen[torch.tensor(prompt, device=logits.device)] = True
+                seq.seen[torch.tensor(seq.request.prompt_token_ids, device=logits.device)] = True
         self._sample_and_emit(joining, logits, first_row)
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.adapter_version is not None:
+            self.slots.release(seq.adapter_version)
+
+    def _end_prefilling(self, seq: Sequence, error: LoraserveError) -> None:
+        """A sequence still prefilling ends (cancelled, expired, failed): slot and KV freed."""
+        self._prefilling.remove(seq)
+        seq.prefill_cache = None
+        self._release(seq)
+        if isinstance(error, Cancelled):
+            seq.finish("cancelled")
+        else:
+            seq.stream.push(ErrorEvent(error))
 
     def _starving(self) -> Sequence | None:
         """The oldest request kept from a slot for too long, once newer ones must wait for it."""
@@ -292,9 +326,13 @@ class BatchScheduler:
     def _step(self) -> None:
         running = self._running
         self.last_batch_size = len(running)
+        started = time.perf_counter()
         logits = self.runner.decode([s.last_token for s in running], [s.slot for s in running])
+        forward = time.perf_counter()
         self._steps += 1
         self._sample_and_emit(running, logits, 0)
+        self.step_time.forward_s += forward - started
+        self.step_time.host_s += time.perf_counter() - forward
 
     def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor, first_row: int) -> None:
         """Choose each sequence's next token (`seqs` are batch rows first_row...), stream it,
@@ -319,30 +357,9 @@ class BatchScheduler:
 
     def _remove_rows(self, rows: set[int]) -> None:
         for i in rows:
-            seq = self._running[i]
-            if seq.adapter_version is not None:
-                self.slots.release(seq.adapter_version)
-        keep = [i for i in range(len(self._running)) if i not in rows]
-        self._running = [self._running[i] for i in keep]
-        self.runner.keep_rows(keep)
-
-    def _start_load(self, version: str) -> None:
-        if version in self._loading:
-            return
-        self._loading.add(version)
-
-        def work() -> None:
-            started = time.monotonic()
-            try:
-                weights, error = self._loader(version), None
-            except LoraserveError as exc:
-                weights, error = None, exc
-            except Exception as exc:  # a server fault while reading: log it, fail those requests
-                log.exception("loading adapter %s failed", version)
-                weights, error = None, LoraserveError(f"could not load the adapter ({type(exc).__name__})")
-            self._inbox.put(("loaded", (version, weights, error, time.monotonic() - started)))
-
-        self._load_pool.submit(work)
+            self._release(self._running[i])
+        order = self.runner.remove_rows(set(rows))
+        self._running = [self._running[i] for i in order]
 
     def _fail_waiting(self, match: Callable[[Sequence], bool], error: LoraserveError) -> None:
         for seq in [s for s in self._waiting if match(s)]:
@@ -354,6 +371,10 @@ class BatchScheduler:
         self._fail_waiting(lambda s: s.adapter_version == version, AdapterNotFound(message))
 
     def _fail_running(self, error: LoraserveError) -> None:
+        for seq in self._prefilling:
+            self._release(seq)
+            seq.stream.push(ErrorEvent(error))
+        self._prefilling = []
         for seq in self._running:
             seq.stream.push(ErrorEvent(error))
         self._remove_rows(set(range(len(self._running))))
@@ -370,6 +391,12 @@ class BatchScheduler:
                 payload.stream.push(ErrorEvent(error))
             elif kind == "call":
                 payload[1].set_exception(error)
+
+
+def _auto_host_bytes() -> int:
+    import psutil
+
+    return psutil.virtual_memory().total // 8
 
 
 def _early_end(seq: Sequence, now: float) -> LoraserveError | None:

@@ -27,6 +27,10 @@ class Sequence:
     first_token_at: float = 0.0
     blocked_since_step: int | None = None
     """First decode step at which it could not get an adapter slot (starvation guard)."""
+    prefilled: int = 0
+    """Prompt tokens already in its KV (a long prompt is prefilled in chunks over several steps)."""
+    prefill_cache: object | None = None
+    """Its own KV while its prompt is prefilled in chunks; it joins the batch's when complete."""
 
     @classmethod
     def create(cls, request: GenerationRequest, stream: RequestStream, adapter_version: str | None,

@@ -132,13 +132,23 @@ class AdapterSlots:
 
 
 class HostCache:
-    """Decoded adapters in host memory, least recently used evicted past `capacity`; keys in
-    `keep` (pinned adapters) are never evicted."""
+    """Decoded adapters in host memory, least recently used evicted past `capacity` adapters or
+    `max_bytes`; keys in `keep` (pinned adapters, those queued requests wait for) are never
+    evicted."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, max_bytes: int | None = None) -> None:
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self._items: OrderedDict[str, LoraWeights] = OrderedDict()
+        self._nbytes = 0
         self.evictions_total = 0
+
+    def _full(self) -> bool:
+        return len(self._items) > self.capacity or (self.max_bytes is not None and self._nbytes > self.max_bytes)
+
+    def has_room(self, nbytes: int = 0) -> bool:
+        """Whether one more adapter of `nbytes` fits without evicting anything."""
+        return len(self._items) < self.capacity and (self.max_bytes is None or self._nbytes + nbytes <= self.max_bytes)
 
     def get(self, version: str) -> LoraWeights | None:
         weights = self._items.get(version)
@@ -147,17 +157,20 @@ class HostCache:
         return weights
 
     def put(self, version: str, weights: LoraWeights, keep: set[str]) -> None:
+        self.discard(version)
         self._items[version] = weights
-        self._items.move_to_end(version)
-        while len(self._items) > self.capacity:
+        self._nbytes += weights.nbytes
+        while self._full():
             victim = next((k for k in self._items if k not in keep and k != version), None)
             if victim is None:
                 break
-            del self._items[victim]
+            self._nbytes -= self._items.pop(victim).nbytes
             self.evictions_total += 1
 
     def discard(self, version: str) -> None:
-        self._items.pop(version, None)
+        weights = self._items.pop(version, None)
+        if weights is not None:
+            self._nbytes -= weights.nbytes
 
     def keys(self) -> list[str]:
         return list(self._items)
@@ -167,4 +180,4 @@ class HostCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(w.nbytes for w in self._items.values())
+        return self._nbytes

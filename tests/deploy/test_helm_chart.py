@@ -193,6 +193,7 @@ def test_vllm_values_reach_their_flags():
         ("vllm", "nf4", 2, 1)
     assert (args.gpu_memory_utilization, args.max_model_len, args.vllm_cpu_kv_cache_gib) == (0.85, 16384, 0)
     assert args.enable_prefix_caching is False and args.enable_chunked_prefill is True
+    assert (args.long_prefill_token_threshold, args.max_num_batched_tokens) == (512, 0)
     default = parse_command(server_container(render({})))
     assert default.engine == "auto" and default.enable_prefix_caching is True
     assert server_container(scenario("vllm-tp"))["resources"]["limits"]["nvidia.com/gpu"] == 2

@@ -134,10 +134,17 @@ def test_mixed_batch_logits_match_peft_unquantized(base_dirs, adapter_dirs, arch
     decode(2)
     prefill([("all-r16", PROMPTS[5])])  # one prompt, one adapter
     decode(1)
-    keep = [0, 1, 4]  # base, att-r8-rs, att-r8-rs: a single adapter beside a base row
-    runner.keep_rows(keep)
-    rows[:] = [rows[i] for i in keep]
+    # Keep base, att-r8-rs, att-r8-rs (a single adapter beside a base row): the last rows move
+    # into the holes, and the order the runner reports is the one its rows now have.
+    order = runner.remove_rows({2, 3, 5, 6})
+    assert sorted(order) == [0, 1, 4]
+    rows[:] = [rows[i] for i in order]
     decode(2)
+    prefill([("mlp-r8", PROMPTS[4]), (None, PROMPTS[0] + " and more words to be longer than every row")])
+    decode(2)  # a prompt longer than the batch's rows joined: they moved into the spare columns
+    order = runner.remove_rows({0})
+    rows[:] = [rows[i] for i in order]
+    decode(1)
 
 
 # ---- base isolation --------------------------------------------------------------------------
