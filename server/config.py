@@ -71,6 +71,10 @@ class EngineConfig:
     """Prompt tokens prefilled per engine step (padded), between two decode steps: a longer
     prompt is prefilled in chunks over several steps, so running sequences never stall for a
     whole long prefill. 0 = auto (512 with CUDA, 64 on a CPU)."""
+    kv_cache_bytes: int = 0
+    """Memory the running batch's KV may take; a request that would not fit waits, one that can
+    never fit is RESOURCE_EXHAUSTED (0 = auto: 60% of the free accelerator memory after load,
+    or a quarter of the host's available RAM on a CPU)."""
     prefix_cache_bytes: int = 256 << 20
     """Host or accelerator memory for the KV of prompt prefixes, reused per adapter version
     (0 = off)."""
@@ -91,6 +95,8 @@ class EngineConfig:
             raise ConfigError(
                 f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras ({self.max_loras}): "
                 "every adapter in a slot is also held in host memory")
+        if not isinstance(self.kv_cache_bytes, int) or self.kv_cache_bytes < 0:
+            raise ConfigError(f"kv_cache_bytes must be an integer >= 0 (0 = auto), got {self.kv_cache_bytes!r}")
         if not isinstance(self.host_cache_bytes, int) or self.host_cache_bytes < 0:
             raise ConfigError(f"host_cache_bytes must be an integer >= 0 (0 = auto), got {self.host_cache_bytes!r}")
         if not isinstance(self.prefix_cache_bytes, int) or self.prefix_cache_bytes < 0:

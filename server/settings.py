@@ -45,6 +45,9 @@ SETTINGS = (
     Setting("max_batch_size", int, 32, "most sequences decoding together (vLLM's max_num_seqs)"),
     Setting("max_queue", int, 256, "most waiting requests; beyond it RESOURCE_EXHAUSTED"),
     Setting("max_input_tokens", int, 4096, "longest prompt in tokens"),
+    Setting("kv_cache_mib", int, 0, "native engine: memory for the running batch's KV; a request that would not fit "
+            "waits, one that never could is RESOURCE_EXHAUSTED (0 = auto: 60% of free GPU memory, or a quarter of "
+            "available RAM on a CPU)"),
     Setting("host_cache_mib", int, 0, "native engine: host memory for decoded adapters behind the slots, at most "
             "(0 = auto: an eighth of the host's RAM); max_cpu_loras caps their number"),
     Setting("prefix_cache_mib", int, 256, "native engine: memory for the KV of prompt prefixes, reused by later "
@@ -139,7 +142,8 @@ class ServerSettings:
             max_loras=v["max_loras"], max_cpu_loras=v["max_cpu_loras"], max_lora_rank=v["max_lora_rank"],
             max_batch_size=v["max_batch_size"], max_queue=v["max_queue"], max_input_tokens=v["max_input_tokens"],
             max_new_tokens_limit=v["max_new_tokens"], max_prefill_tokens=v["max_prefill_tokens"],
-            prefix_cache_bytes=v["prefix_cache_mib"] << 20, host_cache_bytes=v["host_cache_mib"] << 20)
+            prefix_cache_bytes=v["prefix_cache_mib"] << 20, host_cache_bytes=v["host_cache_mib"] << 20,
+            kv_cache_bytes=v["kv_cache_mib"] << 20)
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:

@@ -24,6 +24,13 @@ PREFETCH_READS = 2
 """Disk reads in flight at most for queued requests' adapters."""
 
 
+def auto_host_bytes() -> int:
+    """The host cache's size when not configured: an eighth of the host's RAM."""
+    import psutil
+
+    return psutil.virtual_memory().total // 8
+
+
 @dataclass
 class TierCounters:
     """Where adapter lookups were served from, and loads between tiers."""

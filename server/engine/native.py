@@ -145,6 +145,11 @@ class NativeEngine:
         if not self._accepting:
             raise Unavailable("the engine is not accepting requests (starting up or draining)")
         validate_request(request, self.config, self.loaded_base.model.config.vocab_size, self.max_context)
+        need = len(request.prompt_token_ids) + request.sampling.max_new_tokens
+        if need > self._scheduler.kv_token_rows:
+            raise ResourceExhausted(f"the request needs KV memory for {need} tokens (prompt + max_new_tokens); this "
+                                    f"server's KV cache holds {self._scheduler.kv_token_rows}: send a shorter prompt "
+                                    "or fewer max_new_tokens")
         version = None
         if request.adapter:
             with self._lock:

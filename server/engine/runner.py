@@ -24,6 +24,28 @@ class ModelRunner:
         self.cache = BatchKVCache(model.config.num_hidden_layers)
         self._last_prefill: tuple[DynamicCache, list[int], list[int]] | None = None  # cache, pads, lengths
 
+    @torch.inference_mode()
+    def kv_bytes_per_token(self) -> int:
+        """Bytes one token of one sequence takes in the KV cache, every layer together: measured
+        with a one-token forward (MLA bases store expanded keys and values of their own widths)."""
+        self.context.set([0])
+        cache = DynamicCache(config=self.model.config)
+        self.model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), past_key_values=cache,
+                   use_cache=True, logits_to_keep=1)
+        return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+
+    def kv_token_rows(self, configured_bytes: int) -> int:
+        """The KV budget in tokens x sequences (see EngineConfig.kv_cache_bytes)."""
+        budget = configured_bytes
+        if not budget:
+            if self.device.type == "cuda":
+                budget = int(torch.cuda.mem_get_info(self.device)[0] * 0.6)
+            else:
+                import psutil
+
+                budget = psutil.virtual_memory().available // 4
+        return max(1, budget // self.kv_bytes_per_token())
+
     @property
     def batch_size(self) -> int:
         return self.cache.batch_size

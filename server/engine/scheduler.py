@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from loraserve.config import EngineConfig
-from loraserve.engine.adapter_tiers import AdapterTiers, TierCounters, WeightsLoader
+from loraserve.engine.adapter_tiers import AdapterTiers, TierCounters, WeightsLoader, auto_host_bytes
 from loraserve.engine.prefill import plan_prefill, prefill_budget
 from loraserve.engine.prefix_cache import PrefixCache
 from loraserve.engine.request import ErrorEvent
@@ -54,7 +54,7 @@ class BatchScheduler:
         self.config = config
         self.runner = runner
         self.slots = slots
-        self.adapters = AdapterTiers(slots, HostCache(config.max_cpu_loras, config.host_cache_bytes or _auto_host_bytes()),
+        self.adapters = AdapterTiers(slots, HostCache(config.max_cpu_loras, config.host_cache_bytes or auto_host_bytes()),
                                      loader, lambda *done: self._inbox.put(("loaded", done)))
         self._eos_ids = eos_ids
         self._vocab_size = vocab_size
@@ -70,6 +70,8 @@ class BatchScheduler:
         self._prefilling: list[Sequence] = []  # admitted (slot held), prompt not fully prefilled
         self.prefill_budget = prefill_budget(config.max_prefill_tokens, runner.device)
         self.prefix = PrefixCache(config.prefix_cache_bytes)
+        self.kv_token_rows = runner.kv_token_rows(config.kv_cache_bytes)
+        """Tokens x sequences the batch's KV may hold (its rows share one width)."""
         self.step_time = StepTime()
         self._steps = 0
         self._stop = False
@@ -229,9 +231,13 @@ class BatchScheduler:
         and the slots allow; oldest first, skipping those whose adapter is still loading or
         cannot get a slot."""
         guard = self._starving()
+        width = max((_kv_need(s) for s in [*self._running, *self._prefilling]), default=0)
         for seq in list(self._waiting):
-            if len(self._running) + len(self._prefilling) >= self.config.max_batch_size:
+            rows = len(self._running) + len(self._prefilling)
+            if rows >= self.config.max_batch_size:
                 break
+            if (rows + 1) * max(width, _kv_need(seq)) > self.kv_token_rows:
+                break  # its KV would not fit beside the batch's until some sequences end
             if guard is not None and seq is not guard and seq.adapter_version is not None:
                 continue  # base-only requests take no slot, so they may still pass
             if not self.adapters.ready(seq, self._steps):
@@ -240,6 +246,7 @@ class BatchScheduler:
             version = seq.adapter_version
             seq.slot = self.slots.acquire(version, self.host.get(version)) if version is not None else 0
             seq.admitted_at = time.monotonic()
+            width = max(width, _kv_need(seq))
             length, kv = self.prefix.lookup(version, seq.request.prompt_token_ids)
             if kv is not None:  # the rest of the prompt is prefilled on a copy of the cached prefix
                 seq.prefill_cache, seq.prefilled = self.runner.cache_from(kv), length
@@ -393,10 +400,9 @@ class BatchScheduler:
                 payload[1].set_exception(error)
 
 
-def _auto_host_bytes() -> int:
-    import psutil
-
-    return psutil.virtual_memory().total // 8
+def _kv_need(seq: Sequence) -> int:
+    """The most KV columns the sequence can take: its prompt and every token it may generate."""
+    return len(seq.request.prompt_token_ids) + seq.request.sampling.max_new_tokens
 
 
 def _early_end(seq: Sequence, now: float) -> LoraserveError | None:
