@@ -46,7 +46,7 @@ SETTINGS = (
     Setting("max_queue", int, 256, "most waiting requests; beyond it RESOURCE_EXHAUSTED"),
     Setting("max_input_tokens", int, 4096, "longest prompt in tokens"),
     Setting("kv_cache_mib", int, 0, "native engine: memory for the running batch's KV; a request that would not fit "
-            "waits, one that never could is RESOURCE_EXHAUSTED (0 = auto: 60% of free GPU memory, or a quarter of "
+            "waits, one that never could is RESOURCE_EXHAUSTED (0 = auto: 0.6 of free GPU memory, or a quarter of "
             "available RAM on a CPU)"),
     Setting("host_cache_mib", int, 0, "native engine: host memory for decoded adapters behind the slots, at most "
             "(0 = auto: an eighth of the host's RAM); max_cpu_loras caps their number"),

@@ -175,7 +175,7 @@ def run_engine_process(conn, config: EngineConfig, log_level: int, threads: int 
     try:
         from loraserve.engine.native import NativeEngine
 
-        engine = NativeEngine.load(config)
+        engine = NativeEngine.load(config, on_own_thread=True)
     except BaseException as exc:  # the server process reports it and exits
         log.exception("the engine failed to load")
         outbox.put(("failed", portable(exc)))

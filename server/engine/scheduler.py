@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Callable
 
@@ -83,8 +83,13 @@ class BatchScheduler:
         self.idle_wait_s = 0.5
 
     # ---- used from other threads -------------------------------------------------------
-    def start(self) -> None:
-        self._thread.start()
+    def start(self, executor: Executor | None = None) -> None:
+        """Run the engine loop on a thread of its own, or on `executor`'s one thread: the thread
+        that loaded the model (see `NativeEngine.load`)."""
+        if executor is None:
+            self._thread.start()
+        else:
+            self._thread = executor.submit(self._loop)
 
     def post(self, sequence: Sequence, max_queue: int) -> bool:
         """Queue a sequence unless `max_queue` are already waiting; False when full."""
@@ -113,7 +118,10 @@ class BatchScheduler:
     def shutdown(self) -> None:
         """Fail everything still queued or running and end the thread."""
         self._inbox.put(("stop", None))
-        self._thread.join()
+        if isinstance(self._thread, threading.Thread):
+            self._thread.join()
+        else:
+            self._thread.result()
         self.adapters.shutdown()
 
     @property
