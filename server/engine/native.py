@@ -24,7 +24,14 @@ from loraserve.config import EngineConfig
 from loraserve.engine.contract import AdapterEntry, AdmittedFiles, BaseInfo, CheckedAdapter, EngineStats, Heartbeat
 from loraserve.engine.detokenizer import IncrementalDetokenizer
 from loraserve.engine.input_limits import InputLimits, max_token_bytes
-from loraserve.engine.request import GenerationRequest, RequestStream, SamplingParams, encode_input, validate_request
+from loraserve.engine.request import (
+    GenerationRequest,
+    RequestStream,
+    SamplingParams,
+    encode_input,
+    validate_request,
+    warm_up,
+)
 from loraserve.engine.runner import ModelRunner
 from loraserve.engine.scheduler import BatchScheduler
 from loraserve.engine.sequence import Sequence
@@ -115,8 +122,7 @@ class NativeEngine:
         self._started = True
         self._accepting = True
         if warmup:
-            ids = self.tokenizer("warm up", add_special_tokens=True).input_ids
-            self.submit(GenerationRequest(ids, SamplingParams(max_new_tokens=2))).result()
+            warm_up(self)
 
     @property
     def ready(self) -> bool:

@@ -218,3 +218,10 @@ class RequestStream:
             if isinstance(event, FinishEvent):
                 return event
         raise AssertionError("stream ended without a finish event")
+
+
+def warm_up(engine) -> None:
+    """One short generation through a started engine (its first forward passes, kernels and
+    caches), waited for; both engines run it from `start`."""
+    ids = engine.tokenizer("warm up", add_special_tokens=True).input_ids
+    engine.submit(GenerationRequest(ids, SamplingParams(max_new_tokens=2))).result()

@@ -29,8 +29,14 @@ from loraserve.engine.choice import VllmOptions
 from loraserve.engine.contract import BaseInfo
 from loraserve.engine.detokenizer import IncrementalDetokenizer
 from loraserve.engine.input_limits import InputLimits, max_token_bytes
-from loraserve.engine.request import ErrorEvent, GenerationRequest, RequestStream, SamplingParams, encode_input, \
-    validate_request
+from loraserve.engine.request import (
+    ErrorEvent,
+    GenerationRequest,
+    RequestStream,
+    encode_input,
+    validate_request,
+    warm_up,
+)
 from loraserve.engine.sequence import Sequence
 from loraserve.engine.vllm_adapters import AdapterVersion, AdapterVersions
 from loraserve.engine.vllm_engine_adapters import VllmAdapterMethods
@@ -144,8 +150,7 @@ class VllmEngine(VllmAdapterMethods):
     def start(self, warmup: bool = True) -> None:
         self._accepting = True
         if warmup:
-            ids = self.tokenizer("warm up", add_special_tokens=True).input_ids
-            self.submit(GenerationRequest(ids, SamplingParams(max_new_tokens=2))).result()
+            warm_up(self)
 
     @property
     def ready(self) -> bool:
