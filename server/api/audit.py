@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+
 from loraserve.access.principal import Principal
 from loraserve.rfc3339 import now_utc
 

@@ -19,8 +19,8 @@ from loraserve.access.principal import DEFAULT_TENANT, TenantLimits
 from loraserve.engine.contract import Engine
 from loraserve.errors import AdapterIncompatible, AdapterNotFound, InvalidArgument, ResourceExhausted
 from loraserve.registry.admission import admit, source_files
-from loraserve.store.adapter_store import AdapterStore, StagedAdapter
 from loraserve.rfc3339 import now_utc
+from loraserve.store.adapter_store import AdapterStore, StagedAdapter
 from loraserve.store.layout import Manifest, split_adapter_id
 from loraserve.store.staging import UploadStaging
 
