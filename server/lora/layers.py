@@ -16,14 +16,20 @@ is multiplied by that slot's matrices alone (no row is multiplied by another slo
 then masked away: NaN x 0 and 0 x inf are NaN, so a mask would let one adapter's bad values
 reach every row of the batch).
 
-Two paths, neither loops over requests:
+Three paths, none loops over requests:
 - one adapter among the active rows (every single-adapter batch): two plain matmuls with that
   slot's (contiguous) A and B;
-- several adapters: the active rows are sorted by slot into contiguous segments and two grouped
-  GEMMs (`torch.nn.functional.grouped_mm`, one group per slot, empty groups for slots no row
-  uses) compute every segment with its own slot's A and B, after which the rows go back to
-  their places. Where grouped_mm has no kernel for the device and dtype (CUDA supports only
-  bf16 on SM80+), the segments run as one pair of matmuls per slot in use.
+- several adapters, few rows each (a decode step of many adapters: under `BAG_ROWS_PER_SLOT`
+  rows per slot in use): every row is its own "bag" of `F.embedding_bag` (mode sum, the row's
+  values as per-sample weights) over its slot's rows of A, then of B. One kernel reads each
+  row's own slot and nothing else, with no gather copy and no per-slot launch; measured here
+  (1 thread) 1.6-2x faster than grouped_mm for 32 rows of 32 adapters;
+- several adapters, many rows each (prefill, or decode with few adapters): the active rows are
+  sorted by slot into contiguous segments and two grouped GEMMs (`torch.nn.functional.grouped_mm`)
+  compute every segment with its own slot's A and B, after which the rows go back to their
+  places. The groups are the slots from the lowest to the highest in use only (grouped_mm's CPU
+  kernel costs ~2 us per group, empty or not). Where grouped_mm has no kernel for the device and
+  dtype (CUDA supports only bf16 on SM80+), the segments run as one pair of matmuls per slot in use.
 
 This is our own code, not PEFT's: PEFT's mixed-batch path loops over adapters and masks rows,
 which measured 0.46x of a single-adapter batch.
@@ -34,6 +40,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+BAG_ROWS_PER_SLOT = 4
+"""Below this many rows per slot in use, several adapters take the per-row embedding_bag path;
+at or above it, grouped GEMMs (measured on 2 vCPUs: equal at 4 rows per slot, per-row 1.3-1.8x
+faster at 1-2, grouped 1.5-2x faster from 16)."""
 
 
 class LoraBatchContext:
@@ -48,8 +59,9 @@ class LoraBatchContext:
         """The one slot all active rows share, or None when they use several."""
         self._slots: list[int] = []
         self._active: list[int] = []
+        self._used: tuple[int, int, int] = (0, 0, 0)  # (distinct slots in use, lowest, highest)
         self._segments: dict[int, tuple[list[int], list[int]]] = {}  # tokens per row -> (order, bounds)
-        self._per_device: dict[tuple[torch.device, int], dict[str, torch.Tensor | None]] = {}
+        self._per_device: dict[tuple, dict[str, torch.Tensor | None]] = {}
 
     def set(self, slots: list[int]) -> None:
         """Bind the slot of each sequence (batch order) for the next forward."""
@@ -58,6 +70,7 @@ class LoraBatchContext:
         self._active = [i for i, s in enumerate(slots) if s != 0]
         distinct = {slots[i] for i in self._active}
         self.single_slot = next(iter(distinct)) if len(distinct) == 1 else None
+        self._used = (len(distinct), min(distinct), max(distinct)) if distinct else (0, 0, 0)
         self._segments = {}
         self._per_device = {}
 
@@ -65,16 +78,26 @@ class LoraBatchContext:
     def any_active(self) -> bool:
         return bool(self._active)
 
+    @property
+    def slot_range(self) -> tuple[int, int]:
+        """The lowest and highest slot in use (numbered from 1)."""
+        return self._used[1], self._used[2]
+
+    def per_row(self, tokens: int) -> bool:
+        """Whether several adapters take the per-row path at `tokens` rows per sequence."""
+        return self.single_slot is None and len(self._active) * tokens < BAG_ROWS_PER_SLOT * self._used[0]
+
     def segments(self, tokens: int) -> tuple[list[int], list[int]]:
         """For `tokens` rows per sequence, over the active sequences' rows (in active order):
-        (`order`: row indices sorted by slot, stable; `bounds`: S + 1 segment boundaries, slot
-        s + 1's rows being order[bounds[s]:bounds[s + 1]]). Plain lists, computed once per forward."""
+        (`order`: row indices sorted by slot, stable; `bounds`: segment boundaries for the slots
+        lo..hi in use, slot lo + k's rows being order[bounds[k]:bounds[k + 1]]). Plain lists,
+        computed once per forward."""
         cached = self._segments.get(tokens)
         if cached is None:
-            stored = self.num_slots - 1
-            by_slot: list[list[int]] = [[] for _ in range(stored)]
+            lo, hi = self.slot_range
+            by_slot: list[list[int]] = [[] for _ in range(hi - lo + 1)]
             for position, i in enumerate(self._active):
-                by_slot[self._slots[i] - 1].extend(range(position * tokens, (position + 1) * tokens))
+                by_slot[self._slots[i] - lo].extend(range(position * tokens, (position + 1) * tokens))
             order = [row for rows in by_slot for row in rows]
             bounds = [0]
             for rows in by_slot:
@@ -85,20 +108,32 @@ class LoraBatchContext:
 
     def tensors(self, device: torch.device, tokens: int) -> dict[str, torch.Tensor | None]:
         """Per-forward index tensors on `device` (layers may sit on several GPUs): `rows` (active
-        sequence indices, None when all are active) and, for several adapters, `order` (row
-        permutation sorting the active rows by slot) and `offs` (int32 segment ends per slot,
-        as grouped_mm takes them)."""
+        sequence indices, None when all are active) and, for the grouped path, `order` (row
+        permutation sorting the active rows by slot) and `offs` (int32 segment ends per slot
+        lo..hi, as grouped_mm takes them)."""
         cached = self._per_device.get((device, tokens))
         if cached is None:
             all_active = len(self._active) == self.batch_size
             rows = None if all_active else torch.tensor(self._active, dtype=torch.long, device=device)
             order = offs = None
-            if self.single_slot is None:
+            if self.single_slot is None and not self.per_row(tokens):
                 order_list, bounds = self.segments(tokens)
                 order = torch.tensor(order_list, dtype=torch.long, device=device)
                 offs = torch.tensor(bounds[1:], dtype=torch.int32, device=device)
             cached = {"rows": rows, "order": order, "offs": offs}
             self._per_device[(device, tokens)] = cached
+        return cached
+
+    def bag_index(self, device: torch.device, tokens: int, width: int) -> torch.Tensor:
+        """For the per-row path: [M, width] indices into a slot table viewed as [S * width, ...]
+        (A as [S * in, R], B as [S * R, out]): row m's bag is its own slot's `width` rows."""
+        key = (device, tokens, "bag", width)
+        cached = self._per_device.get(key)
+        if cached is None:
+            stored = [self._slots[i] - 1 for i in self._active for _ in range(tokens)]
+            base = torch.tensor(stored, dtype=torch.long, device=device) * width  # [M]
+            cached = base[:, None] + torch.arange(width, device=device)  # [M, width]
+            self._per_device[key] = cached
         return cached
 
 
@@ -179,8 +214,11 @@ class MultiLoraLinear(nn.Module):
         if ctx.single_slot is not None:
             s = ctx.single_slot - 1
             delta = (flat @ self.lora_a[s]) @ self.lora_b[s]  # [M, R] -> [M, out]
+        elif index["order"] is None:
+            delta = self._per_row(flat, ctx.bag_index(x.device, n, self.in_features),
+                                  ctx.bag_index(x.device, n, self.max_rank))
         else:
-            delta = self._segmented(flat, index["order"], index["offs"], ctx.segments(n)[1])
+            delta = self._segmented(flat, index["order"], index["offs"], ctx.segments(n)[1], ctx.slot_range)
         delta = delta.view(b, n, self.out_features)
         if delta.dtype != y.dtype:
             delta = delta.to(y.dtype)
@@ -191,19 +229,28 @@ class MultiLoraLinear(nn.Module):
             out.index_add_(0, rows, delta)
         return y
 
+    def _per_row(self, flat: torch.Tensor, a_index: torch.Tensor, b_index: torch.Tensor) -> torch.Tensor:
+        """Each row with its own slot's A and B, one bag per row: [M, in] -> [M, out]."""
+        # h[m] = sum_k flat[m, k] * A_rows[a_index[m, k]] = flat[m] @ A[s[m]]
+        h = F.embedding_bag(a_index, self.lora_a.view(-1, self.max_rank), mode="sum",
+                            per_sample_weights=flat)  # [M, R]
+        return F.embedding_bag(b_index, self.lora_b.view(-1, self.out_features), mode="sum",
+                               per_sample_weights=h)  # [M, out]
+
     def _segmented(self, flat: torch.Tensor, order: torch.Tensor, offs: torch.Tensor,
-                   bounds: list[int]) -> torch.Tensor:
+                   bounds: list[int], slot_range: tuple[int, int]) -> torch.Tensor:
         """Rows of several adapters, each multiplied by its own slot only: [M, in] -> [M, out]."""
+        lo, hi = slot_range
         grouped = flat.index_select(0, order)  # [M, in], rows sorted by slot
         if self._grouped:
-            h = F.grouped_mm(grouped, self.lora_a, offs=offs)  # [M, R]
-            sorted_delta = F.grouped_mm(h, self.lora_b, offs=offs)  # [M, out]
+            h = F.grouped_mm(grouped, self.lora_a[lo - 1:hi], offs=offs)  # [M, R]
+            sorted_delta = F.grouped_mm(h, self.lora_b[lo - 1:hi], offs=offs)  # [M, out]
         else:
             sorted_delta = grouped.new_empty(grouped.shape[0], self.out_features)
-            for s in range(self.stored):
-                lo, hi = bounds[s], bounds[s + 1]
-                if hi > lo:
-                    torch.mm(grouped[lo:hi] @ self.lora_a[s], self.lora_b[s], out=sorted_delta[lo:hi])
+            for k, s in enumerate(range(lo - 1, hi)):
+                first, last = bounds[k], bounds[k + 1]
+                if last > first:
+                    torch.mm(grouped[first:last] @ self.lora_a[s], self.lora_b[s], out=sorted_delta[first:last])
         delta = torch.empty_like(sorted_delta)
         delta.index_copy_(0, order, sorted_delta)  # back to row order
         return delta

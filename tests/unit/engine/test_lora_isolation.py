@@ -150,3 +150,47 @@ def test_a_nan_slot_reaches_no_other_row_in_the_layer(device: str, dtype: torch.
         others = [i for i, s in enumerate(slots) if s != 4]
         assert torch.equal(poisoned[others], clean[others]), f"{device}/{dtype}, {tokens} tokens per row"
         assert torch.isnan(poisoned[[i for i, s in enumerate(slots) if s == 4]]).all()
+
+
+@pytest.mark.parametrize("device, dtype", _layer_cases())
+def test_every_path_computes_each_rows_own_adapter(device: str, dtype: torch.dtype) -> None:
+    """The per-row (embedding_bag), grouped and per-slot paths each give every row x @ A[s] @ B[s]
+    of its own slot (slot 0: nothing), for slots spread over the table (empty slots between)."""
+    from torch import nn
+
+    from loraserve.lora import layers as lora_layers
+    from loraserve.lora.layers import LoraBatchContext, MultiLoraLinear
+
+    torch.manual_seed(0)
+    base = nn.Linear(64, 48, bias=False).to(device=device, dtype=dtype)
+    context = LoraBatchContext(9)
+    layer = MultiLoraLinear(base, 9, 16, context, dtype)
+    weights = {}
+    for slot, r in ((2, 4), (5, 16), (8, 8)):
+        a, b = torch.randn(r, 64, device=device), torch.randn(48, r, device=device)
+        layer.load_slot(slot, a, b, 0.5)
+        weights[slot] = (a.to(dtype), (b * 0.5).to(dtype))
+    slots = [5, 0, 2, 8, 5, 2, 0, 8]
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    for tokens in (1, 6):
+        x = torch.randn(len(slots), tokens, 64, device=device, dtype=dtype)
+        expected = base(x).float()
+        for i, s in enumerate(slots):
+            if s:
+                a, b = weights[s]
+                expected[i] += ((x[i].float() @ a.float().t()) @ b.float().t())
+        outputs = {}
+        for path, bag_rows, grouped in (("per-row", 10**6, True), ("grouped", 0, True), ("per-slot", 0, False)):
+            lora_layers_bag, lora_layers.BAG_ROWS_PER_SLOT = lora_layers.BAG_ROWS_PER_SLOT, bag_rows
+            layer._grouped = grouped and lora_layers.grouped_mm_works(layer.lora_a.device, dtype)
+            try:
+                context.set(slots)
+                assert context.per_row(tokens) == (path == "per-row")
+                outputs[path] = layer(x).float()
+            finally:
+                lora_layers.BAG_ROWS_PER_SLOT = lora_layers_bag
+        for path, out in outputs.items():
+            error = ((out - expected).abs().max() / expected.abs().max()).item()
+            assert error < tolerance, f"{path} path, {tokens} tokens per row: relative error {error:.2e}"
+    context.set(slots)
+    assert context.per_row(1) and not context.per_row(6)  # the default: decode per row, prefill grouped
