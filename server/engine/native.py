@@ -178,7 +178,7 @@ class NativeEngine:
         request.request_id = request.request_id or uuid.uuid4().hex
         stream = stream or RequestStream(request.request_id, loop)
         detok = IncrementalDetokenizer(self.tokenizer, tuple(request.sampling.stop))
-        if not self._scheduler.post(Sequence.create(request, stream, version, detok), self.config.max_queue):
+        if not self._scheduler.post(Sequence.create(request, stream, version, detok, self._scheduler.output), self.config.max_queue):
             raise ResourceExhausted(f"the queue is full ({self.config.max_queue} requests waiting); retry later")
         return stream
 

@@ -6,9 +6,11 @@ adapter slots allow, prefill within the step's token budget (short prompts whole
 forward; a long prompt one chunk per step on a KV of its own, joining the batch when it is
 complete), then run one decode step for the whole batch. A long prompt is so read between
 decode steps: running sequences keep streaming, and a short prompt arriving behind it is
-prefilled in the next step, never padded to it. A request joins at any step and leaves the step it finishes, releasing its
-KV rows and its slot hold at once. Only this thread touches the model, the slots and the host
-cache, so none of them needs a lock.
+prefilled in the next step, never padded to it. A request joins at any step and leaves the step
+it finishes, releasing its KV rows and its slot hold at once. Only this thread touches the
+model, the slots and the host cache, so none of them needs a lock. The tokens it chooses go to
+the output thread (`loraserve.engine.output`), which makes the text and pushes the events while
+this thread runs the next step.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 
 from loraserve.config import EngineConfig
 from loraserve.engine.adapter_tiers import AdapterTiers, TierCounters, WeightsLoader, auto_host_bytes
+from loraserve.engine.output import OutputThread
 from loraserve.engine.prefill import plan_prefill, prefill_budget
 from loraserve.engine.prefix_cache import PrefixCache
 from loraserve.engine.request import ErrorEvent
@@ -73,6 +76,8 @@ class BatchScheduler:
         self.kv_token_rows = runner.kv_token_rows(config.kv_cache_bytes)
         """Tokens x sequences the batch's KV may hold (its rows share one width)."""
         self.step_time = StepTime()
+        self.output: OutputThread | None = None
+        """Makes and pushes the requests' events (see `loraserve.engine.output`); set by `start`."""
         self._steps = 0
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
@@ -85,7 +90,8 @@ class BatchScheduler:
     # ---- used from other threads -------------------------------------------------------
     def start(self, executor: Executor | None = None) -> None:
         """Run the engine loop on a thread of its own, or on `executor`'s one thread: the thread
-        that loaded the model (see `NativeEngine.load`)."""
+        that loaded the model (see `NativeEngine.load`); and the output thread beside it."""
+        self.output = OutputThread()
         if executor is None:
             self._thread.start()
         else:
@@ -173,6 +179,8 @@ class BatchScheduler:
             if not self._running and not self._prefilling and self.num_waiting == 0:
                 self.idle.set()
         self._fail_all(Cancelled("the engine shut down before the request finished"))
+        if self.output is not None:
+            self.output.stop()  # after every event above is pushed
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -217,21 +225,23 @@ class BatchScheduler:
             error = _early_end(seq, now)
             if error is not None:
                 self._unqueue(seq)
-                seq.stream.push(ErrorEvent(error))
+                seq.push(ErrorEvent(error))
         for seq in list(self._prefilling):
             error = _early_end(seq, now)
             if error is not None:
                 self._end_prefilling(seq, error)
         ended = [(i, _early_end(s, now)) for i, s in enumerate(self._running)]
-        ended = [(i, e) for i, e in ended if e is not None]
+        ended = [(i, e) for i, e in ended if e is not None or self._running[i].text_stopped]
         if ended:
             gone = {i for i, _ in ended}
             for i, error in ended:
                 seq = self._running[i]
+                if error is None:  # a stop string ended it; its summary is already sent
+                    continue
                 if isinstance(error, Cancelled):
                     seq.finish("cancelled")
                 else:
-                    seq.stream.push(ErrorEvent(error))
+                    seq.push(ErrorEvent(error))
             self._remove_rows(gone)
 
     def _admit(self) -> None:
@@ -279,7 +289,7 @@ class BatchScheduler:
             log.exception("prefill failed for %d requests", len(joining))
             for seq in joining:
                 self._release(seq)
-                seq.stream.push(ErrorEvent(LoraserveError("internal engine error during prefill")))
+                seq.push(ErrorEvent(LoraserveError("internal engine error during prefill")))
             return  # the batch's cache is untouched: prefill adds rows only on success
         if self.prefix.enabled:
             for row, seq in enumerate(joining):
@@ -328,7 +338,7 @@ class BatchScheduler:
         if isinstance(error, Cancelled):
             seq.finish("cancelled")
         else:
-            seq.stream.push(ErrorEvent(error))
+            seq.push(ErrorEvent(error))
 
     def _starving(self) -> Sequence | None:
         """The oldest request kept from a slot for too long, once newer ones must wait for it."""
@@ -360,7 +370,7 @@ class BatchScheduler:
         done = set()
         for i, (seq, token) in enumerate(zip(seqs, tokens)):
             if not finite[i]:  # that row alone ends; its batch mates go on
-                seq.stream.push(ErrorEvent(_non_finite(seq)))
+                seq.push(ErrorEvent(_non_finite(seq)))
                 done.add(first_row + i)
                 continue
             reason = seq.append(token, self._eos_ids)
@@ -379,7 +389,7 @@ class BatchScheduler:
     def _fail_waiting(self, match: Callable[[Sequence], bool], error: LoraserveError) -> None:
         for seq in [s for s in self._waiting if match(s)]:
             self._unqueue(seq)
-            seq.stream.push(ErrorEvent(error))
+            seq.push(ErrorEvent(error))
 
     def fail_waiting_for(self, version: str, message: str) -> None:
         """Engine thread only: queued requests for a removed adapter version end NOT_FOUND."""
@@ -388,10 +398,10 @@ class BatchScheduler:
     def _fail_running(self, error: LoraserveError) -> None:
         for seq in self._prefilling:
             self._release(seq)
-            seq.stream.push(ErrorEvent(error))
+            seq.push(ErrorEvent(error))
         self._prefilling = []
         for seq in self._running:
-            seq.stream.push(ErrorEvent(error))
+            seq.push(ErrorEvent(error))
         self._remove_rows(set(range(len(self._running))))
 
     def _fail_all(self, error: LoraserveError) -> None:
@@ -403,7 +413,7 @@ class BatchScheduler:
             except queue.Empty:
                 return
             if kind == "submit":
-                payload.stream.push(ErrorEvent(error))
+                payload.push(ErrorEvent(error))
             elif kind == "call":
                 payload[1].set_exception(error)
 

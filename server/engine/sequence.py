@@ -9,7 +9,16 @@ from dataclasses import dataclass, field
 import torch
 
 from loraserve.engine.detokenizer import IncrementalDetokenizer
-from loraserve.engine.request import FinishEvent, GenerationRequest, RequestStream, Timings, TokenEvent
+from loraserve.engine.output import OutputThread
+from loraserve.engine.request import (
+    ErrorEvent,
+    Event,
+    FinishEvent,
+    GenerationRequest,
+    RequestStream,
+    Timings,
+    TokenEvent,
+)
 
 
 @dataclass
@@ -20,6 +29,8 @@ class Sequence:
     """Which loaded version of the adapter this request runs on (None = base)."""
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator
+    output: OutputThread | None = None
+    """Where its events are made and pushed (None: on the calling thread, at once)."""
     slot: int = 0
     output_ids: list[int] = field(default_factory=list)
     seen: torch.Tensor | None = None  # [V] bool, only with a repetition penalty
@@ -31,23 +42,29 @@ class Sequence:
     """Prompt tokens already in its KV (a long prompt is prefilled in chunks over several steps)."""
     prefill_cache: object | None = None
     """Its own KV while its prompt is prefilled in chunks; it joins the batch's when complete."""
+    text_stopped: bool = False
+    """A stop string ended its text (set where the text is made); its summary is sent."""
+    _delivered: list[int] = field(default_factory=list)  # token ids the reader has been sent
+    _closed: bool = False  # its summary or error is sent: nothing more reaches the reader
 
     @classmethod
     def create(cls, request: GenerationRequest, stream: RequestStream, adapter_version: str | None,
-               detokenizer: IncrementalDetokenizer) -> Sequence:
+               detokenizer: IncrementalDetokenizer, output: OutputThread | None = None) -> Sequence:
         seed = request.sampling.seed
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little") >> 1
         generator = torch.Generator(device="cpu")
         generator.manual_seed(seed)
-        return cls(request, stream, adapter_version, detokenizer, generator)
+        return cls(request, stream, adapter_version, detokenizer, generator, output)
 
     @property
     def last_token(self) -> int:
         return self.output_ids[-1]
 
+    # ---- on the engine thread -----------------------------------------------------------
     def append(self, token_id: int, eos_ids: set[int]) -> str | None:
-        """Record one generated token, stream it, and return a finish reason or None."""
+        """Record one generated token, have it streamed, and return a finish reason or None
+        ("stop" only without an output thread; with one, see `text_stopped`)."""
         now = time.monotonic()
         if not self.output_ids:
             self.first_token_at = now
@@ -55,30 +72,65 @@ class Sequence:
         if self.seen is not None:
             self.seen[token_id] = True
         sampling = self.request.sampling
-        if token_id in eos_ids and not sampling.ignore_eos:
-            self.stream.push(TokenEvent([token_id], ""))
+        is_eos = token_id in eos_ids and not sampling.ignore_eos
+        self._run(lambda: self._token(token_id, is_eos))
+        if is_eos:
             return "eos"
-        delta = self.detokenizer.add(token_id)
-        self.stream.push(TokenEvent([token_id], delta))
-        if self.detokenizer.stopped:
+        if self.text_stopped:
             return "stop"
         if len(self.output_ids) >= sampling.max_new_tokens:
             return "length"
         return None
 
     def finish(self, reason: str) -> None:
-        """Flush held text and send the summary."""
+        """Have held text flushed and the summary sent."""
+        now = time.monotonic()
+        self._run(lambda: self._finish(reason, now))
+
+    def push(self, event: Event) -> None:
+        """Send an event (an error) after everything sent before it."""
+        self._run(lambda: self._deliver(event))
+
+    def _run(self, work) -> None:
+        if self.output is None:
+            work()
+        else:
+            self.output.submit(work)
+
+    # ---- where the text is made (the output thread, or inline) --------------------------
+    def _token(self, token_id: int, is_eos: bool) -> None:
+        if self._closed:
+            return
+        self._delivered.append(token_id)
+        if is_eos:
+            self.stream.push(TokenEvent([token_id], ""))
+            return
+        delta = self.detokenizer.add(token_id)
+        self.stream.push(TokenEvent([token_id], delta))
+        if self.detokenizer.stopped:
+            self.text_stopped = True
+            self._finish("stop", time.monotonic())
+
+    def _finish(self, reason: str, now: float) -> None:
+        if self._closed:
+            return
         tail = self.detokenizer.flush()
         if tail:
             self.stream.push(TokenEvent([], tail))
         if self.detokenizer.stopped and reason in ("length", "eos"):
             reason = "stop"  # the last token completed a stop sequence inside a held character
-        now = time.monotonic()
         arrival = self.request.arrival
         first = self.first_token_at or now
-        self.stream.push(FinishEvent(
-            finish_reason=reason, text=self.detokenizer.text, token_ids=list(self.output_ids),
-            prompt_tokens=len(self.request.prompt_token_ids), completion_tokens=len(self.output_ids),
+        self._deliver(FinishEvent(
+            finish_reason=reason, text=self.detokenizer.text, token_ids=list(self._delivered),
+            prompt_tokens=len(self.request.prompt_token_ids), completion_tokens=len(self._delivered),
             adapter=self.request.adapter or None,
             timings=Timings(queue_s=(self.admitted_at or now) - arrival, first_token_s=first - arrival,
                             total_s=now - arrival)))
+
+    def _deliver(self, event: Event) -> None:
+        if self._closed:
+            return
+        if isinstance(event, (FinishEvent, ErrorEvent)):
+            self._closed = True
+        self.stream.push(event)

@@ -6,7 +6,11 @@ and the report gives medians (tokens/s of 32 requests x 32 new tokens, all submi
 - `max_loras` 32: one adapter, 8 and 32 distinct adapters, each over the base alone;
 - 64 adapters through 8 slots: 32 requests on 32 of them (a different half each round, so the
   host cache and slots turn over), over 32 requests on 8 adapters that stay hot; once with the
-  host cache sized in bytes (count cap 64), once capped at 16 adapters;
+  host cache sized in bytes (count cap 64), once capped at 16 adapters. Eight slots let at most
+  eight of the 32 distinct-adapter requests run at once, so the report also gives the churn
+  run over 8 requests on the 8 hot adapters: that batch width's own speed, the run's bound;
+- ranks 8/16/32/64 mixed (8 adapters, `max_lora_rank` 64) over 8 rank-16 adapters
+  (`max_lora_rank` 16), 32 requests round-robin over the 8 on each;
 - TTFT of a short request sent while 8 streams decode and a new 2,000-token prompt has just
   arrived, over its TTFT on the idle engine;
 - a 1,000-token system prompt: TTFT of a second request with the same adapter (another
@@ -57,9 +61,10 @@ def run_scale_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _engine(base_dir: Path, config: BenchConfig, adapters: dict[str, Path], **limits) -> NativeEngine:
+def _engine(base_dir: Path, config: BenchConfig, adapters: dict[str, Path], max_lora_rank: int = 16,
+            **limits) -> NativeEngine:
     engine = NativeEngine.load(EngineConfig(base=BaseModelConfig(model=str(base_dir), quantization=config.quantization),
-                                            max_batch_size=48, max_lora_rank=16, **limits))
+                                            max_batch_size=48, max_lora_rank=max_lora_rank, **limits))
     engine.start()
     for name, path in adapters.items():
         engine.add_adapter(name, path)
@@ -102,20 +107,65 @@ def _measure(config: BenchConfig, root: Path) -> dict:
     finally:
         engine.stop()
     for label, cap in (("bytes", 64), ("cap16", 16)):
-        engine = _engine(base_dir, config, adapters, max_loras=8, max_cpu_loras=cap)
-        try:
-            def churn(r: int) -> float:  # a different half of the 64 each round
-                start = 32 * (r % 2)
-                return engine_throughput(engine, prompts, names[start:start + REQUESTS], NEW_TOKENS)[0]
-            hot = [names[i % 8] for i in range(REQUESTS)]
-            out[f"churn_{label}"] = _alternate({"hot8": lambda _r: engine_throughput(engine, prompts, hot, NEW_TOKENS)[0],
-                                                "churn64": churn}, config.repeats)
-            out[f"churn_{label}"]["disk_loads"] = engine.stats().disk_loads_total
-            print(f"  {config.arch} 64 adapters / 8 slots, host {label}: " + _medians(out[f"churn_{label}"]), flush=True)
-        finally:
-            engine.stop()
+        out[f"churn_{label}"] = _churn(_engine(base_dir, config, adapters, max_loras=8, max_cpu_loras=cap), names,
+                                       prompts, config.repeats, with_width=label == "bytes")
+        print(f"  {config.arch} 64 adapters / 8 slots, host {label}: " + _medians(out[f"churn_{label}"]), flush=True)
+    out["ranks"] = _mixed_ranks(base_dir, config, root, prompts)
+    print(f"  {config.arch} mixed ranks: " + _medians(out["ranks"]), flush=True)
     out["ratios"] = _ratios(out)
     return out
+
+
+def _churn(engine: NativeEngine, names: list[str], prompts: list[list[int]], repeats: int, with_width: bool) -> dict:
+    """32 requests on 32 of the 64 adapters (a different half each round) against 32 on 8 hot
+    ones, and (`with_width`) 8 requests on the 8 hot ones: what eight slots' batch width gives."""
+    hot = [names[i % 8] for i in range(REQUESTS)]
+
+    def run(adapters: list[str]):
+        return lambda _r: engine_throughput(engine, prompts[:len(adapters)], adapters, NEW_TOKENS)[0]
+
+    def churn(r: int) -> float:
+        start = 32 * (r % 2)
+        return engine_throughput(engine, prompts, names[start:start + REQUESTS], NEW_TOKENS)[0]
+    variants = {"hot8": run(hot), "churn64": churn}
+    if with_width:
+        variants["width8"] = run(names[:8])
+    try:
+        out = _alternate(variants, repeats)
+        out["disk_loads"] = engine.stats().disk_loads_total
+        return out
+    finally:
+        engine.stop()
+
+
+RANKS = (8, 16, 32, 64)
+
+
+def _mixed_ranks(base_dir: Path, config: BenchConfig, root: Path, prompts: list[list[int]]) -> dict:
+    """Ranks 8/16/32/64 (two adapters each) on an engine of max_lora_rank 64, against eight
+    rank-16 adapters on one of max_lora_rank 16; both engines loaded, rounds alternating."""
+    from transformers import AutoModelForCausalLM
+
+    from loraserve.devtools.random_adapters import make_random_adapter
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    mixed = {f"rank{r}-{k}": make_random_adapter(base_dir, root / "ranks" / f"rank{r}-{k}", r=r, lora_alpha=2 * r,
+                                                 target="all-linear", seed=100 + 10 * r + k, model=model)
+             for r in RANKS for k in range(2)}
+    del model
+    same = {f"bench-{i}": root / "adapters" / f"bench-{i}" for i in range(8)}
+    engines = {"mixed": _engine(base_dir, config, mixed, max_loras=8, max_lora_rank=max(RANKS)),
+               "rank16": _engine(base_dir, config, same, max_loras=8)}
+    try:
+        runs = {}
+        for label, engine in engines.items():
+            names = list(mixed if label == "mixed" else same)
+            mix = [names[i % len(names)] for i in range(REQUESTS)]
+            runs[label] = lambda _r, e=engine, m=mix: engine_throughput(e, prompts, m, NEW_TOKENS)[0]
+        return _alternate(runs, config.repeats)
+    finally:
+        for engine in engines.values():
+            engine.stop()
 
 
 def _first_token(engine: NativeEngine, ids: list[int], adapter: str | None, n: int = 2) -> float:
@@ -176,6 +226,12 @@ def _ratios(out: dict) -> dict:
               / statistics.median(out["churn_bytes"]["hot8"]),
               "churn64_over_hot8_cap16": statistics.median(out["churn_cap16"]["churn64"])
               / statistics.median(out["churn_cap16"]["hot8"]),
+              "width8_over_hot8": statistics.median(out["churn_bytes"]["width8"])
+              / statistics.median(out["churn_bytes"]["hot8"]),
+              "churn64_over_width8": statistics.median(out["churn_bytes"]["churn64"])
+              / statistics.median(out["churn_bytes"]["width8"]),
+              "mixed_ranks_over_rank16": statistics.median(out["ranks"]["mixed"])
+              / statistics.median(out["ranks"]["rank16"]),
               "ttft_prefill_over_idle": statistics.median(out["ttft"]["busy_s"]) / statistics.median(out["ttft"]["idle_s"]),
               "prefix_second_over_first": statistics.median(out["prefix"]["second_s"])
               / statistics.median(out["prefix"]["first_s"])}
@@ -198,7 +254,8 @@ def print_report(result: dict) -> None:
     for arch, out in result["archs"].items():
         print(f"\n{arch}: tokens/s medians  max_loras 32: {_medians(out['slots32'])}; 64 adapters / 8 slots: host "
               f"bytes {_medians(out['churn_bytes'])} ({out['churn_bytes']['disk_loads']} disk loads), cap 16 "
-              f"{_medians(out['churn_cap16'])} ({out['churn_cap16']['disk_loads']} disk loads)")
+              f"{_medians(out['churn_cap16'])} ({out['churn_cap16']['disk_loads']} disk loads); ranks: "
+              f"{_medians(out['ranks'])}")
         print(f"  share of decode-step time outside the model's forward: {out['decode_host_share']:.1%}")
         t, p = out["ttft"], out["prefix"]
         print(f"  TTFT idle {statistics.median(t['idle_s']) * 1000:.0f} ms, under a 2,000-token prefill "

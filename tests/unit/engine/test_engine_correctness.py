@@ -361,6 +361,9 @@ def test_stop_sequence_ends_generation_before_it(base_dirs, adapter_dirs, arch: 
         assert not any(stop in p.text for p in pieces)
         assert finish.token_ids == full.token_ids[: len(finish.token_ids)]
         assert len(finish.token_ids) < len(full.token_ids)
+        # The stop is found off the engine thread, a step or two late: no token past it is sent.
+        assert [t for p in pieces for t in p.token_ids] == finish.token_ids
+        assert finish.completion_tokens == len(finish.token_ids)
     for full, finish in zip(fulls, unmatched_results):  # a stop that never occurs changes nothing
         assert (finish.finish_reason, finish.text, finish.token_ids) == ("length", full.text, full.token_ids)
 
