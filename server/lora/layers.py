@@ -8,8 +8,11 @@ Semantics of `MultiLoraLinear.forward` for a batch of B sequences, slot index s[
 A is stored as [S, in, R] and B as [S, R, out] for the S = max_loras real slots (slot 0 has
 no storage: its rows are never touched, so base-only sequences get exactly the base output
 whatever their batch mates use), R = max_lora_rank: an adapter of rank r < R fills the first r
-columns/rows and leaves zeros, so one matmul serves every rank, and the scaling is folded into
-B when a slot is loaded. A freed slot is zeroed.
+columns/rows and leaves zeros, and the scaling is folded into B when a slot is loaded. A freed
+slot is zeroed. Each layer knows the rank of each slot's adapter there (0: not targeted), and a
+row pays for its own rank: the single-adapter and per-row paths read r columns of A (the per-row
+path in 64-byte chunks) and r rows of B, the grouped path the highest rank among its slots; a
+module no adapter of the batch targets costs nothing but the base.
 
 Isolation: a row only ever meets its own slot's A and B. Rows are grouped by slot and each group
 is multiplied by that slot's matrices alone (no row is multiplied by another slot's values and
@@ -124,15 +127,39 @@ class LoraBatchContext:
             self._per_device[(device, tokens)] = cached
         return cached
 
-    def bag_index(self, device: torch.device, tokens: int, width: int) -> torch.Tensor:
-        """For the per-row path: [M, width] indices into a slot table viewed as [S * width, ...]
-        (A as [S * in, R], B as [S * R, out]): row m's bag is its own slot's `width` rows."""
-        key = (device, tokens, "bag", width)
+    def row_bags(self, device: torch.device, tokens: int, in_features: int, max_rank: int, chunk: int,
+                 ranks: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        """For the per-row path of a layer whose slots hold adapters of `ranks` (per slot number,
+        0: none there): each row m (of M) is multiplied by its own slot's first r columns of A
+        (in chunks of `chunk` columns, one bag each) and first r rows of B, r its slot's rank in
+        this layer, so a row pays for its own rank. Cached per forward and rank layout.
+          a_index [Q, in]: rows of A viewed as [S * in * (R / chunk), chunk], one bag per chunk
+          a_rows [Q]: which row's values weigh the bag; a_dest [Q]: its place in h [M * R / chunk, chunk]
+          b_index [T], b_offsets [M]: rows of B viewed as [S * R, out], one bag per row
+          b_pos [T]: where each B row's weight sits in h viewed as [M * R]"""
+        key = (device, tokens, in_features, max_rank, chunk, ranks)
         cached = self._per_device.get(key)
         if cached is None:
-            stored = [self._slots[i] - 1 for i in self._active for _ in range(tokens)]
-            base = torch.tensor(stored, dtype=torch.long, device=device) * width  # [M]
-            cached = base[:, None] + torch.arange(width, device=device)  # [M, width]
+            per_rank = max_rank // chunk
+            a_base, a_rows, a_dest, b_index, b_offsets, b_pos = [], [], [], [], [], []
+            m = 0
+            for i in self._active:
+                slot = self._slots[i] - 1
+                r = ranks[slot + 1]
+                for _ in range(tokens):
+                    for c in range(-(-r // chunk)):
+                        a_base.append(slot * in_features * per_rank + c)
+                        a_rows.append(m)
+                        a_dest.append(m * per_rank + c)
+                    b_offsets.append(len(b_index))
+                    b_index.extend(range(slot * max_rank, slot * max_rank + r))
+                    b_pos.extend(range(m * max_rank, m * max_rank + r))
+                    m += 1
+            long = {"dtype": torch.long, "device": device}
+            k = torch.arange(in_features, **long) * per_rank
+            cached = {"a_index": torch.tensor(a_base, **long)[:, None] + k, "a_rows": torch.tensor(a_rows, **long),
+                      "a_dest": torch.tensor(a_dest, **long), "b_index": torch.tensor(b_index, **long),
+                      "b_offsets": torch.tensor(b_offsets, **long), "b_pos": torch.tensor(b_pos, **long)}
             self._per_device[key] = cached
         return cached
 
@@ -172,6 +199,12 @@ class MultiLoraLinear(nn.Module):
                              persistent=False)  # [S, in, R]
         self.register_buffer("lora_b", torch.zeros(self.stored, max_rank, self.out_features, dtype=dtype, device=device),
                              persistent=False)  # [S, R, out], scaling folded in
+        self.ranks = [0] * num_slots
+        """Rank of the adapter in each slot for this layer (by slot number; 0: none, or the
+        adapter does not target this module): the columns of A and rows of B a row pays for."""
+        # A's columns are read in chunks of one cache line (64 bytes) by the per-row path.
+        line = 64 // torch.empty((), dtype=dtype).element_size()
+        self._chunk = line if max_rank % line == 0 else max_rank
         # CUDA's grouped GEMM wants 16-byte aligned rows; real model dims are, a rank may not be.
         aligned = device.type == "cpu" or all(d % 8 == 0 for d in (self.in_features, max_rank, self.out_features))
         self._grouped = aligned and grouped_mm_works(device, dtype)
@@ -185,11 +218,13 @@ class MultiLoraLinear(nn.Module):
         r = a.shape[0]
         self.lora_a[slot - 1, :, :r].copy_(a.t())
         self.lora_b[slot - 1, :r, :].copy_(b.t() * scaling)
+        self.ranks[slot] = r
 
     def clear_slot(self, slot: int) -> None:
         """Zero `slot` (numbered from 1): a freed slot holds nothing of its last adapter."""
         self.lora_a[slot - 1].zero_()
         self.lora_b[slot - 1].zero_()
+        self.ranks[slot] = 0
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
@@ -212,13 +247,20 @@ class MultiLoraLinear(nn.Module):
         b = xs.shape[0]
         flat = xs.reshape(b * n, self.in_features)  # [M, in], M = b*N: one GEMM, not b GEMMs of N rows
         if ctx.single_slot is not None:
+            r = self.ranks[ctx.single_slot]
+            if r == 0:  # the adapter does not target this module
+                return y
             s = ctx.single_slot - 1
-            delta = (flat @ self.lora_a[s]) @ self.lora_b[s]  # [M, R] -> [M, out]
+            delta = (flat @ self.lora_a[s, :, :r]) @ self.lora_b[s, :r]  # [M, r] -> [M, out]
+        elif max(self.ranks[ctx.slot_range[0]:ctx.slot_range[1] + 1]) == 0:
+            return y  # none of the batch's adapters targets this module
         elif index["order"] is None:
-            delta = self._per_row(flat, ctx.bag_index(x.device, n, self.in_features),
-                                  ctx.bag_index(x.device, n, self.max_rank))
+            delta = self._per_row(flat, ctx.row_bags(x.device, n, self.in_features, self.max_rank, self._chunk,
+                                                     tuple(self.ranks)))
         else:
-            delta = self._segmented(flat, index["order"], index["offs"], ctx.segments(n)[1], ctx.slot_range)
+            lo, hi = ctx.slot_range
+            r = min(self.max_rank, -(-max(self.ranks[lo:hi + 1]) // 8) * 8)  # CUDA's grouped GEMM: 16-byte rows
+            delta = self._segmented(flat, index["order"], index["offs"], ctx.segments(n)[1], ctx.slot_range, r)
         delta = delta.view(b, n, self.out_features)
         if delta.dtype != y.dtype:
             delta = delta.to(y.dtype)
@@ -229,28 +271,37 @@ class MultiLoraLinear(nn.Module):
             out.index_add_(0, rows, delta)
         return y
 
-    def _per_row(self, flat: torch.Tensor, a_index: torch.Tensor, b_index: torch.Tensor) -> torch.Tensor:
-        """Each row with its own slot's A and B, one bag per row: [M, in] -> [M, out]."""
-        # h[m] = sum_k flat[m, k] * A_rows[a_index[m, k]] = flat[m] @ A[s[m]]
-        h = F.embedding_bag(a_index, self.lora_a.view(-1, self.max_rank), mode="sum",
-                            per_sample_weights=flat)  # [M, R]
-        return F.embedding_bag(b_index, self.lora_b.view(-1, self.out_features), mode="sum",
-                               per_sample_weights=h)  # [M, out]
+    def _per_row(self, flat: torch.Tensor, bags: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Each row with its own slot's A and B at its own rank, one bag per row (and per chunk
+        of A's columns): [M, in] -> [M, out]."""
+        m, chunk = flat.shape[0], self._chunk
+        # hc[q] = sum_k flat[row q, k] * A[s, k, chunk q's columns]
+        hc = F.embedding_bag(bags["a_index"], self.lora_a.view(-1, chunk), mode="sum",
+                             per_sample_weights=flat.index_select(0, bags["a_rows"]))  # [Q, chunk]
+        h = flat.new_zeros(m * (self.max_rank // chunk), chunk)
+        h.index_copy_(0, bags["a_dest"], hc)  # [M * R / chunk, chunk] = [M, R], zeros past each rank
+        return F.embedding_bag(bags["b_index"], self.lora_b.view(-1, self.out_features), bags["b_offsets"],
+                               mode="sum", per_sample_weights=h.view(-1).index_select(0, bags["b_pos"]))  # [M, out]
 
     def _segmented(self, flat: torch.Tensor, order: torch.Tensor, offs: torch.Tensor,
-                   bounds: list[int], slot_range: tuple[int, int]) -> torch.Tensor:
-        """Rows of several adapters, each multiplied by its own slot only: [M, in] -> [M, out]."""
+                   bounds: list[int], slot_range: tuple[int, int], rank: int) -> torch.Tensor:
+        """Rows of several adapters, each multiplied by its own slot only, up to the highest
+        `rank` among them (the columns past a slot's own rank are zeros): [M, in] -> [M, out]."""
         lo, hi = slot_range
         grouped = flat.index_select(0, order)  # [M, in], rows sorted by slot
         if self._grouped:
-            h = F.grouped_mm(grouped, self.lora_a[lo - 1:hi], offs=offs)  # [M, R]
-            sorted_delta = F.grouped_mm(h, self.lora_b[lo - 1:hi], offs=offs)  # [M, out]
+            h = F.grouped_mm(grouped, self.lora_a[lo - 1:hi, :, :rank], offs=offs)  # [M, rank]
+            sorted_delta = F.grouped_mm(h, self.lora_b[lo - 1:hi, :rank], offs=offs)  # [M, out]
         else:
             sorted_delta = grouped.new_empty(grouped.shape[0], self.out_features)
             for k, s in enumerate(range(lo - 1, hi)):
                 first, last = bounds[k], bounds[k + 1]
-                if last > first:
-                    torch.mm(grouped[first:last] @ self.lora_a[s], self.lora_b[s], out=sorted_delta[first:last])
+                r = self.ranks[s + 1]
+                if last > first and r:
+                    torch.mm(grouped[first:last] @ self.lora_a[s, :, :r], self.lora_b[s, :r],
+                             out=sorted_delta[first:last])
+                elif last > first:
+                    sorted_delta[first:last] = 0
         delta = torch.empty_like(sorted_delta)
         delta.index_copy_(0, order, sorted_delta)  # back to row order
         return delta

@@ -152,10 +152,13 @@ def test_a_nan_slot_reaches_no_other_row_in_the_layer(device: str, dtype: torch.
         assert torch.isnan(poisoned[[i for i, s in enumerate(slots) if s == 4]]).all()
 
 
+@pytest.mark.parametrize("max_rank, ranks", [(16, (4, 16, 8)), (64, (4, 40, 64))])
 @pytest.mark.parametrize("device, dtype", _layer_cases())
-def test_every_path_computes_each_rows_own_adapter(device: str, dtype: torch.dtype) -> None:
+def test_every_path_computes_each_rows_own_adapter(device: str, dtype: torch.dtype, max_rank: int,
+                                                   ranks: tuple[int, int, int]) -> None:
     """The per-row (embedding_bag), grouped and per-slot paths each give every row x @ A[s] @ B[s]
-    of its own slot (slot 0: nothing), for slots spread over the table (empty slots between)."""
+    of its own slot at its own rank (slot 0, and a slot whose adapter does not target this
+    module: nothing), for slots spread over the table (empty slots between)."""
     from torch import nn
 
     from loraserve.lora import layers as lora_layers
@@ -164,19 +167,20 @@ def test_every_path_computes_each_rows_own_adapter(device: str, dtype: torch.dty
     torch.manual_seed(0)
     base = nn.Linear(64, 48, bias=False).to(device=device, dtype=dtype)
     context = LoraBatchContext(9)
-    layer = MultiLoraLinear(base, 9, 16, context, dtype)
+    layer = MultiLoraLinear(base, 9, max_rank, context, dtype)
     weights = {}
-    for slot, r in ((2, 4), (5, 16), (8, 8)):
+    for slot, r in zip((2, 5, 8), ranks):
         a, b = torch.randn(r, 64, device=device), torch.randn(48, r, device=device)
         layer.load_slot(slot, a, b, 0.5)
         weights[slot] = (a.to(dtype), (b * 0.5).to(dtype))
-    slots = [5, 0, 2, 8, 5, 2, 0, 8]
+    layer.load_slot(7, None, None, 0.0)  # an adapter that does not target this module
+    slots = [5, 0, 2, 8, 5, 7, 2, 0, 8]
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2
     for tokens in (1, 6):
         x = torch.randn(len(slots), tokens, 64, device=device, dtype=dtype)
         expected = base(x).float()
         for i, s in enumerate(slots):
-            if s:
+            if s in weights:
                 a, b = weights[s]
                 expected[i] += ((x[i].float() @ a.float().t()) @ b.float().t())
         outputs = {}
