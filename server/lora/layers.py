@@ -160,6 +160,11 @@ class LoraBatchContext:
             cached = {"a_index": torch.tensor(a_base, **long)[:, None] + k, "a_rows": torch.tensor(a_rows, **long),
                       "a_dest": torch.tensor(a_dest, **long), "b_index": torch.tensor(b_index, **long),
                       "b_offsets": torch.tensor(b_offsets, **long), "b_pos": torch.tensor(b_pos, **long)}
+            if len(b_index) == m * max_rank:  # every row at full rank: no gathers, B's bags 2-D
+                cached["b_index"] = cached["b_index"].view(m, max_rank)
+                cached["b_offsets"] = cached["b_pos"] = None
+                if per_rank == 1:  # and A in one chunk: row q of the bags is row q of the batch
+                    cached["a_rows"] = cached["a_dest"] = None
             self._per_device[key] = cached
         return cached
 
@@ -275,13 +280,19 @@ class MultiLoraLinear(nn.Module):
         """Each row with its own slot's A and B at its own rank, one bag per row (and per chunk
         of A's columns): [M, in] -> [M, out]."""
         m, chunk = flat.shape[0], self._chunk
+        rows = bags["a_rows"]
         # hc[q] = sum_k flat[row q, k] * A[s, k, chunk q's columns]
         hc = F.embedding_bag(bags["a_index"], self.lora_a.view(-1, chunk), mode="sum",
-                             per_sample_weights=flat.index_select(0, bags["a_rows"]))  # [Q, chunk]
-        h = flat.new_zeros(m * (self.max_rank // chunk), chunk)
-        h.index_copy_(0, bags["a_dest"], hc)  # [M * R / chunk, chunk] = [M, R], zeros past each rank
+                             per_sample_weights=flat if rows is None else flat.index_select(0, rows))  # [Q, chunk]
+        if bags["a_dest"] is None:
+            h = hc  # [M, R]
+        else:
+            h = flat.new_zeros(m * (self.max_rank // chunk), chunk)
+            h.index_copy_(0, bags["a_dest"], hc)  # [M * R / chunk, chunk] = [M, R], zeros past each rank
+        pos = bags["b_pos"]
+        weights = h.reshape(m, self.max_rank) if pos is None else h.view(-1).index_select(0, pos)
         return F.embedding_bag(bags["b_index"], self.lora_b.view(-1, self.out_features), bags["b_offsets"],
-                               mode="sum", per_sample_weights=h.view(-1).index_select(0, bags["b_pos"]))  # [M, out]
+                               mode="sum", per_sample_weights=weights)  # [M, out]
 
     def _segmented(self, flat: torch.Tensor, order: torch.Tensor, offs: torch.Tensor,
                    bounds: list[int], slot_range: tuple[int, int], rank: int) -> torch.Tensor:

@@ -152,10 +152,11 @@ def test_a_nan_slot_reaches_no_other_row_in_the_layer(device: str, dtype: torch.
         assert torch.isnan(poisoned[[i for i, s in enumerate(slots) if s == 4]]).all()
 
 
-@pytest.mark.parametrize("max_rank, ranks", [(16, (4, 16, 8)), (64, (4, 40, 64))])
+@pytest.mark.parametrize("max_rank, ranks, untargeted", [(16, (4, 16, 8), True), (64, (4, 40, 64), True),
+                                                         (16, (16, 16, 16), False)])  # the last: all at full rank
 @pytest.mark.parametrize("device, dtype", _layer_cases())
 def test_every_path_computes_each_rows_own_adapter(device: str, dtype: torch.dtype, max_rank: int,
-                                                   ranks: tuple[int, int, int]) -> None:
+                                                   ranks: tuple[int, int, int], untargeted: bool) -> None:
     """The per-row (embedding_bag), grouped and per-slot paths each give every row x @ A[s] @ B[s]
     of its own slot at its own rank (slot 0, and a slot whose adapter does not target this
     module: nothing), for slots spread over the table (empty slots between)."""
@@ -174,7 +175,7 @@ def test_every_path_computes_each_rows_own_adapter(device: str, dtype: torch.dty
         layer.load_slot(slot, a, b, 0.5)
         weights[slot] = (a.to(dtype), (b * 0.5).to(dtype))
     layer.load_slot(7, None, None, 0.0)  # an adapter that does not target this module
-    slots = [5, 0, 2, 8, 5, 7, 2, 0, 8]
+    slots = [5, 0, 2, 8, 5, 7, 2, 0, 8] if untargeted else [5, 0, 2, 8, 5, 2, 0, 8]
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2
     for tokens in (1, 6):
         x = torch.randn(len(slots), tokens, 64, device=device, dtype=dtype)
