@@ -36,12 +36,6 @@ class OutputThread:
         """Run `work` after everything submitted before it (any thread)."""
         self._queue.put(work)
 
-    def flush(self, timeout: float | None = None) -> bool:
-        """Wait until everything submitted so far has run; False on timeout."""
-        done = threading.Event()
-        self._queue.put(done.set)
-        return done.wait(timeout)
-
     def stop(self) -> None:
         """Run what is queued, then end the thread."""
         self._queue.put(None)

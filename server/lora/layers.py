@@ -208,7 +208,7 @@ class MultiLoraLinear(nn.Module):
         """Rank of the adapter in each slot for this layer (by slot number; 0: none, or the
         adapter does not target this module): the columns of A and rows of B a row pays for."""
         # A's columns are read in chunks of one cache line (64 bytes) by the per-row path.
-        line = 64 // torch.empty((), dtype=dtype).element_size()
+        line = 64 // dtype.itemsize
         self._chunk = line if max_rank % line == 0 else max_rank
         # CUDA's grouped GEMM wants 16-byte aligned rows; real model dims are, a rank may not be.
         aligned = device.type == "cpu" or all(d % 8 == 0 for d in (self.in_features, max_rank, self.out_features))
@@ -251,20 +251,18 @@ class MultiLoraLinear(nn.Module):
             xs = xs.to(self.lora_a.dtype)
         b = xs.shape[0]
         flat = xs.reshape(b * n, self.in_features)  # [M, in], M = b*N: one GEMM, not b GEMMs of N rows
+        lo, hi = ctx.slot_range
+        r = max(self.ranks[lo:hi + 1])  # the highest rank among the batch's adapters in this module
+        if r == 0:
+            return y  # none of them targets this module
         if ctx.single_slot is not None:
-            r = self.ranks[ctx.single_slot]
-            if r == 0:  # the adapter does not target this module
-                return y
             s = ctx.single_slot - 1
             delta = (flat @ self.lora_a[s, :, :r]) @ self.lora_b[s, :r]  # [M, r] -> [M, out]
-        elif max(self.ranks[ctx.slot_range[0]:ctx.slot_range[1] + 1]) == 0:
-            return y  # none of the batch's adapters targets this module
         elif index["order"] is None:
             delta = self._per_row(flat, ctx.row_bags(x.device, n, self.in_features, self.max_rank, self._chunk,
                                                      tuple(self.ranks)))
         else:
-            lo, hi = ctx.slot_range
-            r = min(self.max_rank, -(-max(self.ranks[lo:hi + 1]) // 8) * 8)  # CUDA's grouped GEMM: 16-byte rows
+            r = min(self.max_rank, -(-r // 8) * 8)  # CUDA's grouped GEMM wants 16-byte rows
             delta = self._segmented(flat, index["order"], index["offs"], ctx.segments(n)[1], ctx.slot_range, r)
         delta = delta.view(b, n, self.out_features)
         if delta.dtype != y.dtype:
