@@ -16,7 +16,6 @@ this thread runs the next step.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import deque
@@ -28,6 +27,7 @@ import torch
 
 from loraserve.config import EngineConfig
 from loraserve.engine.adapter_tiers import AdapterTiers, TierCounters, WeightsLoader, auto_host_bytes
+from loraserve.engine.inbox import Inbox
 from loraserve.engine.output import OutputThread
 from loraserve.engine.prefill import plan_prefill, prefill_budget
 from loraserve.engine.prefix_cache import PrefixCache
@@ -35,7 +35,7 @@ from loraserve.engine.request import ErrorEvent
 from loraserve.engine.runner import ModelRunner
 from loraserve.engine.sampling import sample_batch
 from loraserve.engine.sequence import Sequence
-from loraserve.errors import AdapterIncompatible, AdapterNotFound, Cancelled, DeadlineExceeded, LoraserveError
+from loraserve.errors import AdapterNotFound, Cancelled, LoraserveError
 from loraserve.lora.slots import AdapterSlots, HostCache
 
 log = logging.getLogger(__name__)
@@ -58,17 +58,12 @@ class BatchScheduler:
         self.runner = runner
         self.slots = slots
         self.adapters = AdapterTiers(slots, HostCache(config.max_cpu_loras, config.host_cache_bytes or auto_host_bytes()),
-                                     loader, lambda *done: self._inbox.put(("loaded", done)))
+                                     loader, lambda *done: self._inbox.put("loaded", done))
         self._eos_ids = eos_ids
         self._vocab_size = vocab_size
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._inbox = Inbox()
+        self.idle = self._inbox.idle  # set while nothing is queued or running
         self._waiting: deque[Sequence] = deque()
-        # Requests accepted but not yet in the batch, counted from the moment `post` returns
-        # (the inbox included), so the queue bound holds under a burst of submissions.
-        self._queued = 0
-        self._queued_lock = threading.Lock()
-        self.idle = threading.Event()  # set while nothing is queued or running
-        self.idle.set()
         self._running: list[Sequence] = []
         self._prefilling: list[Sequence] = []  # admitted (slot held), prompt not fully prefilled
         self.prefill_budget = prefill_budget(config.max_prefill_tokens, runner.device)
@@ -99,31 +94,18 @@ class BatchScheduler:
 
     def post(self, sequence: Sequence, max_queue: int) -> bool:
         """Queue a sequence unless `max_queue` are already waiting; False when full."""
-        with self._queued_lock:
-            if self._queued >= max_queue:
-                return False
-            self._queued += 1
-            self.idle.clear()
-        self._inbox.put(("submit", sequence))
-        return True
-
-    def _unqueue(self, seq: Sequence) -> None:
-        self._waiting.remove(seq)
-        with self._queued_lock:
-            self._queued -= 1
+        return self._inbox.post(sequence, max_queue)
 
     def call(self, fn: Callable[[], object]) -> Future:
         """Run `fn` on the engine thread between two steps; the future carries its result."""
-        future: Future = Future()
-        self._inbox.put(("call", (fn, future)))
-        return future
+        return self._inbox.call(fn)
 
     def wake(self) -> None:
-        self._inbox.put(("wake", None))
+        self._inbox.put("wake")
 
     def shutdown(self) -> None:
         """Fail everything still queued or running and end the thread."""
-        self._inbox.put(("stop", None))
+        self._inbox.put("stop")
         if isinstance(self._thread, threading.Thread):
             self._thread.join()
         else:
@@ -144,7 +126,7 @@ class BatchScheduler:
 
     @property
     def num_waiting(self) -> int:
-        return self._queued
+        return self._inbox.queued
 
     @property
     def num_running(self) -> int:
@@ -162,7 +144,8 @@ class BatchScheduler:
         while not self._stop:
             self.progress_at = time.monotonic()
             idle = not self._running and not self._prefilling and not self._ready_to_admit()
-            self._drain_inbox(block=idle)
+            for message in self._inbox.take(block=idle, timeout=self.idle_wait_s):
+                self._handle(*message)
             if self._stop:
                 break
             try:
@@ -182,18 +165,6 @@ class BatchScheduler:
         if self.output is not None:
             self.output.stop()  # after every event above is pushed
 
-    def _drain_inbox(self, block: bool) -> None:
-        try:
-            message = self._inbox.get(timeout=self.idle_wait_s) if block else self._inbox.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            self._handle(*message)
-            try:
-                message = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-
     def _handle(self, kind: str, payload) -> None:
         if kind == "submit":
             self._waiting.append(payload)
@@ -212,6 +183,10 @@ class BatchScheduler:
         elif kind == "stop":
             self._stop = True
 
+    def _unqueue(self, seq: Sequence) -> None:
+        self._waiting.remove(seq)
+        self._inbox.unqueued()
+
     def _waiting_keys(self) -> set[str]:
         return {s.adapter_version for s in self._waiting if s.adapter_version is not None}
 
@@ -222,15 +197,15 @@ class BatchScheduler:
         """Cancelled or expired sequences leave before this step runs."""
         now = time.monotonic()
         for seq in list(self._waiting):
-            error = _early_end(seq, now)
+            error = seq.early_end(now)
             if error is not None:
                 self._unqueue(seq)
                 seq.push(ErrorEvent(error))
         for seq in list(self._prefilling):
-            error = _early_end(seq, now)
+            error = seq.early_end(now)
             if error is not None:
                 self._end_prefilling(seq, error)
-        ended = [(i, _early_end(s, now)) for i, s in enumerate(self._running)]
+        ended = [(i, s.early_end(now)) for i, s in enumerate(self._running)]
         ended = [(i, e) for i, e in ended if e is not None or self._running[i].text_stopped]
         if ended:
             gone = {i for i, _ in ended}
@@ -249,12 +224,12 @@ class BatchScheduler:
         and the slots allow; oldest first, skipping those whose adapter is still loading or
         cannot get a slot."""
         guard = self._starving()
-        width = max((_kv_need(s) for s in [*self._running, *self._prefilling]), default=0)
+        width = max((s.kv_need for s in [*self._running, *self._prefilling]), default=0)
         for seq in list(self._waiting):
             rows = len(self._running) + len(self._prefilling)
             if rows >= self.config.max_batch_size:
                 break
-            if (rows + 1) * max(width, _kv_need(seq)) > self.kv_token_rows:
+            if (rows + 1) * max(width, seq.kv_need) > self.kv_token_rows:
                 break  # its KV would not fit beside the batch's until some sequences end
             if guard is not None and seq is not guard and seq.adapter_version is not None:
                 continue  # base-only requests take no slot, so they may still pass
@@ -264,7 +239,7 @@ class BatchScheduler:
             version = seq.adapter_version
             seq.slot = self.slots.acquire(version, self.host.get(version)) if version is not None else 0
             seq.admitted_at = time.monotonic()
-            width = max(width, _kv_need(seq))
+            width = max(width, seq.kv_need)
             length, kv = self.prefix.lookup(version, seq.request.prompt_token_ids)
             if kv is not None:  # the rest of the prompt is prefilled on a copy of the cached prefix
                 seq.prefill_cache, seq.prefilled = self.runner.cache_from(kv), length
@@ -370,7 +345,7 @@ class BatchScheduler:
         done = set()
         for i, (seq, token) in enumerate(zip(seqs, tokens)):
             if not finite[i]:  # that row alone ends; its batch mates go on
-                seq.push(ErrorEvent(_non_finite(seq)))
+                seq.push(ErrorEvent(seq.non_finite_error()))
                 done.add(first_row + i)
                 continue
             reason = seq.append(token, self._eos_ids)
@@ -407,36 +382,9 @@ class BatchScheduler:
     def _fail_all(self, error: LoraserveError) -> None:
         self._fail_running(error)
         self._fail_waiting(lambda s: True, error)
-        while True:  # requests posted after the stop message
-            try:
-                kind, payload = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        for kind, payload in self._inbox.take(block=False, timeout=0):  # posted after the stop message
             if kind == "submit":
                 payload.push(ErrorEvent(error))
             elif kind == "call":
                 payload[1].set_exception(error)
 
-
-def _kv_need(seq: Sequence) -> int:
-    """The most KV columns the sequence can take: its prompt and every token it may generate."""
-    return len(seq.request.prompt_token_ids) + seq.request.sampling.max_new_tokens
-
-
-def _early_end(seq: Sequence, now: float) -> LoraserveError | None:
-    if seq.stream.cancelled.is_set():
-        return Cancelled("the request was cancelled")
-    deadline = seq.request.deadline
-    if deadline is not None and now > deadline:
-        return DeadlineExceeded("the request's deadline passed before it finished")
-    return None
-
-
-def _non_finite(seq: Sequence) -> LoraserveError:
-    """The error of a request whose logits came out NaN or infinite (an adapter whose weights
-    overflow the compute dtype on this input, or a fault of the base)."""
-    if seq.request.adapter:
-        return AdapterIncompatible(f"adapter {seq.request.adapter!r} produced non-finite logits (NaN or inf) for "
-                                   "this request: its weights overflow the server's compute dtype on this input")
-    log.error("the base produced non-finite logits for request %s", seq.request.request_id)
-    return LoraserveError("the base model produced non-finite logits for this request")

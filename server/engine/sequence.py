@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,9 @@ from loraserve.engine.request import (
     Timings,
     TokenEvent,
 )
+from loraserve.errors import AdapterIncompatible, Cancelled, DeadlineExceeded, LoraserveError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,6 +64,29 @@ class Sequence:
     @property
     def last_token(self) -> int:
         return self.output_ids[-1]
+
+    @property
+    def kv_need(self) -> int:
+        """The most KV columns it can take: its prompt and every token it may generate."""
+        return len(self.request.prompt_token_ids) + self.request.sampling.max_new_tokens
+
+    def early_end(self, now: float) -> LoraserveError | None:
+        """Why it must end before the next step (cancelled, deadline passed), or None."""
+        if self.stream.cancelled.is_set():
+            return Cancelled("the request was cancelled")
+        deadline = self.request.deadline
+        if deadline is not None and now > deadline:
+            return DeadlineExceeded("the request's deadline passed before it finished")
+        return None
+
+    def non_finite_error(self) -> LoraserveError:
+        """The error when its logits came out NaN or infinite (an adapter whose weights overflow
+        the compute dtype on this input, or a fault of the base)."""
+        if self.request.adapter:
+            return AdapterIncompatible(f"adapter {self.request.adapter!r} produced non-finite logits (NaN or inf) "
+                                       "for this request: its weights overflow the server's compute dtype on this input")
+        log.error("the base produced non-finite logits for request %s", self.request.request_id)
+        return LoraserveError("the base model produced non-finite logits for this request")
 
     # ---- on the engine thread -----------------------------------------------------------
     def append(self, token_id: int, eos_ids: set[int]) -> str | None:
