@@ -11,13 +11,13 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
-    AutoTokenizer,
     BitsAndBytesConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
 from loraserve.base.fingerprint import base_fingerprint
+from loraserve.base.tokenizer import load_tokenizer
 from loraserve.config import BaseModelConfig
 from loraserve.errors import ConfigError
 
@@ -79,14 +79,6 @@ def quantization_config(config: BaseModelConfig, model_type: str, dtype: torch.d
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=config.quantization,
                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
-
-
-def load_tokenizer(model_dir: Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """The base's tokenizer with its chat template (a pad token set to EOS where it has none)."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def load_base(config: BaseModelConfig, for_training: bool = False) -> LoadedBase:

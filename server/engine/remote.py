@@ -103,7 +103,7 @@ class RemoteEngine:
     def wait_loaded(self) -> None:
         """Block until the engine process has loaded the base (its load error is raised here, as
         `Engine.load` would raise it), then load the tokenizer here too and start reading."""
-        from loraserve.base.loading import load_tokenizer
+        from loraserve.base.tokenizer import load_tokenizer
 
         info = self._recv_first()
         self.tokenizer = load_tokenizer(info.model_dir, self.config.base.trust_remote_code)

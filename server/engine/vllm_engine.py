@@ -113,7 +113,7 @@ class VllmEngine(VllmAdapterMethods):
         refuses or a base it cannot run is a ConfigError here."""
         if self.loaded:
             return
-        from loraserve.base.loading import load_tokenizer
+        from loraserve.base.tokenizer import load_tokenizer
 
         facts = restrict_to_targets(read_base_facts(self.config.base), self.config.target_modules)
         args = engine_args(self.config, self.options, facts)

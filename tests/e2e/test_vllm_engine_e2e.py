@@ -22,7 +22,7 @@ import pytest
 from model_fixtures import PeftReference
 from transformers import AutoModelForCausalLM
 
-from loraserve.base.loading import load_tokenizer
+from loraserve.base.tokenizer import load_tokenizer
 from loraserve.devtools.random_adapters import make_random_adapter
 from loraserve.devtools.server_process import running_server, start_server
 from loraserve.devtools.synthetic_base import init_model

@@ -66,7 +66,7 @@ def _measure(config: BenchConfig, root: Path, kv_cache_gib: int, long_prefill_to
              base: str | None = None) -> dict:
     import torch
 
-    from loraserve.base.loading import load_tokenizer
+    from loraserve.base.tokenizer import load_tokenizer
 
     print(f"building {'a ' + config.size + ' ' + config.arch + ' base and ' if base is None else ''}"
           f"{config.adapters} rank-{config.rank} adapters in {root}", flush=True)
