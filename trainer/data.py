@@ -13,15 +13,15 @@ and the prompt is built from them by the base tokenizer's own chat template, the
 applies, so an adapter is trained on exactly the token sequence it will be served:
 
     prompt_ids   = apply_chat_template(messages[:-1], add_generation_prompt=True)   # what serving sends
-    full_text    = apply_chat_template(messages)                                   # as a string
-    response_ids = tokenize(full_text[len(prompt_text):])  (no special tokens added; EOS kept)
+    response_ids = tokenize(the answer's turn past that prompt)  (no special tokens added; EOS kept)
 
-With DeepSeek's templates the response text is `" {answer}<eos>"` (deepseek-llm/v2, after
-`Assistant:`) or `"{answer}<eos>"` (v3, after the `<｜Assistant｜>` special token), and
-`prompt_ids + response_ids == tokenizer(full_text, add_special_tokens=False)`. That equality
-needs the tokenizer not to merge across the prompt/response boundary; where a tokenizer would,
-the split above is still the right one to train on, because the prompt ids are exactly what
-serving will feed the model. Loss is taken only on the response (see `collate`).
+where the answer's turn is found by position in the template's rendering (see
+`loraserve.trainer.turns`, which also covers R1's `<think>` generation prompt and bases without
+a chat template). With DeepSeek's templates the response text is `" {answer}<eos>"`
+(deepseek-llm/v2, after `Assistant:`) or `"{answer}<eos>"` (v3, after the `<｜Assistant｜>`
+special token). The response is tokenized on its own, so the tokenizer never merges across the
+prompt/response boundary; the prompt ids are exactly what serving will feed the model. Loss is
+taken only on the response (see `collate`).
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jinja2 import TemplateError
 
 from loraserve.errors import InvalidArgument
+from loraserve.trainer.turns import TurnError, split_turns
 
 ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100  # labels value that torch's cross_entropy (and HF models) skip
@@ -243,18 +243,12 @@ def _chat_messages(messages: Any) -> list[dict[str, str]]:
 
 
 def _tokenize(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-    """(prompt_ids, response_ids) as described in the module docstring."""
+    """(prompt_ids, response_ids): see `loraserve.trainer.turns`."""
     try:
-        prompt_ids = list(tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True,
-                                                        tokenize=True, return_dict=False))
-        prompt_text = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
-        full_text = tokenizer.apply_chat_template(messages, tokenize=False)
-    except (TemplateError, ValueError) as e:  # the template's raise_exception: it refuses these messages
-        raise _BadLine(f"the chat template refused these messages: {e}") from None
-    if not full_text.startswith(prompt_text):
-        # E.g. a template that rewrites earlier turns once an answer follows; no clean split exists.
-        raise _BadLine("the chat template's prompt rendering is not a prefix of the full conversation's")
-    response_ids = list(tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"])
+        prompt_ids, response_text = split_turns(tokenizer, messages)
+    except TurnError as e:
+        raise _BadLine(str(e)) from None
+    response_ids = list(tokenizer(response_text, add_special_tokens=False)["input_ids"])
     eos = tokenizer.eos_token_id
     # The assistant turn ends at the template's EOS; anything a template renders after it (a
     # newline, say) belongs to the next turn. A template that renders no EOS gets one appended,
