@@ -31,7 +31,7 @@ class ServerInfoServicer(server_info_pb2_grpc.ServerInfoServiceServicer):
         c = self._engine.config
         name = c.base.public_name
         return pb.GetServerInfoResponse(
-            base_model=name, base_fingerprint=self._engine.base.fingerprint, quantization=c.base.quantization,
+            base_model=name, base_fingerprint=self._engine.base.fingerprint, quantization=self._engine.base.quantization,
             architecture=self._engine.base.model_type, version=__version__, engine=self._choice.name,
             engine_reason=self._choice.reason,
             limits=pb.Limits(max_lora_rank=c.max_lora_rank, max_loras=c.max_loras, max_cpu_loras=c.max_cpu_loras,

@@ -1,6 +1,7 @@
 """A base fingerprint: the identity of the exact base weights an adapter belongs to.
 
-sha256 over config.json and every weight file's content hash. Hashing tens of GB at every
+sha256 over config.json (a pre-quantized checkpoint's quantization_config included: it says how
+its weights are read) and every weight file's content hash. Hashing tens of GB at every
 start-up would cost minutes, so content hashes are cached per (path, size, mtime), and a file
 that lives in a Hugging Face hub cache is named by its blob, whose name already is the
 file's sha256, so it is never read at all.
@@ -25,7 +26,6 @@ def base_fingerprint(model_dir: str | Path) -> str:
     digest = hashlib.sha256()
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     config.pop("transformers_version", None)  # saving with a newer library is not a new base
-    config.pop("quantization_config", None)
     digest.update(json.dumps(config, sort_keys=True).encode())
     weights = sorted(p for p in model_dir.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
     if not weights:

@@ -11,22 +11,17 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
-    BitsAndBytesConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
 from loraserve.base.fingerprint import base_fingerprint
+from loraserve.base.quantization import checkpoint_quantization, describe, load_quantization
 from loraserve.base.tokenizer import load_tokenizer
 from loraserve.config import BaseModelConfig
 from loraserve.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-# Architectures with MLA attention: kv_b_proj sees 4-D inputs, which bitsandbytes' int8 CPU
-# kernel cannot take (it crashes), so that combination is refused up front.
-MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
-
 
 @dataclass
 class LoadedBase:
@@ -38,6 +33,8 @@ class LoadedBase:
     model_dir: Path
     fingerprint: str
     dtype: torch.dtype
+    quantization: str = "none"
+    """What the weights run as: the --quantization applied at load, or `<method> (checkpoint)`."""
 
     @property
     def model_type(self) -> str:
@@ -67,20 +64,6 @@ def compute_dtype(config: BaseModelConfig) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() else torch.float32
 
 
-def quantization_config(config: BaseModelConfig, model_type: str, dtype: torch.dtype) -> BitsAndBytesConfig | None:
-    """transformers' BitsAndBytesConfig for the chosen quantization (None for `none`)."""
-    if config.quantization == "none":
-        return None
-    if config.quantization == "int8":
-        if not torch.cuda.is_available() and model_type in MLA_MODEL_TYPES:
-            raise ConfigError(
-                f"quantization int8 is not supported on CPU for {model_type} (MLA attention): bitsandbytes' "
-                "int8 CPU kernel cannot take MLA's 4-D inputs; use nf4, fp4 or none")
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=config.quantization,
-                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
-
-
 def load_base(config: BaseModelConfig, for_training: bool = False) -> LoadedBase:
     """Load the base named by `config`; in eval mode with frozen weights unless for training."""
     model_dir = resolve_model_dir(config.model)
@@ -89,18 +72,22 @@ def load_base(config: BaseModelConfig, for_training: bool = False) -> LoadedBase
     from transformers import AutoConfig
 
     hf_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=config.trust_remote_code)
-    quant = quantization_config(config, hf_config.model_type, dtype)
+    stored = checkpoint_quantization(hf_config)
+    quant = load_quantization(config, hf_config.model_type, stored, dtype)
+    quantization = describe(config.quantization, stored)
     if config.device_map == "auto":
         device_map: str | dict = "auto" if torch.cuda.is_available() else "cpu"
     else:
         device_map = config.device_map
     log.info("loading base %s (%s, quantization=%s, dtype=%s, device_map=%s)", model_dir.name,
-             hf_config.model_type, config.quantization, dtype, device_map)
+             hf_config.model_type, quantization, dtype, device_map)
+    # quantization_config=None, passed, would override a pre-quantized checkpoint's own (its
+    # packed weights then fail to load): only a bitsandbytes config to apply is passed.
+    quantize = {} if quant is None else {"quantization_config": quant}
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=dtype, quantization_config=quant, device_map=device_map,
-        trust_remote_code=config.trust_remote_code)
+        model_dir, dtype=dtype, device_map=device_map, trust_remote_code=config.trust_remote_code, **quantize)
     if not for_training:
         model.eval()
         model.requires_grad_(False)
     return LoadedBase(model=model, tokenizer=tokenizer, config=config, model_dir=model_dir,
-                      fingerprint=base_fingerprint(model_dir), dtype=dtype)
+                      fingerprint=base_fingerprint(model_dir), dtype=dtype, quantization=quantization)

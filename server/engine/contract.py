@@ -47,6 +47,8 @@ class BaseInfo:
     max_context: int | None
     lora_module_shapes: dict[str, tuple[int, int]]
     """(in_features, out_features) of every module that has LoRA slots."""
+    quantization: str = "none"
+    """What the weights run as: the --quantization applied at load, or `<method> (checkpoint)`."""
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from loraserve.config import EngineConfig
 from loraserve.engine.contract import remote_calls
 from loraserve.engine.request import ErrorEvent, Event, FinishEvent, RequestStream
-from loraserve.errors import LoraserveError
+from loraserve.errors import ConfigError, LoraserveError
 
 log = logging.getLogger("loraserve.engine")
 
@@ -177,7 +177,10 @@ def run_engine_process(conn, config: EngineConfig, log_level: int, threads: int 
 
         engine = NativeEngine.load(config, on_own_thread=True)
     except BaseException as exc:  # the server process reports it and exits
-        log.exception("the engine failed to load")
+        if isinstance(exc, ConfigError):  # a setting that cannot work: its message says which, no trace
+            log.error("the engine failed to load: %s", exc)
+        else:
+            log.exception("the engine failed to load")
         outbox.put(("failed", portable(exc)))
         outbox.close()
         os._exit(1)

@@ -87,7 +87,7 @@ class NativeEngine:
         self._executor: ThreadPoolExecutor | None = None
         self.max_context = getattr(base.model.config, "max_position_embeddings", None)
         self.base = BaseInfo(base.fingerprint, base.model_type, base.model_dir, self.max_context,
-                             dict(self._base_shapes))
+                             dict(self._base_shapes), base.quantization)
         self.input_limits = InputLimits(config.max_input_tokens, max_token_bytes(self.tokenizer))
 
     @classmethod

@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 
+from loraserve.base.quantization import describe
 from loraserve.config import EngineConfig
 from loraserve.engine.choice import VllmOptions
 from loraserve.engine.contract import BaseInfo
@@ -125,7 +126,8 @@ class VllmEngine(VllmAdapterMethods):
         self._max_context = self.options.max_model_len or facts.max_context
         self.input_limits = InputLimits(self.config.max_input_tokens, max_token_bytes(self.tokenizer))
         self.base = BaseInfo(facts.fingerprint, facts.model_type, facts.model_dir, facts.max_context,
-                             dict(facts.lora_module_shapes))
+                             dict(facts.lora_module_shapes),
+                             describe(self.config.base.quantization, facts.checkpoint_quantization))
 
     def engine_threads(self) -> set[int]:
         """Native ids of the threads in this process that do vLLM's work: the engine loop's, and

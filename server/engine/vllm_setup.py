@@ -11,6 +11,7 @@ import torch
 
 from loraserve.base.fingerprint import base_fingerprint
 from loraserve.base.loading import compute_dtype, resolve_model_dir
+from loraserve.base.quantization import checkpoint_quantization
 from loraserve.config import BaseModelConfig, EngineConfig
 from loraserve.engine.choice import VllmOptions
 from loraserve.engine.request import SamplingParams
@@ -58,15 +59,7 @@ def read_base_facts(config: BaseModelConfig) -> BaseModelFacts:
                           model_type=hf_config.model_type, vocab_size=int(hf_config.vocab_size),
                           max_context=getattr(hf_config, "max_position_embeddings", None), eos_ids=eos_ids,
                           dtype=compute_dtype(config), lora_module_shapes=shapes, cuda=torch.cuda.is_available(),
-                          checkpoint_quantization=_quant_method(hf_config))
-
-
-def _quant_method(hf_config) -> str | None:
-    quant = getattr(hf_config, "quantization_config", None)
-    if quant is None:
-        return None
-    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
-    return str(getattr(method, "value", method) or "unknown")
+                          checkpoint_quantization=checkpoint_quantization(hf_config))
 
 
 def restrict_to_targets(facts: BaseModelFacts, target_modules: tuple[str, ...] | None) -> BaseModelFacts:
@@ -88,8 +81,9 @@ def engine_args(config: EngineConfig, options: VllmOptions, facts: BaseModelFact
     if base.quantization in ("fp4", "int8"):
         raise ConfigError(f"the vLLM engine quantizes at load with bitsandbytes NF4 only, not {base.quantization}; "
                           "use --quantization nf4 or none (a pre-quantized FP8/AWQ/GPTQ checkpoint: none)")
-    if facts.checkpoint_quantization is not None and base.quantization != "none":
-        raise ConfigError(f"the checkpoint is already quantized ({facts.checkpoint_quantization}); vLLM serves it "
+    stored = facts.checkpoint_quantization
+    if stored is not None and base.quantization not in ("none", stored):
+        raise ConfigError(f"the checkpoint is already quantized ({stored}); vLLM serves it "
                           f"as it comes: use --quantization none, not {base.quantization}")
     if base.quantization == "nf4" and not facts.cuda:
         raise ConfigError("the vLLM engine's NF4 (bitsandbytes) quantization needs a CUDA GPU; on a CPU host use "
@@ -100,7 +94,7 @@ def engine_args(config: EngineConfig, options: VllmOptions, facts: BaseModelFact
     max_model_len = options.max_model_len or facts.max_context
     return AsyncEngineArgs(
         model=str(facts.model_dir), tokenizer=str(facts.model_dir), served_model_name=[base.public_name], dtype=str(facts.dtype).removeprefix("torch."),
-        quantization="bitsandbytes" if base.quantization == "nf4" else None,
+        quantization="bitsandbytes" if base.quantization == "nf4" and stored is None else None,
         trust_remote_code=base.trust_remote_code, max_model_len=max_model_len,
         tensor_parallel_size=options.tensor_parallel_size, pipeline_parallel_size=options.pipeline_parallel_size,
         gpu_memory_utilization=options.gpu_memory_utilization, enable_prefix_caching=options.enable_prefix_caching,
