@@ -35,7 +35,7 @@ def _init_model(args: argparse.Namespace) -> int:
     _require("serve", "init-model")
     from loraserve.devtools.synthetic_base import init_model
 
-    path = init_model(args.out, args.arch, args.size, args.seed)
+    path = init_model(args.out, args.arch, args.size, args.seed, real_mla=args.real_mla, tokenizer_dir=args.tokenizer)
     print(f"wrote a {args.size} {args.arch} model to {path}")
     return 0
 
@@ -299,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deepseek-v3 (MLA + MoE, as V3/R1), deepseek-v2 (as V2-Lite), deepseek-llm (Llama, as 7b/67b/coder)")
     p.add_argument("--size", choices=SIZES, default="tiny", help="tiny for unit tests, small (~22-26M params) for benchmarks")
     p.add_argument("--seed", type=int, default=0, help="weights are a deterministic function of the seed")
+    p.add_argument("--real-mla", action="store_true",
+                   help="deepseek-v2/v3 with DeepSeek's own MLA dimensions (kv_lora_rank 512, rope 64, nope 128, "
+                        "v 128), as every real checkpoint and vLLM's MLA kernels have them")
+    p.add_argument("--tokenizer", metavar="DIR", default=None,
+                   help="copy a real tokenizer's files (tokenizer.json, tokenizer_config.json) from DIR and size the "
+                        "vocabulary to it, instead of the embedded tokenizer")
     p.set_defaults(func=_init_model)
 
     p = sub.add_parser("demo", help="the whole loop locally: build a tiny base, train the example adapters, serve "

@@ -114,13 +114,21 @@ def _check_arch_and_size(arch: str, size: str) -> None:
         raise ValueError(f"unknown size {size!r}; expected one of {SIZES}")
 
 
-def synthetic_config(arch: str, size: str, vocab_size: int) -> PreTrainedConfig:
+REAL_MLA = {"kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128}
+"""The MLA dimensions of every DeepSeek-V2/V3/R1 checkpoint (vLLM's MLA kernels take no others)."""
+
+
+def synthetic_config(arch: str, size: str, vocab_size: int, real_mla: bool = False,
+                     special_ids: tuple[int, int, int] = (BOS_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID)) -> PreTrainedConfig:
     """Return the transformers config for a shrunk `arch` checkpoint of `size`.
 
-    `vocab_size` should be `len(tokenizer)` so every id the model can emit decodes. Special-token
-    ids come from the tokenizer module, where training fixes them.
+    `vocab_size` should be `len(tokenizer)` so every id the model can emit decodes;
+    `special_ids` are its (BOS, EOS, PAD) ids. `real_mla`: V2/V3 attention at DeepSeek's own MLA
+    dimensions (`REAL_MLA`) at the size's width, instead of the size's shrunk ones.
     """
     _check_arch_and_size(arch, size)
+    if real_mla and arch == "deepseek-llm":
+        raise ValueError("real MLA dimensions apply to deepseek-v2 and deepseek-v3 (deepseek-llm has no MLA)")
     s = SHAPES[size]
     common: dict[str, Any] = dict(
         vocab_size=vocab_size,
@@ -136,9 +144,9 @@ def synthetic_config(arch: str, size: str, vocab_size: int) -> PreTrainedConfig:
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         initializer_range=0.02,
         tie_word_embeddings=False,
-        bos_token_id=BOS_TOKEN_ID,
-        eos_token_id=EOS_TOKEN_ID,
-        pad_token_id=PAD_TOKEN_ID,
+        bos_token_id=special_ids[0],
+        eos_token_id=special_ids[1],
+        pad_token_id=special_ids[2],
         dtype="float32",
     )
     mla_moe: dict[str, Any] = dict(
@@ -150,7 +158,10 @@ def synthetic_config(arch: str, size: str, vocab_size: int) -> PreTrainedConfig:
         n_routed_experts=s.n_routed_experts,
         num_experts_per_tok=s.num_experts_per_tok,
         first_k_dense_replace=1,
+        moe_layer_freq=1,
     )
+    if real_mla:
+        mla_moe.update(REAL_MLA)
     if arch == "deepseek-v3":
         return DeepseekV3Config(
             **common,
@@ -162,6 +173,9 @@ def synthetic_config(arch: str, size: str, vocab_size: int) -> PreTrainedConfig:
             topk_group=1,
             norm_topk_prob=True,
             routed_scaling_factor=2.5,
+            # As the real config.json says (vLLM reads them; transformers' V3 implies them).
+            topk_method="noaux_tc",
+            scoring_func="sigmoid",
             # No multi-token-prediction weights are written, so do not advertise any.
             num_mtp_layers=0,
         )
@@ -173,6 +187,7 @@ def synthetic_config(arch: str, size: str, vocab_size: int) -> PreTrainedConfig:
             q_lora_rank=None,
             n_shared_experts=2,
             topk_method="greedy",
+            scoring_func="softmax",
             norm_topk_prob=False,
             routed_scaling_factor=1.0,
         )
@@ -188,10 +203,18 @@ def _check_empty_target(out: Path) -> None:
         raise ValueError(f"refusing to write a model to {out}: it exists and is not an empty directory")
 
 
-def init_model(out_dir: str | Path, arch: str, size: str = "tiny", seed: int = 0) -> Path:
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+
+
+def init_model(out_dir: str | Path, arch: str, size: str = "tiny", seed: int = 0, *, real_mla: bool = False,
+               tokenizer_dir: str | Path | None = None) -> Path:
     """Build a random `arch` model of `size` with its tokenizer and write it to `out_dir`.
 
-    The same (arch, size, seed) always produces byte-identical weight files. The directory is
+    `tokenizer_dir`: a real tokenizer's files (a DeepSeek checkpoint's tokenizer.json and
+    tokenizer_config.json) copied as they are, the model's vocabulary and special ids sized to
+    it, instead of the embedded one. `real_mla`: see `synthetic_config`.
+
+    The same arguments always produce byte-identical weight files. The directory is
     built beside `out_dir` and renamed into place, so readers never see a half-written model.
     Raises ValueError if `out_dir` exists and is not empty. Returns `out_dir` as a Path.
     """
@@ -199,9 +222,13 @@ def init_model(out_dir: str | Path, arch: str, size: str = "tiny", seed: int = 0
     out = Path(out_dir)
     _check_empty_target(out)
 
-    tokenizer = build_tokenizer(arch, SHAPES[size].vocab_target)
-    tokenizer.model_max_length = MAX_POSITION_EMBEDDINGS  # the checkpoint agrees with itself
-    config = synthetic_config(arch, size, len(tokenizer))
+    if tokenizer_dir is None:
+        tokenizer = build_tokenizer(arch, SHAPES[size].vocab_target)
+        tokenizer.model_max_length = MAX_POSITION_EMBEDDINGS  # the checkpoint agrees with itself
+    else:
+        tokenizer = _real_tokenizer(Path(tokenizer_dir))
+    special = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    config = synthetic_config(arch, size, len(tokenizer), real_mla=real_mla, special_ids=special)
     # fork_rng: seeding must not disturb the caller's global RNG stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -214,11 +241,8 @@ def init_model(out_dir: str | Path, arch: str, size: str = "tiny", seed: int = 0
             model.lm_head.weight.normal_(0.0, config.hidden_size ** -0.5)
     # Greedy by default so a random model's output is reproducible. (DeepSeek's own checkpoints
     # ship do_sample with temperature 0.6 / top_p 0.95 here.)
-    model.generation_config = GenerationConfig(
-        bos_token_id=BOS_TOKEN_ID,
-        eos_token_id=EOS_TOKEN_ID,
-        pad_token_id=PAD_TOKEN_ID,
-    )
+    model.generation_config = GenerationConfig(bos_token_id=special[0], eos_token_id=special[1],
+                                               pad_token_id=special[2])
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -227,7 +251,12 @@ def init_model(out_dir: str | Path, arch: str, size: str = "tiny", seed: int = 0
         # save_original_format: un-fuse the in-memory 3D expert tensors back into DeepSeek's
         # per-expert `mlp.experts.{i}.{gate,up,down}_proj.weight` keys (also the default).
         model.save_pretrained(staging, save_original_format=True)
-        tokenizer.save_pretrained(staging)
+        if tokenizer_dir is None:
+            tokenizer.save_pretrained(staging)
+        else:  # the files as the real checkpoint has them
+            for name in TOKENIZER_FILES:
+                if (Path(tokenizer_dir) / name).is_file():
+                    shutil.copy(Path(tokenizer_dir) / name, staging / name)
         _check_empty_target(out)  # something may have appeared while we were building
         if out.exists():
             out.rmdir()  # empty: rename cannot replace a directory on every platform
@@ -236,3 +265,14 @@ def init_model(out_dir: str | Path, arch: str, size: str = "tiny", seed: int = 0
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def _real_tokenizer(tokenizer_dir: Path):
+    from loraserve.base.tokenizer import load_tokenizer
+
+    if not (tokenizer_dir / "tokenizer.json").is_file() and not (tokenizer_dir / "tokenizer.model").is_file():
+        raise ValueError(f"{tokenizer_dir} holds no tokenizer (tokenizer.json or tokenizer.model)")
+    tokenizer = load_tokenizer(tokenizer_dir)  # as the server and the trainer will load it
+    if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer in {tokenizer_dir} has no BOS or EOS token")
+    return tokenizer
