@@ -27,7 +27,9 @@ class BaseModelConfig:
     dtype: str = "auto"
     """Compute dtype: auto = bfloat16 on CUDA, float32 on CPU."""
     device_map: str = "auto"
-    """auto = accelerate spreads the model over all visible GPUs, or CPU when there is none."""
+    """auto = one GPU when the weights fit on one, else balanced over the visible GPUs (one per
+    process in a distributed training run; the CPU without a GPU); or any accelerate device_map
+    string, used as given (see loraserve.base.placement)."""
     trust_remote_code: bool = False
     """Never on by default: remote code in a checkpoint would run inside the server."""
 
@@ -42,6 +44,8 @@ class BaseModelConfig:
             raise ConfigError("model must name a model directory or hub id")
         if self.quantization not in QUANTIZATIONS:
             raise ConfigError(f"quantization {self.quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
+        if not self.device_map:
+            raise ConfigError("device_map must be auto or an accelerate device_map (balanced, sequential, cpu, cuda:1)")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
 

@@ -39,6 +39,9 @@ SETTINGS = (
     Setting("quantization", str, "nf4", f"base quantization: {', '.join(QUANTIZATIONS)} (vllm engine: nf4, a CUDA "
             "GPU only, or none; FP8/AWQ/GPTQ checkpoints are served as they are with none)"),
     Setting("dtype", str, "auto", "compute dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32"),
+    Setting("device_map", str, "auto", "native engine: where the base goes: auto (one GPU when the weights fit on one, "
+            "else balanced over the visible GPUs; the CPU without a GPU) or an accelerate device_map (balanced, "
+            "sequential, cpu, cuda:1)"),
     Setting("max_loras", int, 4, "adapter slots on the accelerator (most distinct adapters per batch)"),
     Setting("max_cpu_loras", int, 16, "adapters kept decoded in host memory"),
     Setting("max_lora_rank", int, 64, "highest adapter rank accepted"),
@@ -138,7 +141,8 @@ class ServerSettings:
     def engine_config(self) -> EngineConfig:
         v = self.values
         return EngineConfig(
-            base=BaseModelConfig(model=v["model"], quantization=v["quantization"], dtype=v["dtype"]),
+            base=BaseModelConfig(model=v["model"], quantization=v["quantization"], dtype=v["dtype"],
+                                 device_map=v["device_map"]),
             max_loras=v["max_loras"], max_cpu_loras=v["max_cpu_loras"], max_lora_rank=v["max_lora_rank"],
             max_batch_size=v["max_batch_size"], max_queue=v["max_queue"], max_input_tokens=v["max_input_tokens"],
             max_new_tokens_limit=v["max_new_tokens"], max_prefill_tokens=v["max_prefill_tokens"],

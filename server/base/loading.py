@@ -16,6 +16,12 @@ from transformers import (
 )
 
 from loraserve.base.fingerprint import base_fingerprint
+from loraserve.base.placement import (
+    choose_placement,
+    distributed_local_rank,
+    estimate_weight_bytes,
+    visible_gpu_free_bytes,
+)
 from loraserve.base.quantization import checkpoint_quantization, describe, load_quantization
 from loraserve.base.tokenizer import load_tokenizer
 from loraserve.config import BaseModelConfig
@@ -75,12 +81,12 @@ def load_base(config: BaseModelConfig, for_training: bool = False) -> LoadedBase
     stored = checkpoint_quantization(hf_config)
     quant = load_quantization(config, hf_config.model_type, stored, dtype)
     quantization = describe(config.quantization, stored)
-    if config.device_map == "auto":
-        device_map: str | dict = "auto" if torch.cuda.is_available() else "cpu"
-    else:
-        device_map = config.device_map
-    log.info("loading base %s (%s, quantization=%s, dtype=%s, device_map=%s)", model_dir.name,
-             hf_config.model_type, quantization, dtype, device_map)
+    gpus = visible_gpu_free_bytes()
+    weights = estimate_weight_bytes(model_dir, config.quantization, dtype.itemsize, stored is not None) if gpus else None
+    placement = choose_placement(config.device_map, weights, gpus, distributed_local_rank() if for_training else None)
+    device_map = placement.device_map
+    log.info("loading base %s (%s, quantization=%s, dtype=%s, device_map=%s: %s)", model_dir.name,
+             hf_config.model_type, quantization, dtype, device_map, placement.reason)
     # quantization_config=None, passed, would override a pre-quantized checkpoint's own (its
     # packed weights then fail to load): only a bitsandbytes config to apply is passed.
     quantize = {} if quant is None else {"quantization_config": quant}

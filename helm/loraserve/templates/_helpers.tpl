@@ -171,7 +171,7 @@ grace period ends, so it must cover the sleep plus the server's whole drain.
 {{- $s := .Values.server }}
 {{- $args := list "--log-level" $s.logLevel "serve" "--model" (include "loraserve.modelArg" .) "--adapters-dir" .Values.adapterStore.mountPath }}
 {{- $args = concat $args (list "--host" $s.host "--port" (toString (int64 $s.port)) "--metrics-port" (toString (int64 $s.metricsPort))) }}
-{{- $args = concat $args (list "--engine" $s.engine "--quantization" $s.quantization "--dtype" $s.dtype) }}
+{{- $args = concat $args (list "--engine" $s.engine "--quantization" $s.quantization "--dtype" $s.dtype "--device-map" $s.deviceMap) }}
 {{- range $flag, $key := dict "--max-loras" "maxLoras" "--max-cpu-loras" "maxCpuLoras" "--max-lora-rank" "maxLoraRank" "--max-batch-size" "maxBatchSize" "--max-queue" "maxQueue" "--max-input-tokens" "maxInputTokens" "--max-prefill-tokens" "maxPrefillTokens" "--prefix-cache-mib" "prefixCacheMib" "--host-cache-mib" "hostCacheMib" "--kv-cache-mib" "kvCacheMib" "--max-new-tokens" "maxNewTokens" "--max-adapter-bytes" "maxAdapterBytes" "--max-store-bytes" "maxStoreBytes" "--engine-threads" "engineThreads" "--front-nice" "frontNice" "--max-concurrent-rpcs" "maxConcurrentRpcs" "--max-streams-per-connection" "maxStreamsPerConnection" "--max-concurrent-uploads" "maxConcurrentUploads" "--max-concurrent-uploads-per-tenant" "maxConcurrentUploadsPerTenant" "--tensor-parallel-size" "tensorParallelSize" "--pipeline-parallel-size" "pipelineParallelSize" "--max-model-len" "maxModelLen" "--vllm-cpu-kv-cache-gib" "vllmCpuKvCacheGib" "--max-num-batched-tokens" "maxNumBatchedTokens" "--long-prefill-token-threshold" "longPrefillTokenThreshold" }}
 {{- $args = concat $args (list $flag (toString (int64 (index $s $key)))) }}
 {{- end }}

@@ -1,0 +1,88 @@
+"""Where the base's weights go: the device_map handed to `from_pretrained`.
+
+accelerate's own "auto" balances every model over every visible GPU, which for a model that fits
+on one is a naive pipeline with one GPU busy at a time and activations copied between them. So
+`auto` here means: the CPU without a GPU; one device per process in a distributed training run
+(`accelerate launch` / torchrun set LOCAL_RANK and WORLD_SIZE; a 4-bit model spread over devices
+cannot be trained in distributed mode); one GPU when the estimated weights fit on it with room to
+spare for the KV cache and activations; balanced over the visible GPUs otherwise. Any other value
+is accelerate's own device_map string ("balanced", "sequential", "cpu", "cuda:1"), used as given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+ONE_GPU_SHARE = 0.8
+"""The most of one GPU's free memory the weights may take and still be put on a single GPU: the
+rest is left to the KV cache, activations and the CUDA context (the native engine sizes its KV
+from what is free after loading)."""
+
+# Weight bytes per parameter once loaded, by quantization, for the estimate. 4-bit: 0.5 for the
+# codes plus block statistics, and the embeddings, output head and norms that stay at the compute
+# dtype (on deepseek-llm-7b about 0.7 overall); int8: 1 plus row statistics and the same parts.
+_BYTES_PER_PARAM = {"nf4": 0.75, "fp4": 0.75, "int8": 1.25}
+_STORED_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The device_map to load with and why, for the log and GetServerInfo."""
+
+    device_map: str | dict
+    reason: str
+
+
+def distributed_local_rank(environ: dict[str, str] | None = None) -> int | None:
+    """This process's local rank in a distributed launch (WORLD_SIZE > 1), else None."""
+    env = os.environ if environ is None else environ
+    if int(env.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in env:
+        return int(env["LOCAL_RANK"])
+    return None
+
+
+def estimate_weight_bytes(model_dir: Path, quantization: str, compute_bytes: int, prequantized: bool) -> int | None:
+    """The base's weights in memory once loaded, estimated from the checkpoint's files (None when
+    it has no safetensors): a pre-quantized checkpoint loads about as stored; otherwise parameters
+    (file bytes over the stored dtype's size) times the bytes each takes after `quantization`."""
+    stored = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    if not stored:
+        return None
+    if prequantized:
+        return stored
+    config = json.loads((model_dir / "config.json").read_text())
+    stored_dtype = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
+    params = stored / _STORED_BYTES.get(str(stored_dtype), 2)
+    return int(params * _BYTES_PER_PARAM.get(quantization, compute_bytes))
+
+
+def choose_placement(requested: str, weight_bytes: int | None, gpu_free_bytes: list[int],
+                     local_rank: int | None) -> Placement:
+    """The device_map for `requested` (see the module docstring); `gpu_free_bytes` holds each
+    visible GPU's free memory, `local_rank` this process's rank in a distributed training run."""
+    if requested != "auto":
+        return Placement(requested, "set by device_map")
+    if not gpu_free_bytes:
+        return Placement("cpu", "no GPU visible")
+    if local_rank is not None:
+        return Placement({"": local_rank}, f"distributed run: this process's own GPU (local rank {local_rank})")
+    if len(gpu_free_bytes) == 1:
+        return Placement({"": 0}, "the only visible GPU")
+    gib = 1024**3
+    if weight_bytes is not None and weight_bytes <= ONE_GPU_SHARE * gpu_free_bytes[0]:
+        return Placement({"": 0}, f"fits on one GPU (~{weight_bytes / gib:.1f} GiB of weights, "
+                                  f"{gpu_free_bytes[0] / gib:.1f} GiB free on GPU 0)")
+    size = "size unknown" if weight_bytes is None else f"~{weight_bytes / gib:.1f} GiB of weights"
+    return Placement("balanced", f"balanced over {len(gpu_free_bytes)} GPUs ({size})")
+
+
+def visible_gpu_free_bytes() -> list[int]:
+    """Free memory of each visible CUDA device, in bytes (empty without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
