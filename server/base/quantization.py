@@ -4,7 +4,8 @@ as AWQ, GPTQ or bitsandbytes files).
 
 A pre-quantized checkpoint is loaded as it comes: bitsandbytes cannot quantize it again
 (transformers raises a ValueError when asked to), so `--quantization` must be `none` (the
-weights as stored) or the checkpoint's own bitsandbytes kind, and a refusal says what to use. What the base really runs as is reported by GetServerInfo.
+weights as stored) or the checkpoint's own bitsandbytes kind, and a refusal says what to use.
+What the base really runs as is reported by GetServerInfo.
 """
 
 from __future__ import annotations
@@ -44,21 +45,27 @@ def describe(requested: str, stored: str | None) -> str:
     return f"{stored} (checkpoint)" if stored is not None else requested
 
 
+def refuse_requantization(model: str, requested: str, stored: str | None, hint: str) -> None:
+    """The one rule both engines apply to a pre-quantized checkpoint: `--quantization` must be
+    `none` or the checkpoint's own kind; anything else is a ConfigError ending in `hint`."""
+    if stored is not None and requested not in ("none", stored):
+        raise ConfigError(f"the checkpoint {model} is already quantized ({stored}, in its config.json), so "
+                          f"--quantization {requested} cannot be applied: {hint}")
+
+
 def load_quantization(config: BaseModelConfig, model_type: str, stored: str | None,
                       dtype: torch.dtype) -> BitsAndBytesConfig | None:
     """What to pass transformers as `quantization_config` for the native engine and the trainer
     (None: load the weights as stored); a request that cannot be met is one clear ConfigError."""
     requested = config.quantization
     if stored is not None:
-        if requested in ("none", stored):
-            return None  # transformers reads the checkpoint's own quantization_config
         if stored in BITSANDBYTES_KINDS:
             hint = f"use --quantization none or {stored} (the weights as stored)"
         else:
             hint = ("use --quantization none (transformers runs its weights as stored: its own kernels on a GPU, "
                     "dequantized to the compute dtype on a CPU), or --engine vllm")
-        raise ConfigError(f"the checkpoint {config.model} is already quantized ({stored}, in its config.json), so "
-                          f"--quantization {requested} cannot be applied: {hint}")
+        refuse_requantization(config.model, requested, stored, hint)
+        return None  # transformers reads the checkpoint's own quantization_config
     if requested == "none":
         return None
     if requested == "int8":

@@ -11,7 +11,7 @@ import torch
 
 from loraserve.base.fingerprint import base_fingerprint
 from loraserve.base.loading import compute_dtype, resolve_model_dir
-from loraserve.base.quantization import checkpoint_quantization
+from loraserve.base.quantization import checkpoint_quantization, refuse_requantization
 from loraserve.config import BaseModelConfig, EngineConfig
 from loraserve.engine.choice import VllmOptions
 from loraserve.engine.request import SamplingParams
@@ -82,9 +82,7 @@ def engine_args(config: EngineConfig, options: VllmOptions, facts: BaseModelFact
         raise ConfigError(f"the vLLM engine quantizes at load with bitsandbytes NF4 only, not {base.quantization}; "
                           "use --quantization nf4 or none (a pre-quantized FP8/AWQ/GPTQ checkpoint: none)")
     stored = facts.checkpoint_quantization
-    if stored is not None and base.quantization not in ("none", stored):
-        raise ConfigError(f"the checkpoint is already quantized ({stored}); vLLM serves it "
-                          f"as it comes: use --quantization none, not {base.quantization}")
+    refuse_requantization(base.model, base.quantization, stored, "vLLM serves it as it comes: use --quantization none")
     if base.quantization == "nf4" and not facts.cuda:
         raise ConfigError("the vLLM engine's NF4 (bitsandbytes) quantization needs a CUDA GPU; on a CPU host use "
                           "--quantization none with --engine vllm, or the native engine")

@@ -83,7 +83,7 @@ def test_a_pre_quantized_checkpoint_is_served_as_it_comes(base_dirs, tmp_path):
     (base / "config.json").write_text(json.dumps(config_json))
     facts = setup.read_base_facts(BaseModelConfig(model=str(base), quantization="none"))
     assert facts.checkpoint_quantization == "fp8"
-    with pytest.raises(ConfigError, match=r"already quantized \(fp8\).*--quantization none, not nf4"):
+    with pytest.raises(ConfigError, match=r"already quantized \(fp8, in its config.json\), so --quantization nf4 cannot.*--quantization none"):
         setup.engine_args(_config(base, "nf4"), VllmOptions(), facts)
     assert setup.engine_args(_config(base, "none"), VllmOptions(), facts).quantization is None
 
