@@ -20,6 +20,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from loraserve.lora.peft_compat import loadable_targets
 from loraserve.store.adapter_config import AdapterConfig
 from loraserve.store.adapter_store import AdapterStore
 from loraserve.store.layout import (
@@ -57,6 +58,7 @@ def write_adapter(peft_model, output_dir: str | Path, name: str, manifest: dict,
         for extra in tmp.iterdir():  # PEFT also writes a model card; an adapter is the two files
             if extra.name not in (CONFIG_FILE, WEIGHTS_FILE):
                 extra.unlink()
+        _name_trained_modules(peft_model, tmp)
         if in_store:
             return _publish(root, tmp, adapter_id(tenant, name), manifest)
         write_durably(tmp / MANIFEST_FILE, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
@@ -76,6 +78,17 @@ def write_adapter(peft_model, output_dir: str | Path, name: str, manifest: dict,
         return final
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _name_trained_modules(peft_model, saved: Path) -> None:
+    """Rewrite the saved config's targets as the exact modules whose LoRA tensors were saved,
+    in the form plain PEFT loads as trained (see `loadable_targets`): the training regex would
+    be reduced to leaf names and, on DeepSeek V2/V3, re-aimed at the routed experts."""
+    with safe_open(saved / WEIGHTS_FILE, "pt") as f:
+        modules = lora_modules(f.keys())
+    config = json.loads((saved / CONFIG_FILE).read_text())
+    config.update(loadable_targets(peft_model.get_base_model(), modules))
+    (saved / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _publish(root: Path, saved: Path, name: str, manifest: dict) -> Path:

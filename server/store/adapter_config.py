@@ -24,7 +24,6 @@ CODE_KEYS = ("auto_map", "custom_code", "trust_remote_code")
 REFUSED_FLAGS = {
     "use_dora": "DoRA (use_dora)",
     "modules_to_save": "modules_to_save (extra full-weight modules)",
-    "target_parameters": "target_parameters (routed MoE expert weights)",
     "trainable_token_indices": "trainable_token_indices (embedding rows)",
     "layer_replication": "layer_replication",
     "fan_in_fan_out": "fan_in_fan_out (Conv1D layout)",
@@ -33,6 +32,11 @@ REFUSED_FLAGS = {
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
 }
 """Config fields that switch on a LoRA variant we do not serve, with how we describe them."""
+MODULE_WEIGHT = ".weight"
+"""A `target_parameters` entry ending so names one Linear's own weight: PEFT's way of writing an
+ordinary module LoRA (the same lora_A/lora_B tensors) that its transformers-5 loader will not
+re-aim at the routed experts. Any other entry (`gate_up_proj`, `mlp.experts.down_proj`) names
+fused routed-expert weights."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,7 @@ class AdapterConfig:
         for field, what in REFUSED_FLAGS.items():
             if raw.get(field):
                 raise AdapterIncompatible(f"adapter {name!r}: {what} is not supported ({field}={_show(raw[field])})")
+        _check_target_parameters(raw.get("target_parameters"), name, label)
         bias = raw.get("bias", "none")
         if bias != "none":
             raise AdapterIncompatible(f"adapter {name!r}: bias={_show(bias)} is not supported, only bias='none'")
@@ -102,6 +107,19 @@ class AdapterConfig:
                          for k, v in _pattern(raw, "alpha_pattern", label).items()}
         return cls(r=r, lora_alpha=alpha, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                    use_rslora=use_rslora, raw=raw)
+
+
+def _check_target_parameters(value: object, name: str, label: str) -> None:
+    """Accept only module weights (see MODULE_WEIGHT); the tensors still decide what is served."""
+    if not value:
+        return
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise AdapterIncompatible(f"{label}: target_parameters must be a list of parameter names, "
+                                  f"got {_show(value)}")
+    routed = [v for v in value if not v.endswith(MODULE_WEIGHT)]
+    if routed:
+        raise AdapterIncompatible(f"adapter {name!r}: target_parameters (routed MoE expert weights) is not supported "
+                                  f"(target_parameters={_show(routed)})")
 
 
 def _pattern(raw: dict, field: str, label: str) -> dict:

@@ -1,0 +1,105 @@
+"""A trainer-made adapter loads in plain PEFT (`PeftModel.from_pretrained`, no loraserve code and
+no patch) on exactly the modules trained, with every saved tensor and the trainer's own outputs,
+on each DeepSeek family; and the server still accepts it.
+
+On DeepSeek V2/V3 PEFT 0.21 re-aims any LoRA target ending in gate_proj/up_proj/down_proj at the
+fused routed experts when it loads an adapter, so these tests fail if the trainer's config names
+dense MLPs or shared experts as modules (see loraserve.lora.peft_compat)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from loraserve.config import BaseModelConfig, EngineConfig
+from loraserve.devtools.synthetic_base import init_model
+from loraserve.engine.native import NativeEngine
+from loraserve.store.peft_names import PREFIX, lora_modules
+from loraserve.trainer.config import TrainConfig
+from loraserve.trainer.train import train
+
+FAMILIES = ("deepseek-llm", "deepseek-v2", "deepseek-v3")
+DROPOUT = 0.05
+# A regex narrower than any leaf name: layer 1's o_proj and its dense MLP or shared expert down_proj.
+LAYER_ONE = r".*\.layers\.1\.(self_attn\.o_proj|mlp\.(shared_experts\.)?down_proj)"
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("peft-loadable")
+    rows = [{"prompt": f"Code of item {i}?", "completion": f"Item {i} is k-{10 + i}."} for i in range(8)]
+    data = root / "task.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bases = {arch: init_model(root / arch, arch, "tiny", seed=0) for arch in FAMILIES}
+    return {"data": data, "bases": bases}
+
+
+class KeepModel(TrainerCallback):
+    """Holds on to the trainer's in-memory PeftModel, the reference for the saved adapter."""
+
+    model = None
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.model = model
+
+
+def _train(task, arch: str, target: str, out):
+    kept = KeepModel()
+    config = TrainConfig(model=str(task["bases"][arch]), quantization="none", train_file=str(task["data"]),
+                         adapter_name="trained", output_dir=str(out), target=target, r=4, lora_alpha=8,
+                         lora_dropout=DROPOUT, learning_rate=1e-2, max_steps=3, batch_size=4, eval_fraction=0.0,
+                         warmup_ratio=0.0, gradient_checkpointing=False, seed=3)
+    result = train(config, callbacks=[kept])
+    return result, kept.model.eval()
+
+
+@pytest.mark.parametrize("target", ["all-linear", "mlp", LAYER_ONE], ids=["all-linear", "mlp", "layer-one"])
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_plain_peft_loads_the_adapter_as_trained(task, arch, target, tmp_path, single_threaded_torch):
+    result, trained = _train(task, arch, target, tmp_path / "out")
+    adapter = result.adapter_dir
+    saved = load_file(adapter / "adapter_model.safetensors")
+    modules = set(lora_modules(saved))
+    assert modules == {n.removeprefix(PREFIX) for n in trained.targeted_module_names}
+    assert any(m.endswith(("gate_proj", "up_proj", "down_proj")) for m in modules)
+    if arch != "deepseek-llm":
+        assert any(".shared_experts." in m for m in modules)
+    assert result.manifest["hyperparameters"]["lora_dropout"] == DROPOUT
+
+    base = AutoModelForCausalLM.from_pretrained(task["bases"][arch], dtype=trained.dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = PeftModel.from_pretrained(base, adapter).eval()
+    assert not [str(w.message) for w in caught if "keys" in str(w.message)]  # PEFT's missing/unexpected keys
+    # PEFT wraps a targeted module, or a targeted `<module>.weight` (the parameter form): either
+    # way exactly the modules trained, and no routed expert.
+    reached = set(loaded.targeted_module_names) | {
+        p.removesuffix(".weight") for p in getattr(loaded, "targeted_parameter_names", [])}
+    assert reached == modules
+    loaded_state = get_peft_model_state_dict(loaded)
+    assert loaded_state.keys() == saved.keys()
+    for key, tensor in saved.items():
+        torch.testing.assert_close(loaded_state[key], tensor, atol=0, rtol=0, msg=key)
+
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert isinstance(config["target_modules"], list)  # full module names, never the training regex
+    # Dropout is kept wherever PEFT's loader allows it (it refuses any on a parameter target).
+    assert config["lora_dropout"] == (0.0 if config.get("target_parameters") else DROPOUT)
+    assert set(config["target_modules"]) | {p.removesuffix(".weight") for p in config["target_parameters"] or []} == modules
+
+    ids = torch.tensor([[1, 17, 42, 99, 7, 250, 3]])  # [1, T]
+    with torch.no_grad():
+        expected = trained(input_ids=ids).logits  # [1, T, V]
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+        with loaded.disable_adapter():
+            assert not torch.allclose(loaded(input_ids=ids).logits, expected, atol=1e-4)  # it does something
+
+    engine = NativeEngine.load(EngineConfig(base=BaseModelConfig(str(task["bases"][arch]), quantization="none"),
+                                            max_lora_rank=16))
+    assert set(engine.check_adapter("trained", adapter).modules) == modules
