@@ -256,6 +256,13 @@ def _add_keys_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_keys)
 
 
+def _plan(args: argparse.Namespace) -> int:
+    _require("serve", "plan")
+    from loraserve.plan_cli import run_plan
+
+    return run_plan(args)
+
+
 def _keys(args: argparse.Namespace) -> int:
     from loraserve.keys_cli import keys
 
@@ -363,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_abuse_bench_flags(b, ARCHS, SIZES, QUANTIZATIONS)
     b.set_defaults(func=_bench_abuse)
 
+    from loraserve.plan_cli import add_parser as add_plan_parser  # torch-free
+
+    add_plan_parser(sub).set_defaults(func=_plan)
     _add_client_commands(sub)
     _add_keys_commands(sub)
     return parser
