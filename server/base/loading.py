@@ -16,6 +16,7 @@ from transformers import (
 )
 
 from loraserve.base.fingerprint import base_fingerprint
+from loraserve.base.moe_experts import quantize_routed_experts
 from loraserve.base.placement import (
     choose_placement,
     distributed_local_rank,
@@ -92,6 +93,8 @@ def load_base(config: BaseModelConfig, for_training: bool = False) -> LoadedBase
     quantize = {} if quant is None else {"quantization_config": quant}
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=dtype, device_map=device_map, trust_remote_code=config.trust_remote_code, **quantize)
+    # bitsandbytes only replaces nn.Linear: the fused routed experts are quantized here, per expert.
+    quantize_routed_experts(model, config.quantization, quant)
     if not for_training:
         model.eval()
         model.requires_grad_(False)
