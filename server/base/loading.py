@@ -83,7 +83,7 @@ def load_base(config: BaseModelConfig, for_training: bool = False) -> LoadedBase
     quant = load_quantization(config, hf_config.model_type, stored, dtype)
     quantization = describe(config.quantization, stored)
     gpus = visible_gpu_free_bytes()
-    weights = estimate_weight_bytes(model_dir, config.quantization, dtype.itemsize, stored is not None) if gpus else None
+    weights = estimate_weight_bytes(model_dir, config.quantization, str(dtype).removeprefix("torch.")) if gpus else None
     placement = choose_placement(config.device_map, weights, gpus, distributed_local_rank() if for_training else None)
     device_map = placement.device_map
     log.info("loading base %s (%s, quantization=%s, dtype=%s, device_map=%s: %s)", model_dir.name,

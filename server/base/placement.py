@@ -11,7 +11,7 @@ is accelerate's own device_map string ("balanced", "sequential", "cpu", "cuda:1"
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +21,7 @@ ONE_GPU_SHARE = 0.8
 rest is left to the KV cache, activations and the CUDA context (the native engine sizes its KV
 from what is free after loading)."""
 
-# Weight bytes per parameter once loaded, by quantization, for the estimate. 4-bit: 0.5 for the
-# codes plus block statistics, and the embeddings, output head and norms that stay at the compute
-# dtype (on deepseek-llm-7b about 0.7 overall); int8: 1 plus row statistics and the same parts.
-_BYTES_PER_PARAM = {"nf4": 0.75, "fp4": 0.75, "int8": 1.25}
-_STORED_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,19 +40,23 @@ def distributed_local_rank(environ: dict[str, str] | None = None) -> int | None:
     return None
 
 
-def estimate_weight_bytes(model_dir: Path, quantization: str, compute_bytes: int, prequantized: bool) -> int | None:
-    """The base's weights in memory once loaded, estimated from the checkpoint's files (None when
-    it has no safetensors): a pre-quantized checkpoint loads about as stored; otherwise parameters
-    (file bytes over the stored dtype's size) times the bytes each takes after `quantization`."""
-    stored = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
-    if not stored:
+def estimate_weight_bytes(model_dir: Path, quantization: str, dtype: str) -> int | None:
+    """The most memory the base's weights take while loading, from its config.json alone (see
+    loraserve.base.memory_plan); None when the config cannot be sized there. Routed MoE experts
+    count at the compute dtype even with 4-bit quantization: transformers loads them whole
+    before loraserve quantizes them per expert, so that is the peak a single GPU must hold."""
+    from loraserve.base.memory_plan import DTYPE_BYTES, model_shapes, weight_parts
+
+    try:
+        shapes = model_shapes(model_dir)
+        parts = weight_parts(shapes, shapes.stored_quantization or quantization, dtype, 0, 0)
+    except Exception as exc:  # noqa: BLE001 - an unsized config only means balanced placement
+        log.info("placement: cannot size %s from its config (%s); balancing over the GPUs", model_dir.name, exc)
         return None
-    if prequantized:
-        return stored
-    config = json.loads((model_dir / "config.json").read_text())
-    stored_dtype = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
-    params = stored / _STORED_BYTES.get(str(stored_dtype), 2)
-    return int(params * _BYTES_PER_PARAM.get(quantization, compute_bytes))
+    peak = {part.name: part.bytes for part in parts}
+    if "routed experts" in peak and shapes.stored_quantization is None:
+        peak["routed experts"] = sum(e * o * i for e, o, i in shapes.experts) * DTYPE_BYTES[dtype]
+    return sum(peak.values())
 
 
 def choose_placement(requested: str, weight_bytes: int | None, gpu_free_bytes: list[int],

@@ -3,6 +3,9 @@ distributed training run, a device_map given by the operator used as it is."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -17,6 +20,7 @@ from loraserve.devtools.synthetic_base import init_model
 from loraserve.errors import ConfigError
 
 GIB = 1024**3
+REAL_CONFIGS = Path(__file__).parents[2] / "fixtures" / "real_configs"
 
 
 def test_cpu_without_gpu_and_explicit_maps_as_given():
@@ -49,15 +53,29 @@ def test_local_rank_only_counts_in_a_distributed_launch():
     assert distributed_local_rank({}) is None
 
 
-def test_weight_estimate_follows_the_quantization(tmp_path):
-    base = init_model(tmp_path / "llm", "deepseek-llm", "tiny", seed=1)
-    stored = sum(f.stat().st_size for f in base.glob("*.safetensors"))
-    full = estimate_weight_bytes(base, "none", 4, prequantized=False)
-    nf4 = estimate_weight_bytes(base, "nf4", 4, prequantized=False)
-    assert full == pytest.approx(stored, rel=0.01)
-    assert nf4 < 0.25 * full
-    assert estimate_weight_bytes(base, "none", 4, prequantized=True) == stored
-    assert estimate_weight_bytes(tmp_path, "nf4", 4, prequantized=False) is None
+def _real(tmp_path, name):
+    (tmp_path / name).mkdir()
+    shutil.copy(REAL_CONFIGS / f"{name}.json", tmp_path / name / "config.json")
+    return tmp_path / name
+
+
+def test_weight_estimate_is_the_loading_peak_from_the_config(tmp_path):
+    llm = _real(tmp_path, "deepseek-llm-7b-base")
+    params = 6_910_365_696  # deepseek-llm-7b: 30 layers of 4096 wide, vocabulary 102,400
+    assert estimate_weight_bytes(llm, "none", "bfloat16") == pytest.approx(2 * params, rel=0.01)
+    assert estimate_weight_bytes(llm, "nf4", "bfloat16") == pytest.approx(4.81e9, rel=0.02)
+    # V2-Lite in NF4 ends at ~8.7 GB, but its 14.4B routed-expert parameters load at bf16 before
+    # they are quantized per expert: the peak a single GPU must hold is ~30 GB.
+    lite = _real(tmp_path, "deepseek-v2-lite")
+    peak = estimate_weight_bytes(lite, "nf4", "bfloat16")
+    assert 2 * 14.39e9 < peak < 31e9
+    assert choose_placement("auto", peak, [24 * GIB] * 4, None).device_map == "balanced"
+    assert choose_placement("auto", estimate_weight_bytes(llm, "nf4", "bfloat16"), [79 * GIB] * 4,
+                            None).device_map == {"": 0}
+    # V3 comes in FP8: sized as stored whatever is requested.
+    v3 = estimate_weight_bytes(_real(tmp_path, "deepseek-v3"), "nf4", "bfloat16")
+    assert v3 == pytest.approx(673e9, rel=0.02)
+    assert estimate_weight_bytes(tmp_path, "nf4", "bfloat16") is None  # no config.json
 
 
 def test_an_empty_device_map_is_refused():
