@@ -8,6 +8,7 @@ own logits, and is reported with its gap."""
 from __future__ import annotations
 
 import collections
+import json
 import os
 import signal
 import threading
@@ -30,6 +31,8 @@ from loraserve.engine.request import encode_input
 from loraserve.proto.v1 import adapters_pb2 as apb
 from loraserve.proto.v1 import inference_pb2 as ipb
 from loraserve.proto.v1 import server_info_pb2 as spb
+from loraserve.trainer.config import TrainConfig
+from loraserve.trainer.train import train
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -149,6 +152,34 @@ def test_eight_adapters_in_concurrent_requests_match_peft(world, server):
         _held_to_peft(world, adapter, prompt, got, report)
     print("near-tie flips:", report or "none")
     assert len(report) <= 2, report  # a flip is rare: more means the engines compute differently
+
+
+def test_a_trainer_made_adapter_is_served_as_peft_loads_it(world, server, tmp_path):
+    """The trainer's config names full module paths in `target_modules` (see
+    loraserve.lora.peft_compat); vLLM takes the modules from the tensor names, and serves it
+    token for token as plain PEFT does."""
+    rows = [{"prompt": f"Code of item {i}?", "completion": f"Item {i} is k-{10 + i}."} for i in range(8)]
+    data = tmp_path / "task.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # A high rate so that three steps move the greedy tokens away from the base's.
+    train(TrainConfig(model=str(world["base"]), quantization="none", train_file=str(data), adapter_name="trained",
+                      output_dir=str(world["imports"]), target="all-linear", r=8, lora_alpha=16, lora_dropout=0.05,
+                      learning_rate=5e-2, max_steps=3, batch_size=4, eval_fraction=0.0, warmup_ratio=0.0,
+                      gradient_checkpointing=False, seed=3))
+    config = json.loads((world["imports"] / "trained" / "adapter_config.json").read_text())
+    assert all(m.startswith("model.layers.") for m in config["target_modules"]), config["target_modules"]
+    server.adapters.RegisterAdapter(apb.RegisterAdapterRequest(name="trained", path="trained"), timeout=60)
+    report: list[str] = []
+    moved = False
+    try:
+        for prompt in PROMPTS[:2]:
+            got = list(_stream(server, prompt, "trained")[1].token_ids)
+            moved |= got != list(_stream(server, prompt)[1].token_ids)
+            _held_to_peft(world, "trained", prompt, got, report)
+    finally:  # the module's server keeps the adapter set the other tests expect
+        server.adapters.UnregisterAdapter(apb.UnregisterAdapterRequest(name="trained"), timeout=60)
+    assert moved  # the adapter reached vLLM's layers: not the base's tokens
+    assert len(report) <= 1, report
 
 
 def test_unknown_adapters_and_bad_requests_get_clear_statuses(server):
