@@ -11,14 +11,18 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from loraserve.engine.kv_cache import BatchKVCache
+from loraserve.engine.mla_absorbed import install_absorbed_mla
 from loraserve.lora.layers import LoraBatchContext
 
 
 class ModelRunner:
     """Forward passes over the running batch; rows are in the order sequences joined."""
 
-    def __init__(self, model: PreTrainedModel, context: LoraBatchContext) -> None:
+    def __init__(self, model: PreTrainedModel, context: LoraBatchContext, mla_absorb: bool = True) -> None:
+        """`mla_absorb`: decode DeepSeek-V2/V3 attention over the cached latent (see mla_absorbed)."""
         self.model = model
+        if mla_absorb:
+            install_absorbed_mla(model)
         self.context = context
         self.device = model.get_input_embeddings().weight.device
         self.cache = BatchKVCache(model.config.num_hidden_layers)
@@ -27,7 +31,8 @@ class ModelRunner:
     @torch.inference_mode()
     def kv_bytes_per_token(self) -> int:
         """Bytes one token of one sequence takes in the KV cache, every layer together: measured
-        with a one-token forward (MLA bases store expanded keys and values of their own widths)."""
+        with a one-token forward (MLA bases store their latent and rotated key part, not
+        expanded keys and values)."""
         self.context.set([0])
         cache = DynamicCache(config=self.model.config)
         self.model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), past_key_values=cache,

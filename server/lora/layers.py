@@ -78,6 +78,11 @@ class LoraBatchContext:
         self._per_device = {}
 
     @property
+    def slots(self) -> list[int]:
+        """The slot of each sequence of the current forward (batch order)."""
+        return self._slots
+
+    @property
     def any_active(self) -> bool:
         return bool(self._active)
 
