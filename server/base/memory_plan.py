@@ -245,9 +245,10 @@ def plan_memory(shapes: ModelShapes, quantization: str | None = None, engine: st
     kv = {"expanded": shapes.kv_expanded_per_token * cb}
     if shapes.kv_latent_per_token is not None:
         kv["latent"] = shapes.kv_latent_per_token * cb
-        layout = "latent" if engine == "vllm" else "expanded"
-        notes.append("KV: the native engine caches expanded keys/values (a latent cache is being built); "
-                     "vLLM caches MLA latents" if engine == "native" else "KV: vLLM caches MLA latents")
+        # Both engines cache MLA's latent (transformers 5 keeps compressed_kv + k_pe per token,
+        # and the native engine's absorbed decode attends over it without expanding it).
+        layout = "latent"
+        notes.append("KV: MLA latent (kv_lora_rank + rope per layer), as both engines cache it")
     else:
         layout = "expanded"
     kv_token = kv[layout]
