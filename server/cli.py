@@ -4,6 +4,7 @@ validated config objects it needs and hands them to the code that does the work.
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import logging
 import os
@@ -98,18 +99,14 @@ def _export_merged(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_engine(args: argparse.Namespace) -> int:
-    _require("serve", "bench engine")
-    from loraserve.devtools.bench.engine_bench import run_engine_bench
+def _bench_command(name: str, module: str) -> Callable[[argparse.Namespace], int]:
+    """A handler running loraserve.devtools.bench.<module>_bench.run_<module>_bench, imported only then."""
+    def handler(args: argparse.Namespace) -> int:
+        _require("serve", f"bench {name}")
+        bench = importlib.import_module(f"loraserve.devtools.bench.{module}_bench")
+        return getattr(bench, f"run_{module}_bench")(args)
 
-    return run_engine_bench(args)
-
-
-def _bench_serve(args: argparse.Namespace) -> int:
-    _require("serve", "bench serve")
-    from loraserve.devtools.bench.serve_bench import run_serve_bench
-
-    return run_serve_bench(args)
+    return handler
 
 
 def _bench_peer(args: argparse.Namespace) -> int:
@@ -122,27 +119,6 @@ def _bench_peer(args: argparse.Namespace) -> int:
     from loraserve.devtools.bench.peer_bench import run_peer_bench
 
     return run_peer_bench(args)
-
-
-def _bench_scale(args: argparse.Namespace) -> int:
-    _require("serve", "bench scale")
-    from loraserve.devtools.bench.scale_bench import run_scale_bench
-
-    return run_scale_bench(args)
-
-
-def _bench_tenants(args: argparse.Namespace) -> int:
-    _require("serve", "bench tenants")
-    from loraserve.devtools.bench.tenant_bench import run_tenant_bench
-
-    return run_tenant_bench(args)
-
-
-def _bench_abuse(args: argparse.Namespace) -> int:
-    _require("serve", "bench abuse")
-    from loraserve.devtools.bench.abuse_bench import run_abuse_bench
-
-    return run_abuse_bench(args)
 
 
 def _client_command(name: str) -> Callable[[argparse.Namespace], int]:
@@ -327,14 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     b = bench.add_parser("engine", help="multi-LoRA engine vs single adapter, base, and PEFT",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_bench_args(b, ARCHS, SIZES, QUANTIZATIONS)
-    b.set_defaults(func=_bench_engine)
+    b.set_defaults(func=_bench_command("engine", "engine"))
     b = bench.add_parser("serve", help="a real gRPC server (concurrent streams) vs the same engine in-process",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_bench_args(b, ARCHS, SIZES, QUANTIZATIONS)
     b.add_argument("--engine", choices=("native", "vllm"), default="native",
                    help="the engine of both the server and the in-process side (vllm: use --quantization none on CPU)")
     b.add_argument("--kv-cache-gib", type=int, default=2, help="vllm on a CPU host: its KV cache (GiB)")
-    b.set_defaults(func=_bench_serve)
+    b.set_defaults(func=_bench_command("serve", "serve"))
     b = bench.add_parser("peer", help="loraserve with vLLM (gRPC) vs vLLM's own OpenAI server (HTTP) vs loraserve "
                          "native: throughput and TTFT under a long prefill", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_bench_args(b, ("deepseek-llm",), SIZES, ("none",))
@@ -355,20 +331,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quantization", choices=QUANTIZATIONS, default="nf4")
     b.add_argument("--repeats", type=int, default=3, help="alternating rounds; medians are reported")
     b.add_argument("--workdir", default=None, help="where to build the bases and adapters (a temp dir when unset)")
-    b.set_defaults(func=_bench_scale)
+    b.set_defaults(func=_bench_command("scale", "scale"))
 
     from loraserve.devtools.bench.tenant_bench import add_flags as add_tenant_bench_flags  # torch-free
 
     b = bench.add_parser("tenants", help="tenant A's latency with and without tenant B flooding beyond its limits",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_tenant_bench_flags(b, ARCHS, SIZES, QUANTIZATIONS)
-    b.set_defaults(func=_bench_tenants)
+    b.set_defaults(func=_bench_command("tenants", "tenant"))
     from loraserve.devtools.bench.abuse_bench import add_flags as add_abuse_bench_flags  # torch-free
 
     b = bench.add_parser("abuse", help="what huge inputs, big uploads, stream floods, a stopped engine and "
                          "poisoned adapters cost a real server", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_abuse_bench_flags(b, ARCHS, SIZES, QUANTIZATIONS)
-    b.set_defaults(func=_bench_abuse)
+    b.set_defaults(func=_bench_command("abuse", "abuse"))
 
     from loraserve.plan_cli import add_parser as add_plan_parser  # torch-free
 
