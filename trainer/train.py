@@ -26,6 +26,7 @@ from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_
 from transformers.trainer_utils import get_last_checkpoint
 
 from loraserve.base.loading import load_base
+from loraserve.base.moe_experts import weight_bytes
 from loraserve.config import BaseModelConfig
 from loraserve.errors import AdapterIncompatible
 from loraserve.lora.peft_compat import keep_module_targets
@@ -83,7 +84,7 @@ def train(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
         metrics.update(initial_eval_loss=initial["eval_loss"], eval_loss=final["eval_loss"],
                        eval_perplexity=math.exp(min(final["eval_loss"], 50.0)))
     manifest = _manifest(config, base, report, eval_report, metrics, started, on_gpu)
-    manifest["peak_memory_bytes"]["base_weights"] = _weight_bytes(peft_model)
+    manifest["peak_memory_bytes"]["base_weights"] = weight_bytes(peft_model)
     if not trainer.is_world_process_zero():
         return TrainResult(None, manifest)
     path = write_adapter(peft_model, config.output_dir, config.adapter_name, manifest, tenant=config.tenant)
@@ -137,12 +138,6 @@ def _arguments(config: TrainConfig, has_eval: bool, on_gpu: bool) -> TrainingArg
         bf16=on_gpu and torch.cuda.is_bf16_supported(), use_cpu=not on_gpu, report_to=[],
         remove_unused_columns=False, load_best_model_at_end=bool(config.early_stopping_patience and has_eval),
         metric_for_best_model="eval_loss", greater_is_better=False, dataloader_num_workers=0)
-
-
-def _weight_bytes(model) -> int:
-    """Bytes of every parameter and buffer as held (packed 4-bit weights count as stored)."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _reset_peak_rss() -> None:

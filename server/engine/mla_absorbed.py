@@ -38,7 +38,7 @@ import sys
 import torch
 from torch import nn
 
-MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+from loraserve.base.quantization import MLA_MODEL_TYPES
 
 
 def _dense_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
