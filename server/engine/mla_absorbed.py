@@ -160,10 +160,15 @@ def install_absorbed_mla(model: nn.Module, quantized: bool = False) -> int:
     """Give every MLA attention module of a DeepSeek-V2/V3 `model` the absorbed decode; returns
     how many modules it was installed on (0 for other model types).
 
-    `quantized`: also where kv_b_proj is bitsandbytes-quantized. Off by default: the one-off read
-    of the 4-bit weight rounds differently from bitsandbytes' own matmul (~0.3% of the output on
-    CPU), enough to move greedy tokens at near-ties on the tiny test bases, which are held token
-    for token to PEFT (tests/unit/engine/test_engine_correctness.py)."""
+    `quantized`: also where kv_b_proj is bitsandbytes-quantized. Off by default: on a CPU with
+    AVX512-BF16, bitsandbytes 0.50's inference path repacks a 4-bit weight on its first forward,
+    turns its absmax to bfloat16 and computes in bfloat16 (inputs rounded, outputs bf16-exact)
+    whatever the compute dtype, so the unabsorbed path rounds the expanded keys and values to
+    bfloat16 while the absorbed one stays fp32 on the same weight (~0.3% of kv_b_proj's output).
+    That moves greedy tokens at near-ties on the tiny test bases, which are held token for token
+    to PEFT (tests/unit/engine/test_engine_correctness.py). With that bfloat16 path off (fp32
+    arithmetic on the same 4-bit weights), absorbed equals unabsorbed to fp32 tolerance
+    (test_mla_absorbed.py)."""
     if getattr(model.config, "model_type", None) not in MLA_MODEL_TYPES:
         return 0
     count = 0
