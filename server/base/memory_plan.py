@@ -242,6 +242,10 @@ def plan_memory(shapes: ModelShapes, quantization: str | None = None, engine: st
     cb = DTYPE_BYTES[dtype]
     parts = weight_parts(shapes, kind, dtype, max_loras, max_lora_rank)
     total = sum(p.bytes for p in parts)
+    if shapes.experts and engine == "native":
+        per_adapter = max_lora_rank * sum(e * (o + i) for e, o, i in shapes.experts) * cb
+        notes.append(f"routed-expert LoRA: not in the slots; {per_adapter / GIB:.2f} GiB per adapter loaded "
+                     f"into a slot at r{max_lora_rank} on gate_up_proj and down_proj (allocated on load)")
     kv = {"expanded": shapes.kv_expanded_per_token * cb}
     if shapes.kv_latent_per_token is not None:
         kv["latent"] = shapes.kv_latent_per_token * cb

@@ -49,6 +49,14 @@ def _expert_quant_state(module: nn.Module, name: str, expert: int):
                       offset=getattr(module, f"{name}_offset")[expert] if meta["nested"] else None, state2=state2)
 
 
+def expert_linear(module: nn.Module, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+    """x [T, in] @ W[expert].T -> [T, out] for one routed expert's `name` matrix (gate_up_proj or
+    down_proj), whether the experts are stored fused at the compute dtype or in 4-bit here."""
+    if hasattr(module, "_fourbit_meta"):
+        return _linear_4bit(module, name, expert, x)
+    return nn.functional.linear(x, getattr(module, name)[expert])
+
+
 def _linear_4bit(module: nn.Module, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
     """x [T, in] @ W[expert].T -> [T, out], W dequantized block-wise by bitsandbytes; gradients
     flow to x (MatMul4Bit), never to the frozen codes."""

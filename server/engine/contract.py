@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -49,6 +49,9 @@ class BaseInfo:
     """(in_features, out_features) of every module that has LoRA slots."""
     quantization: str = "none"
     """What the weights run as: the --quantization applied at load, or `<method> (checkpoint)`."""
+    lora_expert_shapes: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    """(in_features, out_features, experts) of one expert of every fused routed-expert parameter
+    with LoRA slots (`<experts module>.gate_up_proj`); empty where the engine serves none."""
 
 
 @dataclass(frozen=True)

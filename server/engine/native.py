@@ -44,6 +44,7 @@ from loraserve.errors import (
     Unavailable,
 )
 from loraserve.lora.adapter import LoraWeights, parse_adapter
+from loraserve.lora.expert_layers import wrap_experts
 from loraserve.lora.layers import LoraBatchContext
 from loraserve.lora.slots import AdapterSlots
 from loraserve.lora.wrapping import wrap_model
@@ -70,11 +71,14 @@ class NativeEngine:
         layers = wrap_model(base.model, config.max_loras + 1, config.max_lora_rank, context, base.dtype,
                             config.target_modules)
         self._base_shapes = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
+        experts = wrap_experts(base.model, config.max_loras + 1, context, base.dtype, config.target_modules)
+        self._expert_shapes = {name: (slots.in_features, slots.out_features, slots.num_experts)
+                               for name, slots in experts.items()}
         eos = base.model.generation_config.eos_token_id if base.model.generation_config else None
         eos = eos if eos is not None else self.tokenizer.eos_token_id
         eos_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
         self._scheduler = BatchScheduler(config, ModelRunner(base.model, context),
-                                         AdapterSlots(layers, config.max_loras), self._load_version,
+                                         AdapterSlots({**layers, **experts}, config.max_loras), self._load_version,
                                          eos_ids, base.model.config.vocab_size)
         self._lock = threading.Lock()
         self._adapters: dict[str, AdapterEntry] = {}  # adapter id -> its current version
@@ -87,7 +91,7 @@ class NativeEngine:
         self._executor: ThreadPoolExecutor | None = None
         self.max_context = getattr(base.model.config, "max_position_embeddings", None)
         self.base = BaseInfo(base.fingerprint, base.model_type, base.model_dir, self.max_context,
-                             dict(self._base_shapes), base.quantization)
+                             dict(self._base_shapes), base.quantization, dict(self._expert_shapes))
         self.input_limits = InputLimits(config.max_input_tokens, max_token_bytes(self.tokenizer))
 
     @classmethod
@@ -202,7 +206,7 @@ class NativeEngine:
         else:
             config, tensors, digest = read_adapter_dir(path, adapter_id)
         weights = parse_adapter(adapter_id, config, tensors, self._base_shapes, self.config.max_lora_rank,
-                                self.loaded_base.dtype)
+                                self.loaded_base.dtype, self._expert_shapes)
         return weights, digest
 
     def check_adapter(self, adapter_id: str, path: str | Path, keep: bool = False,

@@ -236,6 +236,10 @@ class MultiLoraLinear(nn.Module):
         self.lora_b[slot - 1].zero_()
         self.ranks[slot] = 0
 
+    def holds(self, slot: int) -> bool:
+        """Whether `slot` stores anything of an adapter (any non-zero value)."""
+        return bool(self.lora_a[slot - 1].any() or self.lora_b[slot - 1].any())
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
         ctx = self.context

@@ -11,17 +11,19 @@ from collections import OrderedDict
 
 from loraserve.errors import ResourceExhausted
 from loraserve.lora.adapter import LoraWeights
+from loraserve.lora.expert_layers import ExpertLoraSlots
 from loraserve.lora.layers import MultiLoraLinear
 
 
 class AdapterSlots:
-    """`max_loras` slots (1..max_loras; slot 0 is "no adapter") in every wrapped layer.
+    """`max_loras` slots (1..max_loras; slot 0 is "no adapter") in every wrapped layer (linears,
+    and the routed experts' fused parameters).
 
     An adapter in a slot is held by each running sequence that uses it (`refs`) and by an
     operator pin; only an adapter held by neither can be evicted, least recently used first.
     """
 
-    def __init__(self, layers: dict[str, MultiLoraLinear], max_loras: int) -> None:
+    def __init__(self, layers: dict[str, MultiLoraLinear | ExpertLoraSlots], max_loras: int) -> None:
         self._layers = layers
         self.max_loras = max_loras
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # LRU order, oldest first

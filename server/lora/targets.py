@@ -1,7 +1,7 @@
 """Target-module presets shared by the trainer, the tests and the demo, as PEFT regexes.
 
 `mlp` means the dense MLPs and the MoE shared experts, never the routed experts (which
-batched slots do not serve). PEFT's own `all-linear` would also pick the routed experts and
+the trainer does not train; PEFT-made expert adapters are served). PEFT's own `all-linear` would also pick the routed experts and
 the router on DeepSeek MoE models, so it is not used.
 """
 

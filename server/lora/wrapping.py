@@ -11,8 +11,8 @@ from loraserve.lora.layers import LoraBatchContext, MultiLoraLinear, wrappable_l
 UNSUPPORTED_MODULES = {
     "lm_head": "the output head (lm_head) is shared by every request",
     "embed_tokens": "the token embedding is shared by every request",
-    "experts": "routed MoE experts are fused per-expert weights (PEFT target_parameters), "
-               "which batched LoRA slots do not serve",
+    "experts": "routed MoE experts take LoRA only as PEFT target_parameters on their fused gate_up_proj / "
+               "down_proj, which the native engine serves (unless its target_modules leave them out)",
     "gate": "the MoE router decides expert placement for every request",
 }
 

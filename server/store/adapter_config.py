@@ -35,8 +35,10 @@ REFUSED_FLAGS = {
 MODULE_WEIGHT = ".weight"
 """A `target_parameters` entry ending so names one Linear's own weight: PEFT's way of writing an
 ordinary module LoRA (the same lora_A/lora_B tensors) that its transformers-5 loader will not
-re-aim at the routed experts. Any other entry (`gate_up_proj`, `mlp.experts.down_proj`) names
-fused routed-expert weights."""
+re-aim at the routed experts."""
+ROUTED_EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
+"""The fused routed-expert weights of DeepSeek-V2/V3 (`gate_up_proj`, `mlp.experts.down_proj`):
+PEFT 0.21 writes MLP targets there; the engine decides whether it serves them."""
 
 
 @dataclass(frozen=True)
@@ -110,16 +112,17 @@ class AdapterConfig:
 
 
 def _check_target_parameters(value: object, name: str, label: str) -> None:
-    """Accept only module weights (see MODULE_WEIGHT); the tensors still decide what is served."""
+    """Accept module weights and routed-expert parameters; the tensors still decide what is served."""
     if not value:
         return
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise AdapterIncompatible(f"{label}: target_parameters must be a list of parameter names, "
                                   f"got {_show(value)}")
-    routed = [v for v in value if not v.endswith(MODULE_WEIGHT)]
-    if routed:
-        raise AdapterIncompatible(f"adapter {name!r}: target_parameters (routed MoE expert weights) is not supported "
-                                  f"(target_parameters={_show(routed)})")
+    other = [v for v in value if not v.endswith(MODULE_WEIGHT) and v.rpartition(".")[2] not in ROUTED_EXPERT_PARAMETERS]
+    if other:
+        raise AdapterIncompatible(f"adapter {name!r}: target_parameters {_show(other)} names no parameter LoRA is served "
+                                  "on (a module's weight, `<module>.weight`, or the routed experts' "
+                                  f"{' / '.join(ROUTED_EXPERT_PARAMETERS)})")
 
 
 def _pattern(raw: dict, field: str, label: str) -> dict:

@@ -60,9 +60,10 @@ def test_good_adapter_is_accepted(engine, good_adapter):
     ({"use_dora": True}, ["'bad'", "DoRA", "use_dora=true"]),
     ({"modules_to_save": ["lm_head"]}, ["'bad'", "modules_to_save"]),
     ({"bias": "lora_only"}, ["'bad'", 'bias="lora_only"']),
-    ({"target_parameters": ["gate_up_proj"]}, ["'bad'", "routed MoE expert", "target_parameters"]),
-    ({"target_parameters": ["model.layers.1.mlp.shared_experts.down_proj.weight", "mlp.experts.down_proj"]},
-     ["'bad'", "routed MoE expert", '["mlp.experts.down_proj"]']),
+    ({"target_parameters": ["router_logits"]}, ["'bad'", "target_parameters", '["router_logits"]', "gate_up_proj"]),
+    ({"target_parameters": ["model.layers.1.mlp.shared_experts.down_proj.weight", "mlp.experts.down_proj",
+                            "mlp.gate.e_score_correction_bias"]},
+     ["'bad'", '["mlp.gate.e_score_correction_bias"]', "names no parameter"]),
     ({"target_parameters": "down_proj"}, ["'bad'", "target_parameters must be a list", '"down_proj"']),
     ({"r": 32}, ["'bad'", "rank 32", "max_lora_rank 16"]),
     ({"peft_type": "IA3"}, ["'bad'", "peft_type", "IA3"]),
@@ -114,7 +115,7 @@ def test_embedding_lora_is_refused(engine, good_adapter, tmp_path):
         engine.check_adapter("bad", path)
 
 
-def test_routed_expert_weights_are_refused(engine, good_adapter, tmp_path):
+def test_per_expert_module_lora_is_refused(engine, good_adapter, tmp_path):
     def add_expert(tensors):
         tensors["base_model.model.model.layers.1.mlp.experts.0.gate_proj.lora_A.weight"] = torch.zeros(8, 64)
         tensors["base_model.model.model.layers.1.mlp.experts.0.gate_proj.lora_B.weight"] = torch.zeros(64, 8)

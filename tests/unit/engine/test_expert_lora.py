@@ -1,0 +1,205 @@
+"""LoRA on the routed MoE experts (loraserve.lora.expert_layers): adapters made by plain PEFT on
+DeepSeek-V2/V3 (MLP targets become `target_parameters` on the fused experts) are served mixed in
+one batch with attention-only adapters and base rows, equal to PEFT on each request alone, on
+the unquantized base and on NF4 experts; their factors match PEFT's own delta weights; and the
+adapters the engine cannot serve that way are refused with the reason."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from bitsandbytes.functional import dequantize_4bit
+from model_fixtures import PROMPTS, PeftReference, collect, greedy_request, running_engine
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+import loraserve.base.loading as loading
+from loraserve.base.loading import load_base
+from loraserve.base.moe_experts import EXPERT_WEIGHTS, _expert_quant_state, routed_experts_modules
+from loraserve.config import BaseModelConfig, EngineConfig
+from loraserve.engine.native import NativeEngine
+from loraserve.errors import AdapterIncompatible
+from loraserve.lora.expert_layers import IMPLEMENTATION, ExpertLoraSlots
+
+pytestmark = pytest.mark.usefixtures("single_threaded_torch")
+
+MOE_ARCHS = ("deepseek-v2", "deepseek-v3")
+ATTENTION = ["q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+
+
+def _peft_adapter(base_dir: Path, out: Path, seed: int, **fields) -> Path:
+    """An adapter made the way a user makes one: plain PEFT (its transformers-5 rewrite on), random
+    A and B large enough that a missing or misplaced term changes greedy tokens."""
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, lora_dropout=0.0, **fields))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.3)
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def expert_adapters(tmp_path_factory, base_dirs) -> dict[str, dict[str, Path]]:
+    """Per arch: mlp (both expert parameters, PEFT's doubled gate_up rank), att+mlp, down-only at
+    its own rank, and an attention-only adapter."""
+    root = tmp_path_factory.mktemp("expert-adapters")
+    made = {}
+    for arch in MOE_ARCHS:
+        base = base_dirs[arch]
+        made[arch] = {
+            "mlp": _peft_adapter(base, root / arch / "mlp", 1, r=4, lora_alpha=8,
+                                 target_modules=["gate_proj", "up_proj", "down_proj"]),
+            "att-mlp": _peft_adapter(base, root / arch / "att-mlp", 2, r=8, lora_alpha=8,
+                                     target_modules=ATTENTION + ["gate_proj", "up_proj", "down_proj"]),
+            "down": _peft_adapter(base, root / arch / "down", 3, r=4, lora_alpha=16, target_modules=["o_proj"],
+                                  target_parameters=["mlp.experts.down_proj"], rank_pattern={"down_proj": 2}),
+            "att": _peft_adapter(base, root / arch / "att", 4, r=4, lora_alpha=8, target_modules=ATTENTION),
+        }
+    return made
+
+
+def _waves(engine: NativeEngine) -> list[tuple[str | None, list[int], int]]:
+    ids = [engine.encode(p) for p in PROMPTS]
+    return [("mlp", ids[0], 12), (None, ids[1], 10), ("att-mlp", ids[2], 12), ("down", ids[3], 8),
+            ("att", ids[4], 10), ("mlp", ids[5], 8), ("down", ids[6], 12), (None, ids[7], 8), ("att-mlp", ids[1], 10)]
+
+
+def _serve(base: Path, quantization: str, adapters: dict[str, Path]) -> list[tuple[str | None, list[int], int, list[int]]]:
+    """Every request of `_waves` submitted at once (four adapters through two slots, base rows
+    among them); (adapter, prompt, n, tokens) of each."""
+    with running_engine(base, quantization, adapters, max_loras=2) as engine:
+        waves = _waves(engine)
+        streams = [engine.submit(greedy_request(p, n, a)) for a, p, n in waves]
+        tokens = [collect(s)[1].token_ids for s in streams]
+        stats = engine.stats()
+    assert stats.slot_evictions_total > 0, "four adapters through two slots must evict"
+    return [(a, p, n, t) for (a, p, n), t in zip(waves, tokens)]
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_expert_adapters_mixed_in_a_batch_match_peft(base_dirs, expert_adapters, arch):
+    adapters = expert_adapters[arch]
+    served = _serve(base_dirs[arch], "none", adapters)
+    reference = PeftReference(base_dirs[arch], "none")
+    for adapter, prompt, n, tokens in served:
+        expected = reference.greedy(adapters[adapter] if adapter else None, prompt, n)
+        assert tokens == expected, f"{arch} adapter={adapter} prompt={prompt[:6]}..."
+    # the expert LoRA terms matter: without them the tokens differ
+    prompt = served[0][1]
+    assert reference.greedy(adapters["mlp"], prompt, 12) != reference.greedy(None, prompt, 12)
+
+
+class _DequantizedExperts(PeftReference):
+    """PEFT on the NF4 base whose routed experts are left fused and set to the values the 4-bit
+    experts hold (dequantized), since PEFT cannot wrap the per-expert 4-bit buffers."""
+
+    def __init__(self, base_dir: Path, monkeypatch) -> None:
+        super().__init__(base_dir, "nf4")
+        quantized = load_base(BaseModelConfig(str(base_dir), quantization="nf4")).model
+        self._values = {name: {p: torch.stack([dequantize_4bit(getattr(m, f"{p}_packed")[e].view(-1, 1),
+                                                               _expert_quant_state(m, p, e))
+                                               for e in range(m._fourbit_meta["num_experts"])]) for p in EXPERT_WEIGHTS}
+                        for name, m in quantized.named_modules() if hasattr(m, "_fourbit_meta")}
+        self._monkeypatch = monkeypatch
+
+    def model(self, adapter_dir):
+        if adapter_dir not in self._models:
+            with self._monkeypatch.context() as patch:
+                patch.setattr(loading, "quantize_routed_experts", lambda *args: 0)
+                base = load_base(BaseModelConfig(str(self.base_dir), quantization="nf4")).model
+            with torch.no_grad():
+                for name, module in routed_experts_modules(base):
+                    for p in EXPERT_WEIGHTS:
+                        getattr(module, p).copy_(self._values[name][p])
+            self._models[adapter_dir] = (PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+                                         if adapter_dir else base)
+        return self._models[adapter_dir]
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_expert_adapters_on_nf4_experts_match_peft_on_their_values(base_dirs, expert_adapters, arch, monkeypatch):
+    adapters = expert_adapters[arch]
+    served = _serve(base_dirs[arch], "nf4", adapters)
+    reference = _DequantizedExperts(base_dirs[arch], monkeypatch)
+    for adapter, prompt, n, tokens in served:
+        expected = reference.greedy(adapters[adapter] if adapter else None, prompt, n)
+        assert tokens == expected, f"{arch}/nf4 adapter={adapter} prompt={prompt[:6]}..."
+
+
+def test_slot_factors_are_pefts_delta_weights(base_dirs, expert_adapters):
+    """Expert e of a slot computes x @ delta_W[e].T, delta_W being PEFT's own get_delta_weight."""
+    base = AutoModelForCausalLM.from_pretrained(base_dirs["deepseek-v3"], dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, str(expert_adapters["deepseek-v3"]["att-mlp"]))
+    outer = next(m for n, m in peft_model.named_modules() if n.endswith("mlp.experts")
+                 and type(m).__name__ == "ParamWrapper")
+    for wrapper in (outer, outer.base_layer):
+        delta = wrapper.get_delta_weight("default")  # [E, out, in]
+        a, b = wrapper.lora_A["default"].weight, wrapper.lora_B["default"].weight
+        slots = ExpertLoraSlots(delta.shape[0], delta.shape[2], delta.shape[1], torch.device("cpu"), torch.float32)
+        slots.load_slot(3, a, b, wrapper.scaling["default"])
+        x = torch.randn(5, delta.shape[2])
+        for expert in range(delta.shape[0]):
+            y = torch.zeros(5, delta.shape[1])
+            slots.add_delta(y, x, expert, {3: torch.arange(5)})
+            torch.testing.assert_close(y, x @ delta[expert].T, rtol=1e-5, atol=1e-5)
+        slots.add_delta(y := torch.zeros(5, delta.shape[1]), x, 0, {2: torch.arange(5)})
+        assert not y.any(), "a slot without factors adds nothing"
+
+
+def test_rows_only_meet_their_own_slot():
+    slots = ExpertLoraSlots(2, 4, 3, torch.device("cpu"), torch.float32)
+    slots.load_slot(1, torch.full((2 * 2, 4), float("nan")), torch.ones(3, 2 * 2), 1.0)
+    slots.load_slot(2, torch.ones(2 * 2, 4), torch.ones(3, 2 * 2), 0.5)
+    y = torch.zeros(4, 3)
+    slots.add_delta(y, torch.ones(4, 4), 1, {1: torch.tensor([0]), 2: torch.tensor([2, 3])})
+    assert torch.isnan(y[0]).all() and not y[1].any() and torch.equal(y[2:], torch.full((2, 3), 4.0))
+    slots.clear_slot(1)
+    assert 1 not in slots.factors and slots.rank(2) == 2
+
+
+def test_expert_slots_are_allocated_per_adapter_and_freed_with_it(base_dirs, expert_adapters):
+    adapters = expert_adapters["deepseek-v2"]
+    with running_engine(base_dirs["deepseek-v2"], "nf4", max_loras=3) as engine:
+        model = engine.loaded_base.model
+        assert model.config._experts_implementation == IMPLEMENTATION
+        experts = [m._loraserve_lora for _, m in model.named_modules() if hasattr(m, "_loraserve_lora")]
+        assert experts and not any(s.factors for e in experts for s in e.slots.values())
+        assert set(engine.base.lora_expert_shapes) == {f"{n}.{p}" for n, m in model.named_modules()
+                                                      if hasattr(m, "_loraserve_lora") for p in EXPERT_WEIGHTS}
+        engine.add_adapter("mlp", adapters["mlp"])
+        prompt = engine.encode(PROMPTS[0])
+        collect(engine.submit(greedy_request(prompt, 2, "mlp")))
+        loaded = [s for e in experts for s in e.slots.values() if s.factors]
+        assert len(loaded) == 2 * len(experts) and {s.rank(next(iter(s.factors))) for s in loaded} == {4, 8}
+        engine.remove_adapter("mlp")
+        collect(engine.submit(greedy_request(prompt, 1)))
+        assert not any(s.factors for e in experts for s in e.slots.values()), "a removed adapter's factors are freed"
+
+
+def test_adapters_the_engine_cannot_serve_on_experts_are_refused(base_dirs, expert_adapters, tmp_path):
+    adapters = expert_adapters["deepseek-v3"]
+    config = EngineConfig(base=BaseModelConfig(str(base_dirs["deepseek-v3"]), quantization="none"),
+                          target_modules=("q_a_proj", "o_proj"))
+    restricted = NativeEngine.load(config)
+    with pytest.raises(AdapterIncompatible) as info:
+        restricted.check_adapter("mlp", adapters["mlp"])
+    assert "routed MoE experts" in info.value.message and "target_modules" in info.value.message
+
+    # Two parameters' tensors under a config that targets one: which is which cannot be known.
+    lying = tmp_path / "lying"
+    lying.mkdir()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (lying / name).write_bytes((adapters["mlp"] / name).read_bytes())
+    config = json.loads((lying / "adapter_config.json").read_text())
+    config["target_parameters"] = ["down_proj"]
+    (lying / "adapter_config.json").write_text(json.dumps(config))
+    engine = NativeEngine.load(EngineConfig(base=BaseModelConfig(str(base_dirs["deepseek-v3"]), quantization="none")))
+    with pytest.raises(AdapterIncompatible) as info:
+        engine.check_adapter("lying", lying)
+    assert "target_parameters" in info.value.message and "experts.base_layer" in info.value.message
