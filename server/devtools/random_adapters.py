@@ -18,15 +18,17 @@ from loraserve.lora.targets import target_regex
 
 def make_random_adapter(base_dir: str | Path, out_dir: str | Path, r: int = 8, lora_alpha: int = 16,
                         target: str = "attention", seed: int = 0, use_rslora: bool = False,
-                        model: torch.nn.Module | None = None) -> Path:
+                        model: torch.nn.Module | None = None, target_parameters: list[str] | None = None) -> Path:
     """Write a PEFT adapter with random A/B for the base in `base_dir`. `target` is a preset
-    (attention, mlp, all-linear) or a PEFT regex. Pass `model` (an fp32 copy of the base) to
-    skip reloading it when making many adapters."""
+    (attention, mlp, all-linear) or a PEFT regex; `target_parameters` adds PEFT parameter targets
+    (e.g. the routed experts' `mlp.experts.gate_up_proj`). Pass `model` (an fp32 copy of the
+    base) to skip reloading it when making many adapters."""
     if model is None:
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     regex = target_regex(target) if target in ("attention", "mlp", "all-linear") else target
     config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=regex, init_lora_weights=False,
-                        use_rslora=use_rslora, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+                        use_rslora=use_rslora, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                        target_parameters=target_parameters)
     with keep_module_targets(), torch.random.fork_rng():
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, config)

@@ -423,3 +423,42 @@ def test_manifest_for_another_base_is_failed_precondition(server, world):
     code, details = code_of(lambda: server.adapters.RegisterAdapter(apb.RegisterAdapterRequest(name="f", path="foreign")))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "built for base" in details
     assert code_of(lambda: server.adapters.GetAdapter(apb.GetAdapterRequest(name="f")))[0] == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_peft_routed_expert_adapter_is_served_as_peft_computes_it(server, world):
+    """An adapter with LoRA on the routed experts (PEFT target_parameters), registered over gRPC,
+    generates PEFT's greedy tokens in a batch with another adapter and a base request."""
+    folder = world["imports"] / "experts"
+    if not folder.exists():
+        make_random_adapter(world["base"], folder, r=8, target="attention", seed=31,
+                            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    server.adapters.RegisterAdapter(apb.RegisterAdapterRequest(name="experts", path="experts"))
+    try:
+        got = server.adapters.GetAdapter(apb.GetAdapterRequest(name="experts")).adapter
+        assert any(m.endswith("mlp.experts.gate_up_proj") for m in got.manifest.target_modules)
+        jobs = [("experts", PROMPTS[0]), ("a0", PROMPTS[1]), ("", PROMPTS[2]), ("experts", PROMPTS[3])]
+        results = [None] * len(jobs)
+
+        def run(i, adapter, prompt):
+            results[i] = generate(server, prompt, adapter, n=10)
+        threads = [threading.Thread(target=run, args=(i, a, p)) for i, (a, p) in enumerate(jobs)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        base = load_base(BaseModelConfig(str(world["base"]), quantization="none"))
+        plain = {}
+        for (adapter, prompt), summary in zip(jobs, results):
+            model = load_base(BaseModelConfig(str(world["base"]), quantization="none")).model
+            if adapter:
+                with keep_module_targets():
+                    model = PeftModel.from_pretrained(model, world["imports"] / adapter)
+            ids = base.tokenizer(prompt, return_tensors="pt").input_ids
+            out = model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None,
+                                 pad_token_id=base.tokenizer.pad_token_id)
+            assert list(summary.token_ids) == out[0, ids.shape[1]:].tolist(), adapter
+            plain[prompt] = base.model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None,
+                                                pad_token_id=base.tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
+        assert list(results[0].token_ids) != plain[PROMPTS[0]], "the expert adapter changes the output"
+    finally:
+        server.adapters.UnregisterAdapter(apb.UnregisterAdapterRequest(name="experts"))
