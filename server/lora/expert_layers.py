@@ -19,12 +19,16 @@ targets the parameter is loaded into a slot and freed with it: an expert LoRA is
 linear's (DeepSeek-V2-Lite, rank 16, both parameters: ~0.9 GB fp32 per adapter), so reserving
 it for every slot of every MoE base would cost gigabytes nobody asked for.
 
-Isolation as in `layers.py`: the rows routed to an expert are grouped by slot and each group is
+Isolation as in `layers.py`: the (token, expert) pairs are grouped by slot and each group is
 multiplied by its own slot's factors only. When no sequence of the batch uses an adapter that
 targets these experts, the forward is the base's own experts implementation, untouched. When
-some do, every row runs through one loop over the routed experts (the 4-bit experts' own
-algorithm; with unquantized experts it is transformers' eager loop, equal to its grouped_mm
-kernel to float rounding). Cost: two small matmul pairs per (expert, slot) group hit.
+some do, every pair runs through one pass per routed expert (the 4-bit experts' own algorithm;
+with unquantized experts transformers' eager one, equal to its grouped_mm kernel to float
+rounding), and each slot's LoRA terms take one of two paths, as the linears' do:
+- few pairs per expert (decode): every pair is one `F.embedding_bag` bag over its expert's rows
+  of A (weighted by its values), then of B: two kernels per slot and parameter, reading only the
+  experts its pairs hit;
+- many (prefill): one matmul pair per expert hit, over that expert's contiguous pairs.
 
 This is our own code: PEFT's ParamWrapper merges one adapter into the whole weight per forward,
 which cannot mix adapters in a batch, and vLLM's fused-MoE LoRA kernels are CUDA/Triton only.
@@ -35,6 +39,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
@@ -42,6 +47,9 @@ from loraserve.base.moe_experts import EXPERT_WEIGHTS, expert_linear, routed_exp
 from loraserve.lora.layers import LoraBatchContext
 
 IMPLEMENTATION = "loraserve_lora"
+BAG_ROWS_PER_EXPERT = 4
+"""Below this many of a slot's pairs per expert hit, its LoRA terms take the per-pair
+embedding_bag path; at or above it, one matmul pair per expert (the linears' measured split)."""
 
 
 class ExpertLoraSlots:
@@ -81,17 +89,47 @@ class ExpertLoraSlots:
         factors = self.factors.get(slot)
         return 0 if factors is None else factors[0].shape[-1]
 
-    def add_delta(self, y: torch.Tensor, x: torch.Tensor, expert: int, groups: dict[int, torch.Tensor]) -> None:
-        """y [n, out] += each group's rows of x [n, in] through its slot's factors for `expert`;
-        `groups` maps a slot to the positions (in x) of its rows."""
-        for slot, rows in groups.items():
+    def add_deltas(self, y: torch.Tensor, x: torch.Tensor, groups: dict[int, SlotRows]) -> None:
+        """y [P, out] += every (token, expert) pair's row of x [P, in] through its own slot's
+        factors for its own expert; `groups` holds each slot's pairs (see `SlotRows`)."""
+        for slot, group in groups.items():
             factors = self.factors.get(slot)
             if factors is None:
                 continue
-            a, b = factors
-            xs = x.index_select(0, rows).to(self.dtype)  # [m, in]
-            delta = (xs @ a[expert]) @ b[expert]  # [m, r] -> [m, out]
-            y.index_add_(0, rows, delta.to(y.dtype))
+            a, b = factors  # [E, in, r], [E, r, out]
+            r = a.shape[-1]
+            xs = x.index_select(0, group.rows).to(self.dtype)  # [m, in]
+            if group.per_row():
+                # Each pair is one bag over its expert's rows of A, then of B, weighted by its
+                # own values: one kernel reads each pair's own expert and nothing else.
+                a_index = (group.experts * self.in_features)[:, None] + torch.arange(self.in_features, device=x.device)
+                h = F.embedding_bag(a_index, a.view(-1, r), per_sample_weights=xs, mode="sum")  # [m, r]
+                b_index = (group.experts * r)[:, None] + torch.arange(r, device=x.device)
+                delta = F.embedding_bag(b_index, b.view(-1, self.out_features), per_sample_weights=h, mode="sum")
+            else:
+                delta = torch.empty(xs.shape[0], self.out_features, dtype=self.dtype, device=x.device)
+                for expert, first, last in group.segments:
+                    delta[first:last] = (xs[first:last] @ a[expert]) @ b[expert]  # [n, r] -> [n, out]
+            y.index_add_(0, group.rows, delta.to(y.dtype))
+
+
+class SlotRows:
+    """One slot's (token, expert) pairs in a forward: their positions among all pairs (`rows`,
+    sorted by expert), each one's expert, and the segments (expert, first, last) of `rows`."""
+
+    def __init__(self, rows: list[int], experts: list[int], device: torch.device) -> None:
+        self.segments: list[tuple[int, int, int]] = []
+        for i, expert in enumerate(experts):
+            if self.segments and self.segments[-1][0] == expert:
+                self.segments[-1] = (expert, self.segments[-1][1], i + 1)
+            else:
+                self.segments.append((expert, i, i + 1))
+        self.rows = torch.tensor(rows, dtype=torch.long, device=device)  # [m]
+        self.experts = torch.tensor(experts, dtype=torch.long, device=device)  # [m]
+
+    def per_row(self) -> bool:
+        """Few pairs per expert (a decode step): per-pair bags beat one matmul pair per expert."""
+        return self.rows.shape[0] < BAG_ROWS_PER_EXPERT * len(self.segments)
 
 
 class ExpertsLora:
@@ -129,37 +167,42 @@ def lora_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_ind
     if tokens_total % ctx.batch_size:
         raise RuntimeError(f"experts got {tokens_total} rows for a batch of {ctx.batch_size} sequences")
     per_sequence = tokens_total // ctx.batch_size
-    num_experts = lora.num_experts
-    # Routing on the host, once per layer (T x K small ints): the groups below are plain lists.
-    by_expert: dict[int, tuple[list[int], list[int]]] = {}
-    for token, row in enumerate(top_k_index.tolist()):
-        for k, expert in enumerate(row):
-            if 0 <= expert < num_experts:
-                tokens, positions = by_expert.setdefault(expert, ([], []))
-                tokens.append(token)
-                positions.append(k)
+    # Routing on the host, once per layer (T x K small ints): every (token, expert) pair, sorted
+    # by expert, and each targeting slot's pairs among them.
+    routes = top_k_index.tolist()
+    pairs = sorted((expert, token, k) for token, row in enumerate(routes) for k, expert in enumerate(row)
+                   if 0 <= expert < lora.num_experts)
+    if not pairs:
+        return torch.zeros_like(hidden_states)
+    by_slot: dict[int, tuple[list[int], list[int]]] = {}
+    bounds: list[tuple[int, int, int]] = []  # (expert, first, last) over all pairs
+    for i, (expert, token, _) in enumerate(pairs):
+        if bounds and bounds[-1][0] == expert:
+            bounds[-1] = (expert, bounds[-1][1], i + 1)
+        else:
+            bounds.append((expert, i, i + 1))
+        slot = ctx.slots[token // per_sequence]
+        if slot in targeting:
+            rows, experts = by_slot.setdefault(slot, ([], []))
+            rows.append(i)
+            experts.append(expert)
     device = hidden_states.device
+    groups = {slot: SlotRows(rows, experts, device) for slot, (rows, experts) in by_slot.items()}
+    token_idx = torch.tensor([t for _, t, _ in pairs], dtype=torch.long, device=device)  # [P]
+    positions = torch.tensor([k for _, _, k in pairs], dtype=torch.long, device=device)  # [P]
+    current = hidden_states[token_idx]  # [P, H]
     gate_up, down = lora.slots.get("gate_up_proj"), lora.slots.get("down_proj")
+    projected = torch.cat([expert_linear(self, "gate_up_proj", e, current[first:last])
+                           for e, first, last in bounds])  # [P, 2I]
+    if gate_up is not None:
+        gate_up.add_deltas(projected, current, groups)
+    hidden = self._apply_gate(projected)  # [P, I]
+    out = torch.cat([expert_linear(self, "down_proj", e, hidden[first:last]) for e, first, last in bounds])  # [P, H]
+    if down is not None:
+        down.add_deltas(out, hidden, groups)
+    out = out * top_k_weights[token_idx, positions, None]
     final = torch.zeros_like(hidden_states)  # [T, H]
-    for expert in sorted(by_expert):
-        tokens, positions = by_expert[expert]
-        groups: dict[int, list[int]] = {}
-        for local, token in enumerate(tokens):
-            slot = ctx.slots[token // per_sequence]
-            if slot in targeting:
-                groups.setdefault(slot, []).append(local)
-        rows = {slot: torch.tensor(local, dtype=torch.long, device=device) for slot, local in groups.items()}
-        token_idx = torch.tensor(tokens, dtype=torch.long, device=device)  # [n]
-        current = hidden_states[token_idx]  # [n, H]
-        projected = expert_linear(self, "gate_up_proj", expert, current)  # [n, 2I]
-        if gate_up is not None:
-            gate_up.add_delta(projected, current, expert, rows)
-        hidden = self._apply_gate(projected)  # [n, I]
-        out = expert_linear(self, "down_proj", expert, hidden)  # [n, H]
-        if down is not None:
-            down.add_delta(out, hidden, expert, rows)
-        out = out * top_k_weights[token_idx, torch.tensor(positions, dtype=torch.long, device=device), None]
-        final.index_add_(0, token_idx, out.to(final.dtype))
+    final.index_add_(0, token_idx, out.to(final.dtype))  # pairs in expert order, as the base loop adds them
     return final
 
 

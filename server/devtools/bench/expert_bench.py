@@ -24,17 +24,22 @@ from loraserve.devtools.random_adapters import make_random_adapter
 from loraserve.devtools.synthetic_base import init_model
 from loraserve.engine.native import NativeEngine
 from loraserve.engine.runner import ModelRunner
+from loraserve.lora import expert_layers
 
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
-def _layouts(batch: int, distinct: int, attention: list[int], experts: list[int]) -> dict[str, list[int]]:
-    """Slot of each row for every measured layout."""
+def _layouts(batch: int, distinct: int, attention: list[int], experts: list[int]) -> dict[str, tuple[list[int], int]]:
+    """Slot of each row, and the experts' per-pair threshold, for every measured layout (the last
+    forces one matmul pair per (slot, expert) group, the path prefill takes, for comparison)."""
+    mixed = [experts[i % distinct] for i in range(batch)]
+    default = expert_layers.BAG_ROWS_PER_EXPERT
     return {
-        "base only": [0] * batch,
-        f"{distinct} attention adapters": [attention[i % distinct] for i in range(batch)],
-        "1 attention+experts adapter": [experts[0]] * batch,
-        f"{distinct} attention+experts adapters": [experts[i % distinct] for i in range(batch)],
+        "base only": ([0] * batch, default),
+        f"{distinct} attention adapters": ([attention[i % distinct] for i in range(batch)], default),
+        "1 attention+experts adapter": ([experts[0]] * batch, default),
+        f"{distinct} attention+experts adapters": (mixed, default),
+        f"{distinct} att+experts, matmul/expert": (mixed, 0),
     }
 
 
@@ -67,7 +72,8 @@ def run_expert_bench(arch: str, size: str, quantization: str, batch: int, distin
         print(f"{arch} {size} {quantization}, batch {batch}, context {context}, rank {rank}, "
               f"{steps} steps x {rounds} rounds, {torch.get_num_threads()} threads")
 
-        def step_ms(layout: list[int]) -> float:
+        def step_ms(layout: tuple[list[int], int]) -> float:
+            layout, expert_layers.BAG_ROWS_PER_EXPERT = layout
             start = time.perf_counter()
             for _ in range(steps):
                 runner.decode([1] * batch, layout)
@@ -82,9 +88,10 @@ def run_expert_bench(arch: str, size: str, quantization: str, batch: int, distin
         for r in range(rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
                 times[name].append(step_ms(layouts[name]))
+        expert_layers.BAG_ROWS_PER_EXPERT = layouts["base only"][1]
         medians = {name: statistics.median(t) for name, t in times.items()}
         for name, ms in medians.items():
-            print(f"{name:32s} {ms:8.2f} ms/step  base-only / this {medians['base only'] / ms:5.2f}x", flush=True)
+            print(f"{name:36s} {ms:8.2f} ms/step  base-only / this {medians['base only'] / ms:5.2f}x", flush=True)
     return medians
 
 

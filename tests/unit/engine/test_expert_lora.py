@@ -22,7 +22,8 @@ from loraserve.base.moe_experts import EXPERT_WEIGHTS, _expert_quant_state, rout
 from loraserve.config import BaseModelConfig, EngineConfig
 from loraserve.engine.native import NativeEngine
 from loraserve.errors import AdapterIncompatible
-from loraserve.lora.expert_layers import IMPLEMENTATION, ExpertLoraSlots
+from loraserve.lora import expert_layers
+from loraserve.lora.expert_layers import IMPLEMENTATION, ExpertLoraSlots, SlotRows
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
@@ -132,35 +133,55 @@ def test_expert_adapters_on_nf4_experts_match_peft_on_their_values(base_dirs, ex
         assert tokens == expected, f"{arch}/nf4 adapter={adapter} prompt={prompt[:6]}..."
 
 
-def test_slot_factors_are_pefts_delta_weights(base_dirs, expert_adapters):
-    """Expert e of a slot computes x @ delta_W[e].T, delta_W being PEFT's own get_delta_weight."""
+@pytest.mark.parametrize("bag_rows", [0, 10**6], ids=["matmul-per-expert", "per-pair-bags"])
+def test_slot_factors_are_pefts_delta_weights(base_dirs, expert_adapters, monkeypatch, bag_rows):
+    """Expert e of a slot computes x @ delta_W[e].T, delta_W being PEFT's own get_delta_weight,
+    on both paths."""
+    monkeypatch.setattr(expert_layers, "BAG_ROWS_PER_EXPERT", bag_rows)
     base = AutoModelForCausalLM.from_pretrained(base_dirs["deepseek-v3"], dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(base, str(expert_adapters["deepseek-v3"]["att-mlp"]))
     outer = next(m for n, m in peft_model.named_modules() if n.endswith("mlp.experts")
                  and type(m).__name__ == "ParamWrapper")
     for wrapper in (outer, outer.base_layer):
         delta = wrapper.get_delta_weight("default")  # [E, out, in]
+        num_experts, out_features, in_features = delta.shape
         a, b = wrapper.lora_A["default"].weight, wrapper.lora_B["default"].weight
-        slots = ExpertLoraSlots(delta.shape[0], delta.shape[2], delta.shape[1], torch.device("cpu"), torch.float32)
+        slots = ExpertLoraSlots(num_experts, in_features, out_features, torch.device("cpu"), torch.float32)
         slots.load_slot(3, a, b, wrapper.scaling["default"])
-        x = torch.randn(5, delta.shape[2])
-        for expert in range(delta.shape[0]):
-            y = torch.zeros(5, delta.shape[1])
-            slots.add_delta(y, x, expert, {3: torch.arange(5)})
-            torch.testing.assert_close(y, x @ delta[expert].T, rtol=1e-5, atol=1e-5)
-        slots.add_delta(y := torch.zeros(5, delta.shape[1]), x, 0, {2: torch.arange(5)})
+        experts = [e for e in range(num_experts) for _ in range(3)]  # three pairs per expert, sorted
+        x = torch.randn(len(experts), in_features)
+        y = torch.zeros(len(experts), out_features)
+        slots.add_deltas(y, x, {3: SlotRows(list(range(len(experts))), experts, torch.device("cpu"))})
+        expected = torch.stack([x[i] @ delta[e].T for i, e in enumerate(experts)])
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+        y = torch.zeros(len(experts), out_features)
+        slots.add_deltas(y, x, {2: SlotRows([0, 1], [0, 0], torch.device("cpu"))})
         assert not y.any(), "a slot without factors adds nothing"
 
 
-def test_rows_only_meet_their_own_slot():
+@pytest.mark.parametrize("bag_rows", [0, 10**6], ids=["matmul-per-expert", "per-pair-bags"])
+def test_rows_only_meet_their_own_slot(monkeypatch, bag_rows):
+    monkeypatch.setattr(expert_layers, "BAG_ROWS_PER_EXPERT", bag_rows)
     slots = ExpertLoraSlots(2, 4, 3, torch.device("cpu"), torch.float32)
     slots.load_slot(1, torch.full((2 * 2, 4), float("nan")), torch.ones(3, 2 * 2), 1.0)
     slots.load_slot(2, torch.ones(2 * 2, 4), torch.ones(3, 2 * 2), 0.5)
     y = torch.zeros(4, 3)
-    slots.add_delta(y, torch.ones(4, 4), 1, {1: torch.tensor([0]), 2: torch.tensor([2, 3])})
+    cpu = torch.device("cpu")
+    slots.add_deltas(y, torch.ones(4, 4), {1: SlotRows([0], [1], cpu), 2: SlotRows([2, 3], [0, 1], cpu)})
     assert torch.isnan(y[0]).all() and not y[1].any() and torch.equal(y[2:], torch.full((2, 3), 4.0))
     slots.clear_slot(1)
     assert 1 not in slots.factors and slots.rank(2) == 2
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_both_paths_give_the_same_tokens(base_dirs, expert_adapters, monkeypatch, arch):
+    """Decode and prefill forced through each path: the same greedy tokens (PEFT's, above)."""
+    adapters = expert_adapters[arch]
+    runs = []
+    for bag_rows in (0, 10**6):
+        monkeypatch.setattr(expert_layers, "BAG_ROWS_PER_EXPERT", bag_rows)
+        runs.append([tokens for *_, tokens in _serve(base_dirs[arch], "nf4", adapters)])
+    assert runs[0] == runs[1]
 
 
 def test_expert_slots_are_allocated_per_adapter_and_freed_with_it(base_dirs, expert_adapters):
