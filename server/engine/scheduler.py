@@ -35,7 +35,7 @@ from loraserve.engine.request import ErrorEvent
 from loraserve.engine.runner import ModelRunner
 from loraserve.engine.sampling import sample_batch
 from loraserve.engine.sequence import Sequence
-from loraserve.errors import AdapterNotFound, Cancelled, LoraserveError
+from loraserve.errors import AdapterNotFound, Cancelled, LoraserveError, ResourceExhausted
 from loraserve.lora.slots import AdapterSlots, HostCache
 
 log = logging.getLogger(__name__)
@@ -235,9 +235,14 @@ class BatchScheduler:
                 continue  # base-only requests take no slot, so they may still pass
             if not self.adapters.ready(seq, self._steps):
                 continue
-            self._unqueue(seq)
             version = seq.adapter_version
-            seq.slot = self.slots.acquire(version, self.host.get(version)) if version is not None else 0
+            try:
+                seq.slot = self.slots.acquire(version, self.host.get(version)) if version is not None else 0
+            except ResourceExhausted as exc:  # its weights could not be placed: this request alone fails
+                self._unqueue(seq)
+                seq.push(ErrorEvent(exc))
+                continue
+            self._unqueue(seq)
             seq.admitted_at = time.monotonic()
             width = max(width, seq.kv_need)
             length, kv = self.prefix.lookup(version, seq.request.prompt_token_ids)

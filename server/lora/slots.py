@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import torch
+
 from loraserve.errors import ResourceExhausted
 from loraserve.lora.adapter import LoraWeights
 from loraserve.lora.expert_layers import ExpertLoraSlots
@@ -108,12 +110,22 @@ class AdapterSlots:
                 raise ResourceExhausted("no adapter slot is free")
             slot = self._free(victim)
             self.evictions_total += 1
-        for name, layer in self._layers.items():
-            module = weights.modules.get(name)
-            if module is None:
-                layer.load_slot(slot, None, None, 0.0)
-            else:
-                layer.load_slot(slot, module.a, module.b, module.scaling)
+        try:
+            for name, layer in self._layers.items():
+                module = weights.modules.get(name)
+                if module is None:
+                    layer.load_slot(slot, None, None, 0.0)
+                else:
+                    layer.load_slot(slot, module.a, module.b, module.scaling)
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            # Routed-expert factors are allocated on load (expert_layers.py): memory can run out
+            # here. The slot is left empty and only this adapter's request fails.
+            if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
+                raise
+            for layer in self._layers.values():
+                layer.clear_slot(slot)
+            raise ResourceExhausted(f"adapter {weights.name!r} does not fit in accelerator memory now "
+                                    f"({str(exc).splitlines()[0][:160]}); retry later") from None
         self._slot_of[version] = slot
         self.loads_total += 1
         return slot

@@ -21,7 +21,7 @@ from loraserve.base.loading import load_base
 from loraserve.base.moe_experts import EXPERT_WEIGHTS, _expert_quant_state, routed_experts_modules
 from loraserve.config import BaseModelConfig, EngineConfig
 from loraserve.engine.native import NativeEngine
-from loraserve.errors import AdapterIncompatible
+from loraserve.errors import AdapterIncompatible, ResourceExhausted
 from loraserve.lora import expert_layers
 from loraserve.lora.expert_layers import IMPLEMENTATION, ExpertLoraSlots, SlotRows
 
@@ -224,3 +224,34 @@ def test_adapters_the_engine_cannot_serve_on_experts_are_refused(base_dirs, expe
     with pytest.raises(AdapterIncompatible) as info:
         engine.check_adapter("lying", lying)
     assert "target_parameters" in info.value.message and "experts.base_layer" in info.value.message
+
+
+def test_an_expert_adapter_that_does_not_fit_fails_alone(base_dirs, expert_adapters, monkeypatch):
+    """Expert factors are allocated on load; when memory runs out there (injected here: a CPU
+    host cannot be brought to a real accelerator OOM), only that adapter's request fails, with
+    RESOURCE_EXHAUSTED, nothing of it stays in the slot, and it loads once memory is back."""
+    adapters = expert_adapters["deepseek-v3"]
+    real_load = ExpertLoraSlots.load_slot
+    full = {"on": True}
+
+    def load_slot(self, slot, a, b, scaling):
+        if a is not None and full["on"]:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.65 GiB")
+        real_load(self, slot, a, b, scaling)
+
+    monkeypatch.setattr(ExpertLoraSlots, "load_slot", load_slot)
+    with running_engine(base_dirs["deepseek-v3"], "nf4", {"mlp": adapters["mlp"], "att": adapters["att"]},
+                        max_loras=2) as engine:
+        prompt = engine.encode(PROMPTS[0])
+        streams = [engine.submit(greedy_request(prompt, 6, a)) for a in ("mlp", "att", None)]
+        with pytest.raises(ResourceExhausted, match="'mlp'.*does not fit in accelerator memory"):
+            collect(streams[0])
+        alone = [collect(s)[1].token_ids for s in streams[1:]]
+        slots = engine._scheduler.slots
+        assert slots.slot_of(next(e.version for e in engine.adapters() if e.adapter_id == "mlp")) is None
+        free = set(range(1, slots.max_loras + 1)) - set(slots._slot_of.values())
+        assert free and not any(layer.holds(s) for layer in slots._layers.values() for s in free)
+        full["on"] = False
+        again = [collect(engine.submit(greedy_request(prompt, 6, a)))[1].token_ids for a in ("mlp", "att", None)]
+    assert again[1:] == alone
+    assert len(again[0]) == 6 and again[0] != again[2], "the expert adapter is served once it fits"
