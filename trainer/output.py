@@ -20,6 +20,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from loraserve.base.moe_experts import EXPERT_WEIGHTS
 from loraserve.lora.peft_compat import loadable_targets
 from loraserve.store.adapter_config import AdapterConfig
 from loraserve.store.adapter_store import AdapterStore
@@ -33,7 +34,7 @@ from loraserve.store.layout import (
     new_tmp_name,
     write_durably,
 )
-from loraserve.store.peft_names import lora_modules
+from loraserve.store.peft_names import PREFIX, lora_modules
 
 # The trainer's own bound; a server still applies its --max-adapter-bytes when it loads one.
 MAX_TRAINED_ADAPTER_BYTES = 64 * 1024**3
@@ -58,9 +59,10 @@ def write_adapter(peft_model, output_dir: str | Path, name: str, manifest: dict,
         for extra in tmp.iterdir():  # PEFT also writes a model card; an adapter is the two files
             if extra.name not in (CONFIG_FILE, WEIGHTS_FILE):
                 extra.unlink()
-        _name_trained_modules(peft_model, tmp)
+        experts = _expert_targets(peft_model)
+        _name_trained_modules(peft_model, tmp, experts)
         if in_store:
-            return _publish(root, tmp, adapter_id(tenant, name), manifest)
+            return _publish(root, tmp, adapter_id(tenant, name), manifest, experts)
         write_durably(tmp / MANIFEST_FILE, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
         for file in (CONFIG_FILE, WEIGHTS_FILE):
             with open(tmp / file, "rb") as f:
@@ -80,21 +82,40 @@ def write_adapter(peft_model, output_dir: str | Path, name: str, manifest: dict,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _name_trained_modules(peft_model, saved: Path) -> None:
+def _expert_targets(peft_model) -> dict[str, str]:
+    """Routed-expert LoRA of `peft_model`: the module its tensors are saved under (PEFT's nested
+    ParamWrappers: `<experts>.base_layer`, `<experts>`) -> `<experts>.<parameter>`."""
+    targets = {}
+    for name, module in peft_model.named_modules():
+        parameter = getattr(module, "parameter_name", None)
+        if type(module).__name__ == "ParamWrapper" and parameter in EXPERT_WEIGHTS:
+            saved = name.removeprefix(PREFIX)
+            experts = saved
+            while experts.endswith(".base_layer"):
+                experts = experts.removesuffix(".base_layer")
+            targets[saved] = f"{experts}.{parameter}"
+    return targets
+
+
+def _name_trained_modules(peft_model, saved: Path, experts: dict[str, str]) -> None:
     """Rewrite the saved config's targets as the exact modules whose LoRA tensors were saved,
     in the form plain PEFT loads as trained (see `loadable_targets`): the training regex would
-    be reduced to leaf names and, on DeepSeek V2/V3, re-aimed at the routed experts."""
+    be reduced to leaf names and, on DeepSeek V2/V3, re-aimed at the routed experts. Routed-expert
+    LoRA is named by its parameters (`<experts>.gate_up_proj`), as PEFT matches them."""
     with safe_open(saved / WEIGHTS_FILE, "pt") as f:
-        modules = lora_modules(f.keys())
+        modules = [m for m in lora_modules(f.keys()) if m not in experts]
     config = json.loads((saved / CONFIG_FILE).read_text())
     config.update(loadable_targets(peft_model.get_base_model(), modules))
+    if experts:
+        config["target_parameters"] = (config["target_parameters"] or []) + sorted(experts.values())
+        config["lora_dropout"] = 0.0
     (saved / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _publish(root: Path, saved: Path, name: str, manifest: dict) -> Path:
+def _publish(root: Path, saved: Path, name: str, manifest: dict, experts: dict[str, str]) -> Path:
     config = AdapterConfig.from_bytes((saved / CONFIG_FILE).read_bytes(), name)
     with safe_open(saved / WEIGHTS_FILE, "pt") as f:
-        modules = lora_modules(f.keys())
+        modules = sorted(experts.get(m, m) for m in lora_modules(f.keys()))
     store = AdapterStore(root, max_adapter_bytes=MAX_TRAINED_ADAPTER_BYTES)
     store.publish(name, {f: saved / f for f in (CONFIG_FILE, WEIGHTS_FILE)}, r=config.r,
                   lora_alpha=config.lora_alpha, target_modules=modules,

@@ -26,7 +26,7 @@ from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_
 from transformers.trainer_utils import get_last_checkpoint
 
 from loraserve.base.loading import load_base
-from loraserve.base.moe_experts import weight_bytes
+from loraserve.base.moe_experts import EXPERT_WEIGHTS, routed_experts_modules, weight_bytes
 from loraserve.config import BaseModelConfig
 from loraserve.errors import AdapterIncompatible
 from loraserve.lora.peft_compat import keep_module_targets
@@ -52,7 +52,8 @@ def train(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
     extra transformers TrainerCallbacks (progress reporting, or interrupting in tests)."""
     set_seed(config.seed)
     started = time.monotonic()
-    base = load_base(BaseModelConfig(config.model, quantization=config.quantization), for_training=True)
+    base = load_base(BaseModelConfig(config.model, quantization=config.quantization), for_training=True,
+                     quantize_experts=not config.routed_experts)
     tokenizer = base.tokenizer
     examples, report = load_examples(config.train_file, tokenizer, config.max_seq_length, config.skip_bad_lines)
     if config.eval_file:
@@ -107,8 +108,15 @@ def _with_lora(model, config: TrainConfig):
     """PEFT LoRA on the chosen targets, refused when the server could not serve the result."""
     servable = set(supported_linear_names(model))
     regex = target_regex(config.target) if config.target in PRESETS else config.target
+    experts = None
+    if config.routed_experts:
+        if not routed_experts_modules(model):
+            raise AdapterIncompatible("routed_experts: this base has no fused routed MoE experts "
+                                      "(DeepSeek-V2/V3 have them)")
+        experts = [f"mlp.experts.{p}" for p in EXPERT_WEIGHTS]
     lora = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      use_rslora=config.use_rslora, target_modules=regex, bias="none", task_type="CAUSAL_LM")
+                      use_rslora=config.use_rslora, target_modules=regex, bias="none", task_type="CAUSAL_LM",
+                      target_parameters=experts)
     try:
         with keep_module_targets():
             peft_model = get_peft_model(model, lora)
@@ -119,7 +127,7 @@ def _with_lora(model, config: TrainConfig):
         raise AdapterIncompatible(f"target {config.target!r} matches no module of this base")
     # PEFT names modules inside its wrapper; the served base names them without the prefix.
     unservable = sorted(t for t in targeted if t.removeprefix(PEFT_PREFIX) not in servable)
-    if unservable or getattr(peft_model.peft_config["default"], "target_parameters", None):
+    if unservable or (getattr(peft_model.peft_config["default"], "target_parameters", None) and not experts):
         raise AdapterIncompatible(f"target {config.target!r} reaches modules the server does not serve "
                                   f"(e.g. {(unservable or ['routed MoE experts'])[0]})")
     return peft_model

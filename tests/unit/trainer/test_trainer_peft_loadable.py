@@ -103,3 +103,64 @@ def test_plain_peft_loads_the_adapter_as_trained(task, arch, target, tmp_path, s
     engine = NativeEngine.load(EngineConfig(base=BaseModelConfig(str(task["bases"][arch]), quantization="none"),
                                             max_lora_rank=16))
     assert set(engine.check_adapter("trained", adapter).modules) == modules
+
+
+@pytest.mark.parametrize("arch", ["deepseek-v2", "deepseek-v3"])
+def test_routed_expert_lora_trains_loads_in_plain_peft_and_is_served(task, arch, tmp_path, single_threaded_torch):
+    kept = KeepModel()
+    config = TrainConfig(model=str(task["bases"][arch]), quantization="none", train_file=str(task["data"]),
+                         adapter_name="experts", output_dir=str(tmp_path / "out"), target="attention",
+                         routed_experts=True, r=4, lora_alpha=8, lora_dropout=0.0, learning_rate=1e-2, max_steps=3,
+                         batch_size=4, eval_fraction=0.0, warmup_ratio=0.0, gradient_checkpointing=False, seed=3)
+    adapter = train(config, callbacks=[kept]).adapter_dir
+    trained = kept.model.eval()
+    saved = load_file(adapter / "adapter_model.safetensors")
+    expert_keys = [k for k in saved if ".mlp.experts." in k]
+    assert len(expert_keys) == 4 and all(saved[k].abs().sum() > 0 for k in expert_keys)  # trained, both factors
+    config_json = json.loads((adapter / "adapter_config.json").read_text())
+    assert config_json["target_parameters"] == ["model.layers.1.mlp.experts.down_proj",
+                                                "model.layers.1.mlp.experts.gate_up_proj"]
+    assert config_json["lora_dropout"] == 0.0
+
+    base = AutoModelForCausalLM.from_pretrained(task["bases"][arch], dtype=trained.dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = PeftModel.from_pretrained(base, adapter).eval()
+    assert not [str(w.message) for w in caught if "keys" in str(w.message)]
+    loaded_state = get_peft_model_state_dict(loaded)
+    assert loaded_state.keys() == saved.keys()
+    for key, tensor in saved.items():
+        torch.testing.assert_close(loaded_state[key], tensor, atol=0, rtol=0, msg=key)
+    ids = torch.tensor([[1, 17, 42, 99, 7, 250, 3]])  # [1, T]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, trained(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+        new = loaded.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
+                              eos_token_id=None)[0, ids.shape[1]:].tolist()
+
+    engine = NativeEngine.load(EngineConfig(base=BaseModelConfig(str(task["bases"][arch]), quantization="none"),
+                                            max_lora_rank=16))
+    assert {"model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"} <= set(
+        engine.check_adapter("experts", adapter).modules)
+    engine.start()
+    try:
+        engine.add_adapter("experts", adapter)
+        from loraserve.engine.request import FinishEvent, GenerationRequest, SamplingParams
+
+        stream = engine.submit(GenerationRequest(ids[0].tolist(), SamplingParams(max_new_tokens=8, ignore_eos=True),
+                                                 adapter="experts"))
+        finish = next(e for e in stream if isinstance(e, FinishEvent))
+    finally:
+        engine.stop(drain_timeout=0)
+    assert finish.token_ids == new
+
+
+def test_routed_experts_need_no_dropout_and_an_moe_base(task, tmp_path):
+    from loraserve.errors import AdapterIncompatible, ConfigError
+
+    with pytest.raises(ConfigError, match="lora_dropout must be 0 with routed_experts"):
+        TrainConfig(model="m", train_file="t", adapter_name="a", routed_experts=True, lora_dropout=0.05)
+    config = TrainConfig(model=str(task["bases"]["deepseek-llm"]), quantization="none", train_file=str(task["data"]),
+                         adapter_name="x", output_dir=str(tmp_path), routed_experts=True, lora_dropout=0.0,
+                         max_steps=1, eval_fraction=0.0)
+    with pytest.raises(AdapterIncompatible, match="no fused routed MoE experts"):
+        train(config)
