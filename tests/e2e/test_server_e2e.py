@@ -86,29 +86,41 @@ def test_health_info_and_reflection(server):
     assert {"loraserve.v1.InferenceService", "loraserve.v1.AdapterService", "grpc.health.v1.Health"} <= names
 
 
-def test_concurrent_greedy_outputs_equal_peft(server, world):
-    jobs = [(f"a{i % 3}", PROMPTS[i % 4]) for i in range(6)] + [("", PROMPTS[0])]
+def generate_concurrently(srv, jobs: list[tuple[str, str]], n: int) -> list:
+    """Every (adapter, prompt) of `jobs` sent at once, each on its own thread; their summaries."""
     results = [None] * len(jobs)
 
     def run(i, adapter, prompt):
-        results[i] = generate(server, prompt, adapter, n=10)
+        results[i] = generate(srv, prompt, adapter, n=n)
     threads = [threading.Thread(target=run, args=(i, a, p)) for i, (a, p) in enumerate(jobs)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return results
+
+
+def peft_greedy(world, adapter: str, prompt: str, n: int) -> tuple[list[int], int]:
+    """PEFT's (or, with no adapter, transformers') greedy tokens for one request alone on a fresh
+    load of the base, and the prompt's length in tokens."""
     base = load_base(BaseModelConfig(str(world["base"]), quantization="none"))
-    for (adapter, prompt), summary in zip(jobs, results):
-        model = load_base(BaseModelConfig(str(world["base"]), quantization="none")).model
-        if adapter:
-            with keep_module_targets():
-                model = PeftModel.from_pretrained(model, world["imports"] / adapter)
-        ids = base.tokenizer(prompt, return_tensors="pt").input_ids
-        out = model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None,
-                             pad_token_id=base.tokenizer.pad_token_id)
-        assert list(summary.token_ids) == out[0, ids.shape[1]:].tolist(), adapter
+    model = base.model
+    if adapter:
+        with keep_module_targets():
+            model = PeftModel.from_pretrained(model, world["imports"] / adapter)
+    ids = base.tokenizer(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None,
+                         pad_token_id=base.tokenizer.pad_token_id)
+    return out[0, ids.shape[1]:].tolist(), ids.shape[1]
+
+
+def test_concurrent_greedy_outputs_equal_peft(server, world):
+    jobs = [(f"a{i % 3}", PROMPTS[i % 4]) for i in range(6)] + [("", PROMPTS[0])]
+    for (adapter, prompt), summary in zip(jobs, generate_concurrently(server, jobs, 10)):
+        expected, prompt_tokens = peft_greedy(world, adapter, prompt, 10)
+        assert list(summary.token_ids) == expected, adapter
         assert summary.adapter == adapter and summary.finish_reason == ipb.FINISH_REASON_LENGTH
-        assert summary.usage.completion_tokens == 10 and summary.usage.prompt_tokens == ids.shape[1]
+        assert summary.usage.completion_tokens == 10 and summary.usage.prompt_tokens == prompt_tokens
 
 
 def test_stream_deltas_join_to_the_final_text(server):
@@ -437,28 +449,9 @@ def test_a_peft_routed_expert_adapter_is_served_as_peft_computes_it(server, worl
         got = server.adapters.GetAdapter(apb.GetAdapterRequest(name="experts")).adapter
         assert any(m.endswith("mlp.experts.gate_up_proj") for m in got.manifest.target_modules)
         jobs = [("experts", PROMPTS[0]), ("a0", PROMPTS[1]), ("", PROMPTS[2]), ("experts", PROMPTS[3])]
-        results = [None] * len(jobs)
-
-        def run(i, adapter, prompt):
-            results[i] = generate(server, prompt, adapter, n=10)
-        threads = [threading.Thread(target=run, args=(i, a, p)) for i, (a, p) in enumerate(jobs)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        base = load_base(BaseModelConfig(str(world["base"]), quantization="none"))
-        plain = {}
+        results = generate_concurrently(server, jobs, 10)
         for (adapter, prompt), summary in zip(jobs, results):
-            model = load_base(BaseModelConfig(str(world["base"]), quantization="none")).model
-            if adapter:
-                with keep_module_targets():
-                    model = PeftModel.from_pretrained(model, world["imports"] / adapter)
-            ids = base.tokenizer(prompt, return_tensors="pt").input_ids
-            out = model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None,
-                                 pad_token_id=base.tokenizer.pad_token_id)
-            assert list(summary.token_ids) == out[0, ids.shape[1]:].tolist(), adapter
-            plain[prompt] = base.model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None,
-                                                pad_token_id=base.tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
-        assert list(results[0].token_ids) != plain[PROMPTS[0]], "the expert adapter changes the output"
+            assert list(summary.token_ids) == peft_greedy(world, adapter, prompt, 10)[0], adapter
+        assert list(results[0].token_ids) != peft_greedy(world, "", PROMPTS[0], 10)[0], "the experts change the output"
     finally:
         server.adapters.UnregisterAdapter(apb.UnregisterAdapterRequest(name="experts"))
