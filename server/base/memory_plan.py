@@ -195,8 +195,11 @@ def weight_parts(shapes: ModelShapes, kind: str, dtype: str, max_loras: int, max
         expert_kind = "none" if kind == "int8" else kind
         note = (f"{dtype} (int8 does not quantize fused experts)" if kind == "int8"
                 else f"{label}, per expert" if kind != "none" else dtype)
+        # The 4-bit code tables (16 + 256 fp32) are shared by a matrix's experts (moe_experts.py).
+        shared = 4 * (256 + 16) if expert_kind in FOUR_BIT else 0
         parts.append(Part("routed experts", sum(e * o * i for e, o, i in shapes.experts),
-                          sum(e * _weight_bytes(o, i, expert_kind, cb) for e, o, i in shapes.experts), note))
+                          sum(e * (_weight_bytes(o, i, expert_kind, cb) - shared) + shared
+                              for e, o, i in shapes.experts), note))
     parts.append(Part("embeddings + lm_head", shapes.embedding_params, shapes.embedding_params * cb, dtype))
     parts.append(Part("norms, router gates", shapes.other_params, shapes.other_params * cb, dtype))
     lora = max_loras * max_lora_rank * sum(o + i for o, i in shapes.lora_targets)

@@ -19,7 +19,6 @@ Storage per experts module, for each of gate_up_proj / down_proj (buffers, so th
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from torch import nn
@@ -173,32 +172,3 @@ def weight_bytes(model: nn.Module) -> int:
                 total += t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
     return total + sum(b.numel() * b.element_size() for name, b in model.named_buffers()
                        if name.rpartition(".")[2].startswith(EXPERT_WEIGHTS))
-
-
-def fourbit_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> int:
-    """Bytes bitsandbytes' 4-bit storage of one `numel`-element matrix takes, as stored here:
-    codes, absmax (uint8 + fp32 absmax2 + offset with double quant), without the shared codes."""
-    blocks = math.ceil(numel / blocksize)
-    if double_quant:
-        return (numel + 1) // 2 + blocks + 4 * math.ceil(blocks / 256) + 4
-    return (numel + 1) // 2 + 4 * blocks
-
-
-def planned_weight_bytes(model: nn.Module, dtype_bytes: int, dense_4bit: bool, experts_4bit: bool,
-                         blocksize: int = 64, double_quant: bool = True) -> int:
-    """Bytes a (meta-device) model's weights take once loaded: each nn.Linear bitsandbytes would
-    replace (all but the output head) and each routed expert in 4-bit when asked, all the rest at
-    `dtype_bytes`. Shapes only: no weight is read or allocated."""
-    head = model.get_output_embeddings()
-    dense = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear) and m is not head}
-    experts = {id(getattr(m, n)): m for _, m in routed_experts_modules(model) for n in EXPERT_WEIGHTS}
-    total = 0
-    for param in model.parameters():
-        if dense_4bit and id(param) in dense:
-            total += fourbit_bytes(param.numel(), blocksize, double_quant) + 4 * (16 + (256 if double_quant else 0))
-        elif experts_4bit and id(param) in experts:
-            codes = 4 * (16 + (256 if double_quant else 0))  # one shared code set per matrix name
-            total += param.shape[0] * fourbit_bytes(param[0].numel(), blocksize, double_quant) + codes
-        else:
-            total += param.numel() * dtype_bytes
-    return total

@@ -16,12 +16,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import loraserve.base.loading as loading
 from loraserve.base.loading import load_base
+from loraserve.base.memory_plan import model_shapes, weight_parts
 from loraserve.base.moe_experts import (
     EXPERT_WEIGHTS,
     IMPLEMENTATION,
     _expert_quant_state,
-    fourbit_bytes,
-    planned_weight_bytes,
     routed_experts_modules,
     weight_bytes,
 )
@@ -34,6 +33,13 @@ ARCHS = ("deepseek-v2", "deepseek-v3")
 # fp32 absmax2 per 256 blocks; against fp32 (4 bytes) that is a factor of ~0.129.
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 PROMPT = [[1, 5, 9, 20, 33, 7, 8, 100, 42, 17, 300, 2]]
+
+
+def fourbit_bytes(numel: int, blocksize: int = 64) -> int:
+    """bitsandbytes' 4-bit storage of one matrix with double quant, as bitsandbytes documents it:
+    codes, a uint8 absmax per block, an fp32 absmax2 per 256 blocks and one fp32 offset."""
+    blocks = math.ceil(numel / blocksize)
+    return (numel + 1) // 2 + blocks + 4 * math.ceil(blocks / 256) + 4
 
 
 @pytest.fixture(scope="module")
@@ -139,24 +145,21 @@ def test_training_flows_gradients_through_4bit_experts(bases, single_threaded_to
     assert not any(b.requires_grad for n, b in model.named_buffers() if "_packed" in n)
 
 
-def test_planned_bytes_match_the_loaded_model(bases, single_threaded_torch):
-    model = _load(bases["deepseek-v2"], "nf4")
-    hf_config = AutoConfig.from_pretrained(bases["deepseek-v2"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_memory_plan_is_the_loaded_models_bytes_exactly(bases, arch, single_threaded_torch):
+    """`loraserve plan`'s accounting (memory_plan.weight_parts, from config.json on the meta
+    device) equals the bytes the loaded NF4 model holds, 4-bit experts included."""
+    model = _load(bases[arch], "nf4")
+    parts = weight_parts(model_shapes(bases[arch]), "nf4", "float32", max_loras=0, max_lora_rank=0)
+    assert weight_bytes(model) == sum(p.bytes for p in parts)
+
+
+def test_deepseek_v2_lite_nf4_with_experts_is_about_8_7_gb(tmp_path):
+    c = json.loads((FIXTURES / "deepseek-v2-lite.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(c))
+    hf_config = AutoConfig.for_model(**c)
     with init_empty_weights():
-        meta = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-    assert weight_bytes(model) == planned_weight_bytes(meta, 4, dense_4bit=True, experts_4bit=True)
-
-
-def _meta_model(name: str):
-    config = json.loads((FIXTURES / f"{name}.json").read_text())
-    config.pop("quantization_config", None)  # sized as the bf16 weights bitsandbytes quantizes
-    hf_config = AutoConfig.for_model(**config)
-    with init_empty_weights():
-        return AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16), config
-
-
-def test_deepseek_v2_lite_nf4_with_experts_is_about_8_7_gb():
-    meta, c = _meta_model("deepseek-v2-lite")
+        meta = AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16)
     h, vocab = c["hidden_size"], c["vocab_size"]
     moe_layers = c["num_hidden_layers"] - c["first_k_dense_replace"]
     experts = moe_layers * c["n_routed_experts"] * 3 * h * c["moe_intermediate_size"]
@@ -165,10 +168,12 @@ def test_deepseek_v2_lite_nf4_with_experts_is_about_8_7_gb():
     norms_and_routers = sum(p.numel() for n, p in meta.named_parameters() if n.endswith(("norm.weight", "gate.weight")))
     dense = total - experts - embeddings - norms_and_routers
     expected = (experts + dense) * NF4_BYTES + 2 * (embeddings + norms_and_routers)
-    got = planned_weight_bytes(meta, 2, dense_4bit=True, experts_4bit=True)
+    parts = {p.name: p for p in weight_parts(model_shapes(tmp_path), "nf4", "bfloat16", max_loras=0, max_lora_rank=0)}
+    got = sum(p.bytes for p in parts.values())
     assert math.isclose(got, expected, rel_tol=0.01) and 8.5e9 < got < 8.9e9, (got, expected)
-    dense_only = planned_weight_bytes(meta, 2, dense_4bit=True, experts_4bit=False)
-    assert math.isclose(dense_only, expected + experts * (2 - NF4_BYTES), rel_tol=0.01)
+    assert parts["routed experts"].params == experts
+    dense_only = got - parts["routed experts"].bytes + experts * 2  # bitsandbytes alone leaves them bf16
+    assert math.isclose(dense_only, expected + experts * (2 - NF4_BYTES), rel_tol=0.01) and dense_only > 3e10
 
 
 def test_fp4_experts_use_fp4(bases, single_threaded_torch):
