@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from loraserve.errors import ConfigError
+
 ONE_GPU_SHARE = 0.8
 """The most of one GPU's free memory the weights may take and still be put on a single GPU: the
 rest is left to the KV cache, activations and the CUDA context (the native engine sizes its KV
@@ -50,7 +52,7 @@ def estimate_weight_bytes(model_dir: Path, quantization: str, dtype: str) -> int
     try:
         shapes = model_shapes(model_dir)
         parts = weight_parts(shapes, shapes.stored_quantization or quantization, dtype, 0, 0)
-    except Exception as exc:  # noqa: BLE001 - an unsized config only means balanced placement
+    except (ConfigError, OSError, ImportError) as exc:  # an unsized config only means balanced placement
         log.info("placement: cannot size %s from its config (%s); balancing over the GPUs", model_dir.name, exc)
         return None
     peak = {part.name: part.bytes for part in parts}
