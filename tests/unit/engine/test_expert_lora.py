@@ -255,3 +255,24 @@ def test_an_expert_adapter_that_does_not_fit_fails_alone(base_dirs, expert_adapt
         again = [collect(engine.submit(greedy_request(prompt, 6, a)))[1].token_ids for a in ("mlp", "att", None)]
     assert again[1:] == alone
     assert len(again[0]) == 6 and again[0] != again[2], "the expert adapter is served once it fits"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("bag_rows", [0, 10**6], ids=["matmul-per-expert", "per-pair-bags"])
+def test_expert_slots_on_cuda_in_bf16(monkeypatch, bag_rows):
+    """The two paths on a GPU in the production dtype, against a float64 product."""
+    monkeypatch.setattr(expert_layers, "BAG_ROWS_PER_EXPERT", bag_rows)
+    cuda = torch.device("cuda")
+    experts, in_features, out_features, r = 8, 256, 384, 16
+    slots = ExpertLoraSlots(experts, in_features, out_features, cuda, torch.bfloat16)
+    a, b = torch.randn(experts * r, in_features) * 0.1, torch.randn(out_features, experts * r) * 0.1
+    slots.load_slot(2, a, b, 2.0)
+    routed = [e for e in range(experts) for _ in range(1 + e % 3)]  # sorted by expert
+    x = torch.randn(len(routed), in_features)
+    y = torch.zeros(len(routed), out_features, device=cuda, dtype=torch.bfloat16)
+    slots.add_deltas(y, x.to(cuda, torch.bfloat16), {2: SlotRows(list(range(len(routed))), routed, cuda)})
+    a_e = a.double().reshape(experts, r, in_features)
+    b_e = b.double().reshape(out_features, r, experts)
+    expected = torch.stack([2.0 * (x[i].double() @ a_e[e].T) @ b_e[:, :, e].T for i, e in enumerate(routed)])
+    torch.testing.assert_close(y.double().cpu(), expected, atol=5e-2, rtol=5e-2)
