@@ -276,3 +276,18 @@ def test_expert_slots_on_cuda_in_bf16(monkeypatch, bag_rows):
     b_e = b.double().reshape(out_features, r, experts)
     expected = torch.stack([2.0 * (x[i].double() @ a_e[e].T) @ b_e[:, :, e].T for i, e in enumerate(routed)])
     torch.testing.assert_close(y.double().cpu(), expected, atol=5e-2, rtol=5e-2)
+
+
+def test_the_vllm_engine_refuses_expert_adapters_saying_which_engine_serves_them(base_dirs, expert_adapters):
+    """The vllm engine's own check (its adapter half, no vLLM started): refused before anything
+    is published, naming the native engine."""
+    from loraserve.engine.vllm_engine_adapters import VllmAdapterMethods
+    from loraserve.engine.vllm_setup import read_base_facts
+
+    base = BaseModelConfig(str(base_dirs["deepseek-v3"]), quantization="none")
+    checker = VllmAdapterMethods()
+    checker._facts, checker.config = read_base_facts(base), EngineConfig(base=base)
+    assert checker.check_adapter("att", expert_adapters["deepseek-v3"]["att"]).modules  # attention only: fine
+    with pytest.raises(AdapterIncompatible) as info:
+        checker.check_adapter("mlp", expert_adapters["deepseek-v3"]["mlp"])
+    assert "routed MoE experts" in info.value.message and "native engine" in info.value.message
