@@ -153,6 +153,12 @@ def test_routed_expert_lora_trains_loads_in_plain_peft_and_is_served(task, arch,
         engine.stop(drain_timeout=0)
     assert finish.token_ids == new
 
+    from loraserve.trainer.export import export_merged
+
+    merged = AutoModelForCausalLM.from_pretrained(export_merged(str(task["bases"][arch]), adapter, tmp_path / "merged"))
+    with torch.no_grad():  # the experts' LoRA merged into the fused weights, as PEFT computes it
+        torch.testing.assert_close(merged(input_ids=ids).logits, loaded(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
 
 def test_routed_experts_need_no_dropout_and_an_moe_base(task, tmp_path):
     from loraserve.errors import AdapterIncompatible, ConfigError
