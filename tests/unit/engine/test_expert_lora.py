@@ -71,10 +71,11 @@ def _waves(engine: NativeEngine) -> list[tuple[str | None, list[int], int]]:
             ("att", ids[4], 10), ("mlp", ids[5], 8), ("down", ids[6], 12), (None, ids[7], 8), ("att-mlp", ids[1], 10)]
 
 
-def _serve(base: Path, quantization: str, adapters: dict[str, Path]) -> list[tuple[str | None, list[int], int, list[int]]]:
+def _serve(base: Path, quantization: str, adapters: dict[str, Path],
+           **limits: int) -> list[tuple[str | None, list[int], int, list[int]]]:
     """Every request of `_waves` submitted at once (four adapters through two slots, base rows
     among them); (adapter, prompt, n, tokens) of each."""
-    with running_engine(base, quantization, adapters, max_loras=2) as engine:
+    with running_engine(base, quantization, adapters, max_loras=2, **limits) as engine:
         waves = _waves(engine)
         streams = [engine.submit(greedy_request(p, n, a)) for a, p, n in waves]
         tokens = [collect(s)[1].token_ids for s in streams]
@@ -94,6 +95,16 @@ def test_expert_adapters_mixed_in_a_batch_match_peft(base_dirs, expert_adapters,
     # the expert LoRA terms matter: without them the tokens differ
     prompt = served[0][1]
     assert reference.greedy(adapters["mlp"], prompt, 12) != reference.greedy(None, prompt, 12)
+
+
+def test_expert_adapters_through_chunked_prefill_match_peft(base_dirs, expert_adapters):
+    """Prompts prefilled 3 tokens a step, between decode steps of the others."""
+    adapters = expert_adapters["deepseek-v3"]
+    served = _serve(base_dirs["deepseek-v3"], "none", adapters, max_prefill_tokens=3)
+    reference = PeftReference(base_dirs["deepseek-v3"], "none")
+    for adapter, prompt, n, tokens in served:
+        assert len(prompt) > 3
+        assert tokens == reference.greedy(adapters[adapter] if adapter else None, prompt, n), adapter
 
 
 class _DequantizedExperts(PeftReference):
