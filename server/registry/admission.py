@@ -66,29 +66,45 @@ def admit(staged: StagedAdapter, engine: Engine, keep: bool) -> Admitted:
     """Every check of a staged adapter against the served base; with `keep`, the engine holds the
     decoded weights for the `add_adapter` that follows (a validation alone keeps nothing)."""
     shapes = engine.base.lora_module_shapes
+    experts = engine.base.lora_expert_shapes
     max_rank = engine.config.max_lora_rank
     for name, header in staged.headers.items():  # still nothing allocated: shapes come from the header
-        check_shape(name, tuple(header.shape), shapes, max_rank, staged.adapter_id)
+        check_shape(name, tuple(header.shape), shapes, max_rank, staged.adapter_id, experts)
     checked = engine.check_adapter(staged.adapter_id, staged.path, keep=keep,
                                    admitted=AdmittedFiles(staged.config, staged.digest))
     return Admitted(staged.config.lora_alpha, checked)
 
 
 def check_shape(name: str, shape: tuple[int, ...], shapes: dict[str, tuple[int, int]], max_rank: int,
-                adapter_id: str) -> None:
+                adapter_id: str, expert_shapes: dict[str, tuple[int, int, int]] | None = None) -> None:
     """Header-level check of one tensor against the base, before anything is allocated. Names
-    the engine explains better (unexpected tensors, modules without slots) pass here."""
+    the engine explains better (unexpected tensors, modules without slots) pass here. A routed-
+    expert tensor (`<experts>[.base_layer].lora_A`, see lora.adapter.expert_parameter_names) must
+    fit one of that experts module's parameters, E x rank 1..max_rank."""
     lora = parse_lora_name(name)
-    if lora is None or lora.module not in shapes:
+    if lora is None:
         return
-    in_features, out_features = shapes[lora.module]
+    if lora.module in shapes:
+        options = [(*shapes[lora.module], 1)]
+    else:
+        experts = lora.module
+        while experts.endswith(".base_layer"):
+            experts = experts.removesuffix(".base_layer")
+        options = [dims for param, dims in (expert_shapes or {}).items() if param.rpartition(".")[0] == experts]
+        if not options:
+            return
     if len(shape) != 2:
         raise AdapterIncompatible(f"adapter {adapter_id!r}: {name} has {len(shape)} dimensions, expected 2")
-    rank, features = (shape[0], shape[1]) if lora.which == "A" else (shape[1], shape[0])
-    needed = in_features if lora.which == "A" else out_features
-    if features != needed or not 1 <= rank <= max_rank:
-        raise AdapterIncompatible(f"adapter {adapter_id!r}: {name} has shape {tuple(shape)}, which does not fit "
-                                  f"this base (needs {needed} features and a rank of 1..{max_rank})")
+    rows, features = (shape[0], shape[1]) if lora.which == "A" else (shape[1], shape[0])
+    for in_features, out_features, count in options:
+        needed = in_features if lora.which == "A" else out_features
+        if features == needed and rows % count == 0 and 1 <= rows // count <= max_rank:
+            return
+    in_features, out_features, count = options[0]
+    needed = " or ".join(sorted({str(o[0] if lora.which == "A" else o[1]) for o in options}))
+    per = f"{count} experts x " if count > 1 else ""
+    raise AdapterIncompatible(f"adapter {adapter_id!r}: {name} has shape {tuple(shape)}, which does not fit "
+                              f"this base (needs {needed} features and {per}a rank of 1..{max_rank})")
 
 
 def _check_source_manifest(adapter_id: str, folder: Path, base_fingerprint: str) -> None:

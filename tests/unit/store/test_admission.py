@@ -127,3 +127,11 @@ def test_one_parser_of_peft_tensor_names():
     check_shape(lora_name("m", "B"), (32, 8), shapes, 16, "t/x")
     with pytest.raises(Exception, match="does not fit this base"):
         check_shape(lora_name("m", "B"), (33, 8), shapes, 16, "t/x")
+    # routed experts (4 of them): gate_up_proj [in 64, out 128] and down_proj [in 32, out 64]
+    experts = {"e.gate_up_proj": (64, 128, 4), "e.down_proj": (32, 64, 4)}
+    check_shape(lora_name("e.base_layer", "A"), (4 * 8, 64), shapes, 16, "t/x", experts)
+    check_shape(lora_name("e", "B"), (64, 4 * 16), shapes, 16, "t/x", experts)
+    for module, which, shape in (("e", "A", (4 * 17, 32)), ("e.base_layer", "A", (30, 64)), ("e", "B", (100, 8)),
+                                 ("e", "A", (4, 8, 32))):
+        with pytest.raises(Exception, match="does not fit this base|dimensions"):
+            check_shape(lora_name(module, which), shape, shapes, 16, "t/x", experts)
