@@ -41,9 +41,8 @@ class TrainConfig:
     """attention | mlp | all-linear (dense MLPs + MoE shared experts), or a PEFT regex."""
     routed_experts: bool = False
     """Also train LoRA on DeepSeek-V2/V3's routed MoE experts (their fused gate_up_proj and
-    down_proj, as PEFT target_parameters). The experts then load at the compute dtype, not in 4-bit
-    (PEFT wraps only full-precision parameters), and lora_dropout must be 0 (PEFT has no dropout
-    on parameter targets)."""
+    down_proj; saved as PEFT target_parameters). With nf4/fp4 it is QLoRA on the 4-bit experts;
+    unquantized (none, int8) it is PEFT's own parameter LoRA, where lora_dropout must be 0."""
     r: int = 16
     """LoRA rank."""
     lora_alpha: int = 32
@@ -104,9 +103,10 @@ class TrainConfig:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.routed_experts and self.lora_dropout:
-            raise ConfigError(f"lora_dropout must be 0 with routed_experts (PEFT has no dropout on the experts' "
-                              f"parameter targets), got {self.lora_dropout}; pass --lora-dropout 0")
+        if self.routed_experts and self.lora_dropout and self.quantization not in ("nf4", "fp4"):
+            raise ConfigError(f"lora_dropout must be 0 with routed_experts on a {self.quantization} base (PEFT has no "
+                              f"dropout on the experts' parameter targets), got {self.lora_dropout}; pass "
+                              "--lora-dropout 0, or train on nf4/fp4")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
 

@@ -59,7 +59,7 @@ def write_adapter(peft_model, output_dir: str | Path, name: str, manifest: dict,
         for extra in tmp.iterdir():  # PEFT also writes a model card; an adapter is the two files
             if extra.name not in (CONFIG_FILE, WEIGHTS_FILE):
                 extra.unlink()
-        experts = _expert_targets(peft_model)
+        experts = _expert_targets(peft_model) | _rename_fourbit_expert_tensors(peft_model, tmp)
         _name_trained_modules(peft_model, tmp, experts)
         if in_store:
             return _publish(root, tmp, adapter_id(tenant, name), manifest, experts)
@@ -94,6 +94,33 @@ def _expert_targets(peft_model) -> dict[str, str]:
             while experts.endswith(".base_layer"):
                 experts = experts.removesuffix(".base_layer")
             targets[saved] = f"{experts}.{parameter}"
+    return targets
+
+
+def _rename_fourbit_expert_tensors(peft_model, saved: Path) -> dict[str, str]:
+    """Rewrite the QLoRA expert layers' tensors (trainer/expert_lora.py: gate_up_proj's as
+    `lora_A`/`lora_B`, down_proj's as `lora_down_A`/`lora_down_B`) under the names PEFT's
+    ParamWrapper saves (`<experts>.base_layer.lora_*` and `<experts>.lora_*`), the same values
+    in the same layout; the `_expert_targets` entries for them."""
+    from safetensors.torch import load_file, save_file
+
+    from loraserve.trainer.expert_lora import DOWN_A, DOWN_B, FourBitExpertsLora
+
+    modules = [name.removeprefix(PREFIX) for name, m in peft_model.named_modules() if isinstance(m, FourBitExpertsLora)]
+    if not modules:
+        return {}
+    tensors = load_file(saved / WEIGHTS_FILE)
+    renamed, targets = dict(tensors), {}
+    for experts in modules:
+        key = {layer: f"{PREFIX}{experts}.{layer}.weight" for layer in ("lora_A", "lora_B", DOWN_A, DOWN_B)}
+        for name in key.values():
+            del renamed[name]
+        for which, gate_up, down in (("A", "lora_A", DOWN_A), ("B", "lora_B", DOWN_B)):
+            renamed[f"{PREFIX}{experts}.base_layer.lora_{which}.weight"] = tensors[key[gate_up]]
+            renamed[f"{PREFIX}{experts}.lora_{which}.weight"] = tensors[key[down]]
+        targets[f"{experts}.base_layer"] = f"{experts}.gate_up_proj"
+        targets[experts] = f"{experts}.down_proj"
+    save_file(renamed, saved / WEIGHTS_FILE, metadata={"format": "pt"})
     return targets
 
 

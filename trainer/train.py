@@ -14,6 +14,7 @@ import gc
 import json
 import logging
 import math
+import re
 import resource
 import time
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from loraserve.lora.wrapping import supported_linear_names
 from loraserve.store.peft_names import PREFIX as PEFT_PREFIX
 from loraserve.trainer.config import TrainConfig
 from loraserve.trainer.data import collate, load_examples, split_examples
+from loraserve.trainer.expert_lora import EXPERTS_MODULE, FourBitExpertsLora
 from loraserve.trainer.output import write_adapter
 
 log = logging.getLogger(__name__)
@@ -52,8 +54,7 @@ def train(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
     extra transformers TrainerCallbacks (progress reporting, or interrupting in tests)."""
     set_seed(config.seed)
     started = time.monotonic()
-    base = load_base(BaseModelConfig(config.model, quantization=config.quantization), for_training=True,
-                     quantize_experts=not config.routed_experts)
+    base = load_base(BaseModelConfig(config.model, quantization=config.quantization), for_training=True)
     tokenizer = base.tokenizer
     examples, report = load_examples(config.train_file, tokenizer, config.max_seq_length, config.skip_bad_lines)
     if config.eval_file:
@@ -108,15 +109,21 @@ def _with_lora(model, config: TrainConfig):
     """PEFT LoRA on the chosen targets, refused when the server could not serve the result."""
     servable = set(supported_linear_names(model))
     regex = target_regex(config.target) if config.target in PRESETS else config.target
-    experts = None
+    experts = fourbit = None
     if config.routed_experts:
-        if not routed_experts_modules(model):
+        fourbit = [m for _, m in model.named_modules() if hasattr(m, "_fourbit_meta")]
+        if not fourbit and not routed_experts_modules(model):
             raise AdapterIncompatible("routed_experts: this base has no fused routed MoE experts "
                                       "(DeepSeek-V2/V3 have them)")
-        experts = [f"mlp.experts.{p}" for p in EXPERT_WEIGHTS]
+        if fourbit:  # QLoRA on the 4-bit experts: our PEFT custom layer (trainer/expert_lora.py)
+            regex = f"(?:{regex})|(?:{EXPERTS_MODULE})"
+        else:  # full-precision fused experts: PEFT's own ParamWrapper
+            experts = [f"mlp.experts.{p}" for p in EXPERT_WEIGHTS]
     lora = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       use_rslora=config.use_rslora, target_modules=regex, bias="none", task_type="CAUSAL_LM",
                       target_parameters=experts)
+    if fourbit:
+        lora._register_custom_module({type(fourbit[0]): FourBitExpertsLora})
     try:
         with keep_module_targets():
             peft_model = get_peft_model(model, lora)
@@ -126,7 +133,8 @@ def _with_lora(model, config: TrainConfig):
     if not targeted:
         raise AdapterIncompatible(f"target {config.target!r} matches no module of this base")
     # PEFT names modules inside its wrapper; the served base names them without the prefix.
-    unservable = sorted(t for t in targeted if t.removeprefix(PEFT_PREFIX) not in servable)
+    unservable = sorted(t for t in targeted if t.removeprefix(PEFT_PREFIX) not in servable
+                        and not (fourbit and re.fullmatch(EXPERTS_MODULE, t)))
     if unservable or (getattr(peft_model.peft_config["default"], "target_parameters", None) and not experts):
         raise AdapterIncompatible(f"target {config.target!r} reaches modules the server does not serve "
                                   f"(e.g. {(unservable or ['routed MoE experts'])[0]})")

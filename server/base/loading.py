@@ -71,10 +71,8 @@ def compute_dtype(config: BaseModelConfig) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() else torch.float32
 
 
-def load_base(config: BaseModelConfig, for_training: bool = False, quantize_experts: bool = True) -> LoadedBase:
-    """Load the base named by `config`; in eval mode with frozen weights unless for training.
-    `quantize_experts=False` leaves fused routed experts at the compute dtype (the trainer's
-    routed-expert LoRA: PEFT wraps only full-precision Parameters)."""
+def load_base(config: BaseModelConfig, for_training: bool = False) -> LoadedBase:
+    """Load the base named by `config`; in eval mode with frozen weights unless for training."""
     model_dir = resolve_model_dir(config.model)
     dtype = compute_dtype(config)
     tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
@@ -96,8 +94,7 @@ def load_base(config: BaseModelConfig, for_training: bool = False, quantize_expe
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=dtype, device_map=device_map, trust_remote_code=config.trust_remote_code, **quantize)
     # bitsandbytes only replaces nn.Linear: the fused routed experts are quantized here, per expert.
-    if quantize_experts:
-        quantize_routed_experts(model, config.quantization, quant)
+    quantize_routed_experts(model, config.quantization, quant)
     if not for_training:
         model.eval()
         model.requires_grad_(False)

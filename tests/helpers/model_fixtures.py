@@ -192,3 +192,37 @@ class PeftReference:
         """Logits [V] float32 of the token after `token_ids`, from one full forward (no cache)."""
         model = self.model(adapter_dir)
         return model(input_ids=torch.tensor([token_ids])).logits[0, -1].float()
+
+
+class DequantizedExpertsReference(PeftReference):
+    """PEFT on the NF4 base whose routed experts are left fused and set to the values the 4-bit
+    experts hold (dequantized): PEFT cannot wrap loraserve's per-expert 4-bit buffers, so this is
+    the reference for LoRA on 4-bit experts."""
+
+    def __init__(self, base_dir: Path) -> None:
+        from bitsandbytes.functional import dequantize_4bit
+
+        from loraserve.base.moe_experts import EXPERT_WEIGHTS, _expert_quant_state
+
+        super().__init__(base_dir, "nf4")
+        quantized = load_base(BaseModelConfig(str(base_dir), quantization="nf4")).model
+        self._values = {
+            name: {p: torch.stack([dequantize_4bit(getattr(m, f"{p}_packed")[e].view(-1, 1), _expert_quant_state(m, p, e))
+                                   for e in range(m._fourbit_meta["num_experts"])]) for p in EXPERT_WEIGHTS}
+            for name, m in quantized.named_modules() if hasattr(m, "_fourbit_meta")}
+
+    def model(self, adapter_dir: Path | None) -> PreTrainedModel:
+        import loraserve.base.loading as loading
+        from loraserve.base.moe_experts import EXPERT_WEIGHTS, routed_experts_modules
+
+        if adapter_dir not in self._models:
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(loading, "quantize_routed_experts", lambda *args: 0)
+                base = load_base(BaseModelConfig(str(self.base_dir), quantization="nf4")).model
+            with torch.no_grad():
+                for name, module in routed_experts_modules(base):
+                    for p in EXPERT_WEIGHTS:
+                        getattr(module, p).copy_(self._values[name][p])
+            self._models[adapter_dir] = (PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+                                         if adapter_dir else base)
+        return self._models[adapter_dir]

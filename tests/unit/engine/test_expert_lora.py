@@ -11,14 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from bitsandbytes.functional import dequantize_4bit
-from model_fixtures import PROMPTS, PeftReference, collect, greedy_request, running_engine
+from model_fixtures import (
+    PROMPTS,
+    DequantizedExpertsReference,
+    PeftReference,
+    collect,
+    greedy_request,
+    running_engine,
+)
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-import loraserve.base.loading as loading
-from loraserve.base.loading import load_base
-from loraserve.base.moe_experts import EXPERT_WEIGHTS, _expert_quant_state, routed_experts_modules
+from loraserve.base.moe_experts import EXPERT_WEIGHTS
 from loraserve.config import BaseModelConfig, EngineConfig
 from loraserve.engine.native import NativeEngine
 from loraserve.errors import AdapterIncompatible, ResourceExhausted
@@ -107,38 +111,11 @@ def test_expert_adapters_through_chunked_prefill_match_peft(base_dirs, expert_ad
         assert tokens == reference.greedy(adapters[adapter] if adapter else None, prompt, n), adapter
 
 
-class _DequantizedExperts(PeftReference):
-    """PEFT on the NF4 base whose routed experts are left fused and set to the values the 4-bit
-    experts hold (dequantized), since PEFT cannot wrap the per-expert 4-bit buffers."""
-
-    def __init__(self, base_dir: Path, monkeypatch) -> None:
-        super().__init__(base_dir, "nf4")
-        quantized = load_base(BaseModelConfig(str(base_dir), quantization="nf4")).model
-        self._values = {name: {p: torch.stack([dequantize_4bit(getattr(m, f"{p}_packed")[e].view(-1, 1),
-                                                               _expert_quant_state(m, p, e))
-                                               for e in range(m._fourbit_meta["num_experts"])]) for p in EXPERT_WEIGHTS}
-                        for name, m in quantized.named_modules() if hasattr(m, "_fourbit_meta")}
-        self._monkeypatch = monkeypatch
-
-    def model(self, adapter_dir):
-        if adapter_dir not in self._models:
-            with self._monkeypatch.context() as patch:
-                patch.setattr(loading, "quantize_routed_experts", lambda *args: 0)
-                base = load_base(BaseModelConfig(str(self.base_dir), quantization="nf4")).model
-            with torch.no_grad():
-                for name, module in routed_experts_modules(base):
-                    for p in EXPERT_WEIGHTS:
-                        getattr(module, p).copy_(self._values[name][p])
-            self._models[adapter_dir] = (PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-                                         if adapter_dir else base)
-        return self._models[adapter_dir]
-
-
 @pytest.mark.parametrize("arch", MOE_ARCHS)
-def test_expert_adapters_on_nf4_experts_match_peft_on_their_values(base_dirs, expert_adapters, arch, monkeypatch):
+def test_expert_adapters_on_nf4_experts_match_peft_on_their_values(base_dirs, expert_adapters, arch):
     adapters = expert_adapters[arch]
     served = _serve(base_dirs[arch], "nf4", adapters)
-    reference = _DequantizedExperts(base_dirs[arch], monkeypatch)
+    reference = DequantizedExpertsReference(base_dirs[arch])
     for adapter, prompt, n, tokens in served:
         expected = reference.greedy(adapters[adapter] if adapter else None, prompt, n)
         assert tokens == expected, f"{arch}/nf4 adapter={adapter} prompt={prompt[:6]}..."

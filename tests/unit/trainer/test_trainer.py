@@ -118,8 +118,10 @@ class _StopAt(TrainerCallback):
             raise KeyboardInterrupt("simulated Ctrl-C right after a checkpoint")
 
 
-def test_resume_gives_the_same_adapter_and_interrupts_leave_nothing(task, tmp_path):
-    common = dict(epochs=1, max_steps=8, save_steps=4, eval_fraction=0.0, learning_rate=1e-3)
+@pytest.mark.parametrize("extra", [{}, {"routed_experts": True, "target": "attention", "lora_dropout": 0.1}],
+                         ids=["all-linear", "qlora-routed-experts"])
+def test_resume_gives_the_same_adapter_and_interrupts_leave_nothing(task, tmp_path, extra):
+    common = dict(epochs=1, max_steps=8, save_steps=4, eval_fraction=0.0, learning_rate=1e-3, **extra)
     whole = train(_config(task, tmp_path / "a", **common))
     with pytest.raises(KeyboardInterrupt):
         train(_config(task, tmp_path / "b", **common), callbacks=[_StopAt(4)])

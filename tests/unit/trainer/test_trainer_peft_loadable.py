@@ -137,21 +137,7 @@ def test_routed_expert_lora_trains_loads_in_plain_peft_and_is_served(task, arch,
         new = loaded.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
                               eos_token_id=None)[0, ids.shape[1]:].tolist()
 
-    engine = NativeEngine.load(EngineConfig(base=BaseModelConfig(str(task["bases"][arch]), quantization="none"),
-                                            max_lora_rank=16))
-    assert {"model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"} <= set(
-        engine.check_adapter("experts", adapter).modules)
-    engine.start()
-    try:
-        engine.add_adapter("experts", adapter)
-        from loraserve.engine.request import FinishEvent, GenerationRequest, SamplingParams
-
-        stream = engine.submit(GenerationRequest(ids[0].tolist(), SamplingParams(max_new_tokens=8, ignore_eos=True),
-                                                 adapter="experts"))
-        finish = next(e for e in stream if isinstance(e, FinishEvent))
-    finally:
-        engine.stop(drain_timeout=0)
-    assert finish.token_ids == new
+    assert _served(task["bases"][arch], "none", adapter, ids[0].tolist(), 8) == new
 
     from loraserve.trainer.export import export_merged
 
@@ -163,10 +149,72 @@ def test_routed_expert_lora_trains_loads_in_plain_peft_and_is_served(task, arch,
 def test_routed_experts_need_no_dropout_and_an_moe_base(task, tmp_path):
     from loraserve.errors import AdapterIncompatible, ConfigError
 
-    with pytest.raises(ConfigError, match="lora_dropout must be 0 with routed_experts"):
-        TrainConfig(model="m", train_file="t", adapter_name="a", routed_experts=True, lora_dropout=0.05)
+    with pytest.raises(ConfigError, match="lora_dropout must be 0 with routed_experts on a none base"):
+        TrainConfig(model="m", train_file="t", adapter_name="a", quantization="none", routed_experts=True,
+                    lora_dropout=0.05)
+    TrainConfig(model="m", train_file="t", adapter_name="a", quantization="nf4", routed_experts=True, lora_dropout=0.05)
     config = TrainConfig(model=str(task["bases"]["deepseek-llm"]), quantization="none", train_file=str(task["data"]),
                          adapter_name="x", output_dir=str(tmp_path), routed_experts=True, lora_dropout=0.0,
                          max_steps=1, eval_fraction=0.0)
     with pytest.raises(AdapterIncompatible, match="no fused routed MoE experts"):
         train(config)
+
+
+@pytest.mark.parametrize("arch", ["deepseek-v2", "deepseek-v3"])
+def test_qlora_on_4bit_experts_loads_in_plain_peft_and_is_served(task, arch, tmp_path, single_threaded_torch):
+    """With nf4 the experts stay 4-bit while training (trainer/expert_lora.py), dropout included;
+    the adapter is saved in PEFT's ParamWrapper layout: plain PEFT on the experts' dequantized
+    values computes the trainer's logits, and the native engine serves PEFT's tokens."""
+    from model_fixtures import DequantizedExpertsReference
+
+    from loraserve.trainer.expert_lora import FourBitExpertsLora
+
+    kept = KeepModel()
+    config = TrainConfig(model=str(task["bases"][arch]), quantization="nf4", train_file=str(task["data"]),
+                         adapter_name="qlora-experts", output_dir=str(tmp_path / "out"), target="attention",
+                         routed_experts=True, r=4, lora_alpha=8, lora_dropout=DROPOUT, learning_rate=1e-2, max_steps=3,
+                         batch_size=4, eval_fraction=0.0, warmup_ratio=0.0, gradient_checkpointing=True, seed=3)
+    result = train(config, callbacks=[kept])
+    adapter, trained = result.adapter_dir, kept.model.eval()
+    assert any(isinstance(m, FourBitExpertsLora) for m in trained.modules())
+    assert not [n for n, _ in trained.named_parameters() if ".mlp.experts." in n and "lora_" not in n]  # 4-bit buffers
+    saved = load_file(adapter / "adapter_model.safetensors")
+    expert_keys = sorted(k for k in saved if ".mlp.experts." in k)
+    assert [k.removeprefix(PREFIX + "model.layers.1.mlp.") for k in expert_keys] == [
+        "experts.base_layer.lora_A.weight", "experts.base_layer.lora_B.weight",
+        "experts.lora_A.weight", "experts.lora_B.weight"]
+    assert all(saved[k].abs().sum() > 0 for k in expert_keys)
+    written = json.loads((adapter / "adapter_config.json").read_text())
+    assert written["target_parameters"] == ["model.layers.1.mlp.experts.down_proj", "model.layers.1.mlp.experts.gate_up_proj"]
+    assert written["lora_dropout"] == 0.0 and result.manifest["hyperparameters"]["lora_dropout"] == DROPOUT
+
+    reference = DequantizedExpertsReference(task["bases"][arch])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = reference.model(adapter)
+    assert not [str(w.message) for w in caught if "keys" in str(w.message)]
+    ids = torch.tensor([[1, 17, 42, 99, 7, 250, 3]])  # [1, T]
+    with torch.no_grad():
+        expected = trained(input_ids=ids).logits
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)
+        with loaded.disable_adapter():
+            assert not torch.allclose(loaded(input_ids=ids).logits, expected, atol=1e-3)
+
+    assert _served(task["bases"][arch], "nf4", adapter, ids[0].tolist(), 8) == reference.greedy(adapter, ids[0].tolist(), 8)
+
+
+def _served(base, quantization: str, adapter, prompt: list[int], n: int) -> list[int]:
+    """`n` greedy tokens of `adapter` from a native engine on `base`, which must list the routed
+    experts among the adapter's modules."""
+    from loraserve.engine.request import FinishEvent, GenerationRequest, SamplingParams
+
+    engine = NativeEngine.load(EngineConfig(base=BaseModelConfig(str(base), quantization=quantization), max_lora_rank=16))
+    assert {"model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"} <= set(
+        engine.check_adapter("trained", adapter).modules)
+    engine.start()
+    try:
+        engine.add_adapter("trained", adapter)
+        stream = engine.submit(GenerationRequest(prompt, SamplingParams(max_new_tokens=n, ignore_eos=True), adapter="trained"))
+        return next(e for e in stream if isinstance(e, FinishEvent)).token_ids
+    finally:
+        engine.stop(drain_timeout=0)
