@@ -34,7 +34,7 @@ from loraserve.store.layout import (
     new_tmp_name,
     write_durably,
 )
-from loraserve.store.peft_names import PREFIX, lora_modules
+from loraserve.store.peft_names import PREFIX, WRAPPER, lora_modules, unwrapped
 
 # The trainer's own bound; a server still applies its --max-adapter-bytes when it loads one.
 MAX_TRAINED_ADAPTER_BYTES = 64 * 1024**3
@@ -90,10 +90,7 @@ def _expert_targets(peft_model) -> dict[str, str]:
         parameter = getattr(module, "parameter_name", None)
         if type(module).__name__ == "ParamWrapper" and parameter in EXPERT_WEIGHTS:
             saved = name.removeprefix(PREFIX)
-            experts = saved
-            while experts.endswith(".base_layer"):
-                experts = experts.removesuffix(".base_layer")
-            targets[saved] = f"{experts}.{parameter}"
+            targets[saved] = f"{unwrapped(saved)[0]}.{parameter}"
     return targets
 
 
@@ -116,9 +113,9 @@ def _rename_fourbit_expert_tensors(peft_model, saved: Path) -> dict[str, str]:
         for name in key.values():
             del renamed[name]
         for which, gate_up, down in (("A", "lora_A", DOWN_A), ("B", "lora_B", DOWN_B)):
-            renamed[f"{PREFIX}{experts}.base_layer.lora_{which}.weight"] = tensors[key[gate_up]]
+            renamed[f"{PREFIX}{experts}{WRAPPER}.lora_{which}.weight"] = tensors[key[gate_up]]
             renamed[f"{PREFIX}{experts}.lora_{which}.weight"] = tensors[key[down]]
-        targets[f"{experts}.base_layer"] = f"{experts}.gate_up_proj"
+        targets[f"{experts}{WRAPPER}"] = f"{experts}.gate_up_proj"
         targets[experts] = f"{experts}.down_proj"
     save_file(renamed, saved / WEIGHTS_FILE, metadata={"format": "pt"})
     return targets

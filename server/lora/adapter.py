@@ -17,7 +17,7 @@ from loraserve.base.moe_experts import EXPERT_WEIGHTS
 from loraserve.errors import AdapterIncompatible
 from loraserve.lora.wrapping import UNSUPPORTED_MODULES
 from loraserve.store.adapter_config import AdapterConfig
-from loraserve.store.peft_names import lora_name, parse_lora_name
+from loraserve.store.peft_names import lora_name, parse_lora_name, unwrapped
 
 
 @dataclass
@@ -110,10 +110,7 @@ def expert_parameter_names(name: str, pairs: dict[str, dict[str, torch.Tensor]],
     reads them). Which parameters are targeted is PEFT's own matching of `target_parameters`."""
     renamed: dict[str, dict[str, torch.Tensor]] = {}
     for module, pair in pairs.items():
-        experts = module
-        while experts.endswith(".base_layer"):
-            experts = experts.removesuffix(".base_layer")
-        depth = (len(module) - len(experts)) // len(".base_layer")
+        experts, depth = unwrapped(module)
         present = [p for p in EXPERT_WEIGHTS if f"{experts}.{p}" in expert_shapes]
         if not present:
             renamed[module] = pair

@@ -28,7 +28,7 @@ from loraserve.store.layout import (
     WEIGHTS_FILE,
     split_adapter_id,
 )
-from loraserve.store.peft_names import parse_lora_name
+from loraserve.store.peft_names import parse_lora_name, unwrapped
 from loraserve.store.staging import StagedAdapter
 
 
@@ -87,9 +87,7 @@ def check_shape(name: str, shape: tuple[int, ...], shapes: dict[str, tuple[int, 
     if lora.module in shapes:
         options = [(*shapes[lora.module], 1)]
     else:
-        experts = lora.module
-        while experts.endswith(".base_layer"):
-            experts = experts.removesuffix(".base_layer")
+        experts, _ = unwrapped(lora.module)
         options = [dims for param, dims in (expert_shapes or {}).items() if param.rpartition(".")[0] == experts]
         if not options:
             return

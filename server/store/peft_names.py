@@ -38,3 +38,16 @@ def lora_name(module: str, which: str) -> str:
 def lora_modules(keys: Iterable[str]) -> list[str]:
     """The modules the LoRA tensors among `keys` target, sorted (other names are ignored)."""
     return sorted({name.module for name in map(parse_lora_name, keys) if name is not None})
+
+
+WRAPPER = ".base_layer"
+"""What PEFT inserts in a module path for each wrapper nested inside another (ParamWrappers of
+several parameters of one module: `<experts>.base_layer` holds the first)."""
+
+
+def unwrapped(module: str) -> tuple[str, int]:
+    """`module` without PEFT's trailing `.base_layer`s, and how many there were."""
+    depth = 0
+    while module.endswith(WRAPPER):
+        module, depth = module.removesuffix(WRAPPER), depth + 1
+    return module, depth
