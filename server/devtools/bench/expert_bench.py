@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
 from loraserve.config import BaseModelConfig, EngineConfig
-from loraserve.devtools.bench.mla_bench import _rewind
+from loraserve.devtools.bench.mla_bench import time_steps
 from loraserve.devtools.random_adapters import make_random_adapter
 from loraserve.devtools.synthetic_base import init_model
 from loraserve.engine.native import NativeEngine
@@ -73,13 +72,8 @@ def run_expert_bench(arch: str, size: str, quantization: str, batch: int, distin
               f"{steps} steps x {rounds} rounds, {torch.get_num_threads()} threads")
 
         def step_ms(layout: tuple[list[int], int]) -> float:
-            layout, expert_layers.BAG_ROWS_PER_EXPERT = layout
-            start = time.perf_counter()
-            for _ in range(steps):
-                runner.decode([1] * batch, layout)
-            elapsed = (time.perf_counter() - start) / steps
-            _rewind(runner, steps)
-            return elapsed * 1e3
+            slots, expert_layers.BAG_ROWS_PER_EXPERT = layout
+            return time_steps(runner, slots, steps) * 1e3
 
         names = list(layouts)
         for name in names:  # warm-up

@@ -39,10 +39,10 @@ def _absorb(model: torch.nn.Module, on: bool) -> None:
         remove_absorbed_mla(model)
 
 
-def _time_steps(runner: ModelRunner, batch: int, steps: int) -> float:
-    """Seconds per decode step, averaged over `steps` steps, context rewound afterwards."""
-    tokens = [1] * batch
-    slots = [0] * batch
+def time_steps(runner: ModelRunner, slots: list[int], steps: int) -> float:
+    """Seconds per decode step of the prefilled rows with adapter `slots` (one per row),
+    averaged over `steps` steps, context rewound afterwards."""
+    tokens = [1] * len(slots)
     start = time.perf_counter()
     for _ in range(steps):
         runner.decode(tokens, slots)
@@ -74,11 +74,11 @@ def run_mla_bench(arch: str, size: str, quantization: str, contexts: list[int], 
             variants = list(times)
             for variant in variants:  # warm-up, weights dequantized once
                 _absorb(model, variant == "absorbed")
-                _time_steps(runner, batch, 1)
+                time_steps(runner, [0] * batch, 1)
             for r in range(rounds):
                 for variant in variants[r % 2:] + variants[:r % 2]:
                     _absorb(model, variant == "absorbed")
-                    times[variant].append(_time_steps(runner, batch, steps))
+                    times[variant].append(time_steps(runner, [0] * batch, steps))
             plain = statistics.median(times["unabsorbed"]) * 1e3
             absorbed = statistics.median(times["absorbed"]) * 1e3
             results[length] = (plain, absorbed)
