@@ -4,7 +4,8 @@ PEFT puts LoRA on fused experts with `target_parameters` (ParamWrapper), which p
 fused weight Parameter: it cannot wrap loraserve's 4-bit per-expert buffers (moe_experts.py). So
 with a 4-bit base the trainer registers this layer for the experts module through PEFT's custom
 module API: PEFT still owns training, trainability, checkpoints and resume, and the layer runs
-the 4-bit experts with each expert's LoRA term (semantics as lora.expert_layers, one adapter):
+the 4-bit experts (`moe_experts.fourbit_experts_forward`) with each expert's LoRA term added
+(semantics as lora.expert_layers, one adapter):
 
     g = x @ W_gate_up[e].T + scaling * (dropout(x) @ A_gu[e].T) @ B_gu[e].T
     y = act(g) @ W_down[e].T + scaling * (dropout(h) @ A_d[e].T) @ B_d[e].T
@@ -23,7 +24,7 @@ import torch
 from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
-from loraserve.base.moe_experts import expert_linear
+from loraserve.base.moe_experts import fourbit_experts_forward
 
 EXPERTS_MODULE = r".*\.mlp\.experts"
 """PEFT target_modules regex (fullmatch) of the routed-experts modules (not shared_experts)."""
@@ -94,19 +95,10 @@ class FourBitExpertsLora(nn.Module, LoraLayer):
         if self.disable_adapters:
             return base(hidden_states, top_k_index, top_k_weights)
         adapters = [a for a in self.active_adapters if a in self.lora_A]
-        final = torch.zeros_like(hidden_states)
-        with torch.no_grad():
-            hit = torch.unique(top_k_index[(top_k_index >= 0) & (top_k_index < base._fourbit_meta["num_experts"])])
-        for expert in hit.tolist():
-            token_idx, top_k_pos = torch.where(top_k_index == expert)  # [n], [n]
-            current = hidden_states[token_idx]  # [n, H]
-            projected = expert_linear(base, "gate_up_proj", expert, current)  # [n, 2I]
-            for adapter in adapters:
-                projected = projected + self._term(adapter, self.lora_A, self.lora_B, expert, current).to(projected.dtype)
-            hidden = base._apply_gate(projected)  # [n, I]
-            out = expert_linear(base, "down_proj", expert, hidden)  # [n, H]
-            for adapter in adapters:
-                out = out + self._term(adapter, self.lora_down_A, self.lora_down_B, expert, hidden).to(out.dtype)
-            out = out * top_k_weights[token_idx, top_k_pos, None]
-            final = final.index_add(0, token_idx, out.to(final.dtype))
-        return final
+        factors = {"gate_up_proj": (self.lora_A, self.lora_B), "down_proj": (self.lora_down_A, self.lora_down_B)}
+
+        def terms(name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+            a, b = factors[name]
+            return sum(self._term(adapter, a, b, expert, x) for adapter in adapters)
+
+        return fourbit_experts_forward(base, hidden_states, top_k_index, top_k_weights, extra=terms if adapters else None)

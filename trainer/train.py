@@ -27,7 +27,7 @@ from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_
 from transformers.trainer_utils import get_last_checkpoint
 
 from loraserve.base.loading import load_base
-from loraserve.base.moe_experts import EXPERT_WEIGHTS, routed_experts_modules, weight_bytes
+from loraserve.base.moe_experts import EXPERT_WEIGHTS, fourbit_experts_modules, routed_experts_modules, weight_bytes
 from loraserve.config import BaseModelConfig
 from loraserve.errors import AdapterIncompatible
 from loraserve.lora.peft_compat import keep_module_targets
@@ -111,7 +111,7 @@ def _with_lora(model, config: TrainConfig):
     regex = target_regex(config.target) if config.target in PRESETS else config.target
     experts = fourbit = None
     if config.routed_experts:
-        fourbit = [m for _, m in model.named_modules() if hasattr(m, "_fourbit_meta")]
+        fourbit = [m for _, m in fourbit_experts_modules(model)]
         if not fourbit and not routed_experts_modules(model):
             raise AdapterIncompatible("routed_experts: this base has no fused routed MoE experts "
                                       "(DeepSeek-V2/V3 have them)")

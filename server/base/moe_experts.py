@@ -19,6 +19,7 @@ Storage per experts module, for each of gate_up_proj / down_proj (buffers, so th
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -67,9 +68,11 @@ def _linear_4bit(module: nn.Module, name: str, expert: int, x: torch.Tensor) -> 
 
 
 def fourbit_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                            top_k_weights: torch.Tensor) -> torch.Tensor:
+                            top_k_weights: torch.Tensor,
+                            extra: Callable[[str, int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """DeepseekV3Experts.forward (same for V2) over per-expert 4-bit storage: only the experts
     some token routed to are dequantized, so a decode step reads top_k experts' blocks per token.
+    `extra(name, expert, x)`, when given, is added to each matrix's output (the trainer's LoRA).
 
     hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K] -> [T, H]
     """
@@ -80,8 +83,13 @@ def fourbit_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_
     for expert in hit:
         token_idx, top_k_pos = torch.where(top_k_index == expert)  # [n], [n]
         current = hidden_states[token_idx]  # [n, H]
-        hidden = self._apply_gate(_linear_4bit(self, "gate_up_proj", expert, current))  # [n, I]
+        projected = _linear_4bit(self, "gate_up_proj", expert, current)  # [n, 2I]
+        if extra is not None:
+            projected = projected + extra("gate_up_proj", expert, current).to(projected.dtype)
+        hidden = self._apply_gate(projected)  # [n, I]
         out = _linear_4bit(self, "down_proj", expert, hidden)  # [n, H]
+        if extra is not None:
+            out = out + extra("down_proj", expert, hidden).to(out.dtype)
         out = out * top_k_weights[token_idx, top_k_pos, None]
         final.index_add_(0, token_idx, out.to(final.dtype))
     return final
@@ -96,6 +104,11 @@ def routed_experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of each fused routed-experts module: the ones holding 3-D gate_up_proj."""
     return [(name, m) for name, m in model.named_modules()
             if isinstance(getattr(m, "gate_up_proj", None), torch.Tensor) and m.gate_up_proj.dim() == 3]
+
+
+def fourbit_experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of each routed-experts module quantized here (`quantize_routed_experts`)."""
+    return [(name, m) for name, m in model.named_modules() if hasattr(m, "_fourbit_meta")]
 
 
 def _quantize_module(module: nn.Module, quant: BitsAndBytesConfig) -> None:

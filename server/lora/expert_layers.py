@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
-from loraserve.base.moe_experts import EXPERT_WEIGHTS, expert_linear, routed_experts_modules
+from loraserve.base.moe_experts import EXPERT_WEIGHTS, expert_linear, fourbit_experts_modules, routed_experts_modules
 from loraserve.lora.layers import LoraBatchContext
 
 IMPLEMENTATION = "loraserve_lora"
@@ -118,18 +118,24 @@ class SlotRows:
     sorted by expert), each one's expert, and the segments (expert, first, last) of `rows`."""
 
     def __init__(self, rows: list[int], experts: list[int], device: torch.device) -> None:
-        self.segments: list[tuple[int, int, int]] = []
-        for i, expert in enumerate(experts):
-            if self.segments and self.segments[-1][0] == expert:
-                self.segments[-1] = (expert, self.segments[-1][1], i + 1)
-            else:
-                self.segments.append((expert, i, i + 1))
+        self.segments = _segments(experts)
         self.rows = torch.tensor(rows, dtype=torch.long, device=device)  # [m]
         self.experts = torch.tensor(experts, dtype=torch.long, device=device)  # [m]
 
     def per_row(self) -> bool:
         """Few pairs per expert (a decode step): per-pair bags beat one matmul pair per expert."""
         return self.rows.shape[0] < BAG_ROWS_PER_EXPERT * len(self.segments)
+
+
+def _segments(experts: list[int]) -> list[tuple[int, int, int]]:
+    """(expert, first, last) of each run of equal experts in a list sorted by expert."""
+    segments: list[tuple[int, int, int]] = []
+    for i, expert in enumerate(experts):
+        if segments and segments[-1][0] == expert:
+            segments[-1] = (expert, segments[-1][1], i + 1)
+        else:
+            segments.append((expert, i, i + 1))
+    return segments
 
 
 class ExpertsLora:
@@ -175,12 +181,8 @@ def lora_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_ind
     if not pairs:
         return torch.zeros_like(hidden_states)
     by_slot: dict[int, tuple[list[int], list[int]]] = {}
-    bounds: list[tuple[int, int, int]] = []  # (expert, first, last) over all pairs
+    bounds = _segments([expert for expert, _, _ in pairs])  # (expert, first, last) over all pairs
     for i, (expert, token, _) in enumerate(pairs):
-        if bounds and bounds[-1][0] == expert:
-            bounds[-1] = (expert, bounds[-1][1], i + 1)
-        else:
-            bounds.append((expert, i, i + 1))
         slot = ctx.slots[token // per_sequence]
         if slot in targeting:
             rows, experts = by_slot.setdefault(slot, ([], []))
@@ -214,7 +216,7 @@ def wrap_experts(model: nn.Module, num_slots: int, context: LoraBatchContext, dt
     """Give every routed-experts module of a DeepSeek-V2/V3 model LoRA slots for gate_up_proj and
     down_proj (or those `target_modules` names) and switch the model to this forward; returns
     the slots by `<experts module>.<parameter>` name (empty for a dense model)."""
-    modules = routed_experts_modules(model) + [(n, m) for n, m in model.named_modules() if hasattr(m, "_fourbit_meta")]
+    modules = routed_experts_modules(model) + fourbit_experts_modules(model)
     names = [n for n in EXPERT_WEIGHTS if target_modules is None or n in target_modules]
     if not modules or not names:
         return {}
