@@ -40,6 +40,10 @@ from loraserve.lora.slots import AdapterSlots, HostCache
 
 log = logging.getLogger(__name__)
 
+KV_RELEASE_IDLE_S = 5.0
+"""Seconds with nothing queued or running before the engine frees the batch's KV buffers (kept
+between batches: see `BatchKVCache.release`)."""
+
 @dataclass
 class StepTime:
     """Seconds of decode steps so far: in the model's forward (and the KV update), and on the
@@ -81,6 +85,8 @@ class BatchScheduler:
         """When the engine thread last went round its loop (a step, a message, or an idle wake):
         read by the heartbeat, so a step that never ends shows as no progress."""
         self.idle_wait_s = 0.5
+        self.kv_release_idle_s = KV_RELEASE_IDLE_S
+        self._idle_since: float | None = None
 
     # ---- used from other threads -------------------------------------------------------
     def start(self, executor: Executor | None = None) -> None:
@@ -146,6 +152,9 @@ class BatchScheduler:
             idle = not self._running and not self._prefilling and not self._ready_to_admit()
             for message in self._inbox.take(block=idle, timeout=self.idle_wait_s):
                 self._handle(*message)
+            if idle and self._idle_since is not None and \
+                    time.monotonic() - self._idle_since >= self.kv_release_idle_s:
+                self.runner.cache.release()  # after a while of nothing to do, not on the step path
             if self._stop:
                 break
             try:
@@ -161,6 +170,9 @@ class BatchScheduler:
                 self._fail_running(LoraserveError(f"internal engine error ({type(exc).__name__})"))
             if not self._running and not self._prefilling and self.num_waiting == 0:
                 self.idle.set()
+                self._idle_since = self._idle_since or time.monotonic()
+            else:
+                self._idle_since = None
         self._fail_all(Cancelled("the engine shut down before the request finished"))
         if self.output is not None:
             self.output.stop()  # after every event above is pushed

@@ -31,3 +31,28 @@ def test_a_request_that_cannot_fit_is_refused_and_one_that_does_not_fit_yet_wait
         small_streams = [engine.submit(r) for r in small]
         outs = [collect(stream)[1] for stream in small_streams]
         assert small[1].arrival + outs[1].timings.queue_s < small[0].arrival + outs[0].timings.total_s
+
+
+def test_the_batch_kv_outlives_an_empty_batch_and_is_freed_once_the_engine_idles(base_dirs):
+    """Freeing the buffers when the last sequence leaves cost that step ~0.25 s on a CPU host
+    (and the next batch's first prefill its page faults): they are kept, reused by the next
+    batch with the same tokens, and freed only after the engine has idled for a while."""
+    import time
+
+    with running_engine(base_dirs["deepseek-llm"], "none") as engine:
+        scheduler = engine._scheduler
+        scheduler.kv_release_idle_s = 3600.0
+        held = lambda: engine._on_engine(lambda: scheduler.runner.cache.layers[0]._k is not None)  # noqa: E731
+        ids = engine.encode("Story about the moon")
+        longer = engine.encode("A much longer story about the moon, the sea and the old lighthouse keeper")
+        first = [collect(engine.submit(greedy_request(p, 12)))[1].token_ids for p in (ids, longer)]
+        assert held()
+        again = [collect(engine.submit(greedy_request(p, 12)))[1].token_ids for p in (longer, ids)][::-1]
+        assert again == first  # the kept buffers' old values never reach a new batch
+        engine.set_idle_wait(0.05)
+        scheduler.kv_release_idle_s = 0.2
+        deadline = time.monotonic() + 10
+        while held() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not held()
+        assert collect(engine.submit(greedy_request(ids, 12)))[1].token_ids == first[0]

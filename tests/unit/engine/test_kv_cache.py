@@ -55,10 +55,34 @@ def test_a_decode_step_writes_each_row_at_the_shared_end():
     assert _tokens(cache, 0) == [0.0, 1.0, 7.0]
 
 
-def test_an_emptied_batch_gives_its_memory_back():
+def test_an_emptied_batch_keeps_its_buffers_for_the_next_and_release_frees_them():
     cache = BatchKVCache(1)
     cache.append(*_prefill([3], base=0.0))
+    buffer = cache.layers[0]._k.data_ptr()
+    assert cache.release() == 0  # a row still runs: nothing is freed
     cache.remove_rows({0})
-    assert cache.batch_size == 0 and cache.layers[0]._k is None
-    cache.append(*_prefill([6], base=5.0))
-    assert _tokens(cache, 0) == [5.0 + t for t in range(6)]
+    assert cache.batch_size == 0 and cache.length == 0 and cache.layers[0]._k.data_ptr() == buffer
+    cache.append(*_prefill([6, 2], base=5.0))  # longer than the last batch: placed in the same buffers
+    assert cache.layers[0]._k.data_ptr() == buffer
+    assert _tokens(cache, 0) == [5.0 + t for t in range(6)] and _tokens(cache, 1) == [105.0, 106.0]
+    assert not cache.layers[0].keys[1, :, :cache.left_pad[1]].any()  # the old batch's values are not padding
+    cache.remove_rows({0, 1})
+    held = cache.layers[0]._k.nbytes * 2
+    assert cache.release() == held and cache.layers[0]._k is None
+    cache.append(*_prefill([4], base=9.0))  # and a released cache allocates again
+    assert _tokens(cache, 0) == [9.0 + t for t in range(4)]
+
+
+def test_a_batch_after_one_that_used_up_the_spare_starts_with_the_spare_again():
+    cache = BatchKVCache(1)
+    cache.append(*_prefill([3], base=0.0))
+    layer = cache.layers[0]
+    step = torch.ones(1, H, 1, D)
+    while layer.end < layer._k.shape[2]:  # decode until the right spare is gone
+        layer.update(step, step)
+    buffer, columns = layer._k.data_ptr(), layer._k.shape[2]
+    cache.remove_rows({0})
+    cache.append(*_prefill([5], base=1.0))
+    for _ in range(columns // 2):  # the next batch decodes in the same buffers
+        layer.update(2 * step, 2 * step)
+    assert layer._k.data_ptr() == buffer and _tokens(cache, 0)[:5] == [1.0 + t for t in range(5)]
