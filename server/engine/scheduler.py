@@ -249,7 +249,7 @@ class BatchScheduler:
                 continue
             version = seq.adapter_version
             try:
-                seq.slot = self.slots.acquire(version, self.host.get(version)) if version is not None else 0
+                seq.slot = self._acquire(version) if version is not None else 0
             except ResourceExhausted as exc:  # its weights could not be placed: this request alone fails
                 self._unqueue(seq)
                 seq.push(ErrorEvent(exc))
@@ -317,6 +317,16 @@ class BatchScheduler:
                 seq.seen = torch.zeros(self._vocab_size, dtype=torch.bool, device=logits.device)
                 seq.seen[torch.tensor(seq.request.prompt_token_ids, device=logits.device)] = True
         self._sample_and_emit(joining, logits, first_row)
+
+    def _acquire(self, version: str) -> int:
+        try:
+            return self.slots.acquire(version, self.host.get(version))
+        except ResourceExhausted:
+            # An empty batch's kept KV buffers may hold the memory its weights need (routed-expert
+            # factors are allocated on load): give them back and try once more.
+            if self._running or self._prefilling or not self.runner.cache.release():
+                raise
+            return self.slots.acquire(version, self.host.get(version))
 
     def _release(self, seq: Sequence) -> None:
         if seq.adapter_version is not None:

@@ -245,6 +245,30 @@ def test_an_expert_adapter_that_does_not_fit_fails_alone(base_dirs, expert_adapt
     assert len(again[0]) == 6 and again[0] != again[2], "the expert adapter is served once it fits"
 
 
+def test_an_idle_batchs_kept_kv_is_given_back_when_an_expert_adapter_needs_the_memory(
+        base_dirs, expert_adapters, monkeypatch):
+    """An emptied batch keeps its KV buffers for the next one; when an adapter's expert factors
+    do not fit while the batch is empty, those buffers are freed and the load tried again
+    (injected: the load runs out of memory while the KV buffers are held)."""
+    adapters = expert_adapters["deepseek-v3"]
+    real_load = ExpertLoraSlots.load_slot
+    with running_engine(base_dirs["deepseek-v3"], "nf4", {"mlp": adapters["mlp"]}, max_loras=2) as engine:
+        cache = engine._scheduler.runner.cache
+        engine._scheduler.kv_release_idle_s = 3600.0
+
+        def load_slot(self, slot, a, b, scaling):
+            if a is not None and cache.layers[0]._k is not None:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.65 GiB")
+            real_load(self, slot, a, b, scaling)
+
+        monkeypatch.setattr(ExpertLoraSlots, "load_slot", load_slot)
+        prompt = engine.encode(PROMPTS[0])
+        collect(engine.submit(greedy_request(prompt, 4)))
+        assert engine._on_engine(lambda: cache.layers[0]._k is not None)  # kept after the batch emptied
+        _, out = collect(engine.submit(greedy_request(prompt, 6, "mlp")))
+        assert out.completion_tokens == 6
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("bag_rows", [0, 10**6], ids=["matmul-per-expert", "per-pair-bags"])
