@@ -27,6 +27,7 @@ import torch
 from loraserve.config import BaseModelConfig, EngineConfig
 from loraserve.devtools.bench.peft_baseline import NEAR_TIE_GAP, PeftBaseline, first_differences
 from loraserve.devtools.bench.runs import measure_in, write_result
+from loraserve.engine.engine_process import engine_threads
 from loraserve.engine.native import NativeEngine
 from loraserve.engine.request import GenerationRequest, RequestStream, SamplingParams
 from loraserve.errors import ConfigError
@@ -118,6 +119,13 @@ def run_engine_bench(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per weight load would bury the report
+    # The engine as the server's engine process runs it: its torch threads (all CPUs but one on a
+    # CPU host), loaded and served on one thread (see NativeEngine.load); PEFT, in this process,
+    # gets the same threads. (Before, with torch's 2 threads here and the engine on another
+    # thread than the loading one, both sides ran 2.1-2.3x slower than this, measured 2026-12-02.)
+    threads = engine_threads(0)
+    if threads is not None:
+        torch.set_num_threads(threads)
     config = BenchConfig.from_args(args)
     started = time.perf_counter()
     measured, workload = measure_in(args.workdir, "engine", lambda root: _measure(config, root))
@@ -134,7 +142,7 @@ def _measure(config: BenchConfig, root: Path) -> tuple[Measurements, Workload]:
     base = BaseModelConfig(model=str(base_dir), quantization=config.quantization)
     engine = NativeEngine.load(EngineConfig(
         base=base, max_loras=config.adapters, max_cpu_loras=max(16, config.adapters), max_lora_rank=config.rank,
-        max_batch_size=max(32, config.requests, BUSY_REQUESTS + 1)))
+        max_batch_size=max(32, config.requests, BUSY_REQUESTS + 1)), on_own_thread=True)
     engine.start()
     try:
         for name, path in adapter_dirs.items():
