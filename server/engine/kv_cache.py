@@ -53,13 +53,13 @@ class _RowLayer(DynamicLayer):
     def reserve(self, rows: int, left: int, right: int, k_like: torch.Tensor, v_like: torch.Tensor) -> None:
         """Make room for `rows` rows, `left` columns before `start` and `right` after `end`:
         reallocated (the batch copied once) only when the spare runs out, with twice as much."""
-        if self._k is not None and rows <= self._k.shape[0] and left <= self.start \
-                and self.end + right <= self._k.shape[2]:
-            return
         if self._k is not None and self.rows == 0 and rows <= self._k.shape[0] and left + right <= self._k.shape[2]:
             # An emptied batch kept its buffers: nothing to move, so it starts wherever it fits
             # (at least the default spare on the left where there is room).
             self.start = self.end = max(left, min(MIN_SPARE_COLUMNS, self._k.shape[2] - right))
+            return
+        if self._k is not None and rows <= self._k.shape[0] and left <= self.start \
+                and self.end + right <= self._k.shape[2]:
             return
         old_rows = self._k.shape[0] if self._k is not None else 0
         new_rows = max(rows, MIN_ROWS, 2 * old_rows if rows > old_rows else old_rows)
@@ -121,10 +121,7 @@ class _RowLayer(DynamicLayer):
         """Keep the first `rows` rows; drop `trim` leading padding columns (no copy). An emptied
         batch keeps its buffers for the next one (see `release`)."""
         self.rows = rows
-        if rows:
-            self.start += trim
-        elif self._k is not None:  # back to a fresh buffer's place: the default spare on the left
-            self.start = self.end = min(MIN_SPARE_COLUMNS, self._k.shape[2])
+        self.start = self.start + trim if rows else self.end  # an empty batch has no columns either
         if self._k is not None:
             self._views()
 

@@ -123,9 +123,7 @@ def run_engine_bench(args: argparse.Namespace) -> int:
     # CPU host), loaded and served on one thread (see NativeEngine.load); PEFT, in this process,
     # gets the same threads. (Before, with torch's 2 threads here and the engine on another
     # thread than the loading one, both sides ran 2.1-2.3x slower than this, measured 2026-12-02.)
-    threads = engine_threads(0)
-    if threads is not None:
-        torch.set_num_threads(threads)
+    use_server_threads()
     config = BenchConfig.from_args(args)
     started = time.perf_counter()
     measured, workload = measure_in(args.workdir, "engine", lambda root: _measure(config, root))
@@ -133,6 +131,13 @@ def run_engine_bench(args: argparse.Namespace) -> int:
     print_report(result)
     write_result(args.json_out, result)
     return 1 if result["correctness"]["unexplained_mismatches"] else 0
+
+
+def use_server_threads() -> None:
+    """Take the torch threads the server's engine process takes (see engine_threads)."""
+    threads = engine_threads(0)
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 def _measure(config: BenchConfig, root: Path) -> tuple[Measurements, Workload]:

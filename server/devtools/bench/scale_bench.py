@@ -28,9 +28,15 @@ from pathlib import Path
 import torch
 
 from loraserve.config import BaseModelConfig, EngineConfig
-from loraserve.devtools.bench.engine_bench import TOPICS, BenchConfig, build_inputs, engine_throughput, machine_info
+from loraserve.devtools.bench.engine_bench import (
+    TOPICS,
+    BenchConfig,
+    build_inputs,
+    engine_throughput,
+    machine_info,
+    use_server_threads,
+)
 from loraserve.devtools.bench.runs import measure_in, write_result
-from loraserve.engine.engine_process import engine_threads
 from loraserve.engine.native import NativeEngine
 from loraserve.engine.request import GenerationRequest, SamplingParams
 
@@ -47,9 +53,7 @@ def run_scale_bench(args: argparse.Namespace) -> int:
     # The torch threads the server's engine process takes (all CPUs but one on a CPU host): the
     # engine runs on a thread of its own there as here, and with more intra-op threads than that
     # a second OpenMP team (the loading thread's) makes its small ops ~10x slower (measured).
-    threads = engine_threads(0)
-    if threads is not None:
-        torch.set_num_threads(threads)
+    use_server_threads()
     started = time.perf_counter()
     result = {"bench": "scale", "machine": machine_info(), "repeats": args.repeats, "archs": {}}
     for arch in args.archs:
