@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loraserve.lora import row_kernel
 from loraserve.lora.layers import LoraBatchContext, MultiLoraLinear, wrappable_linear_types
 
 # Modules an adapter may never target, with the reason given to the user.
@@ -48,4 +49,6 @@ def wrap_model(model: nn.Module, num_slots: int, max_rank: int, context: LoraBat
         wrapped[name] = layer
     if not wrapped:
         raise ValueError("the base model has no linear layer that can carry LoRA adapters")
+    if any(layer._row_kernel for layer in wrapped.values()):
+        row_kernel.warm_up()  # compiled (or read from numba's cache) now, not by the first request
     return wrapped

@@ -273,7 +273,11 @@ def test_removing_an_adapter_fails_its_queued_requests_not_found(engine, adapter
     for stream in long:
         assert isinstance(next(iter(stream)), TokenEvent)
     waiting = [engine.submit(greedy_request(_ids(engine), 2, "t/q3")) for _ in range(2)]
-    time.sleep(0.1)
+    # Removed as soon as both are queued (a fixed sleep let a fast host finish the long requests
+    # first, and the queued ones then ran).
+    deadline = time.monotonic() + 5
+    while engine.stats().waiting < 2 and time.monotonic() < deadline:
+        time.sleep(0.002)
     engine.remove_adapter("t/q3")
     for stream in waiting:
         with pytest.raises(AdapterNotFound, match="removed"):

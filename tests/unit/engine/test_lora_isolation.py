@@ -123,15 +123,21 @@ def _layer_cases():
             for d, t in cases]
 
 
+@pytest.mark.parametrize("kernel_rows", [10**6, 0], ids=["row-kernel", "torch-paths"])
 @pytest.mark.parametrize("device, dtype", _layer_cases())
-def test_a_nan_slot_reaches_no_other_row_in_the_layer(device: str, dtype: torch.dtype) -> None:
-    """The layer alone, on each device and dtype it runs in (grouped_mm where it has a kernel,
-    the per-slot matmuls elsewhere): rows of healthy slots and of slot 0 are the same whether
-    another slot holds NaN and inf or zeros, in a decode-shaped and a prefill-shaped batch."""
+@torch.inference_mode()  # as the engine runs
+def test_a_nan_slot_reaches_no_other_row_in_the_layer(device: str, dtype: torch.dtype, kernel_rows: int,
+                                                      monkeypatch) -> None:
+    """The layer alone, on each device and dtype it runs in (the CPU row kernel where it runs,
+    grouped_mm where it has a kernel, the per-slot matmuls elsewhere): rows of healthy slots and
+    of slot 0 are the same whether another slot holds NaN and inf or zeros, in a decode-shaped
+    and a prefill-shaped batch."""
     from torch import nn
 
+    from loraserve.lora import layers as lora_layers
     from loraserve.lora.layers import LoraBatchContext, MultiLoraLinear
 
+    monkeypatch.setattr(lora_layers, "KERNEL_ROWS_PER_SLOT", kernel_rows)
     torch.manual_seed(0)
     base = nn.Linear(64, 48, bias=False).to(device=device, dtype=dtype)
     context = LoraBatchContext()
@@ -157,10 +163,11 @@ def test_a_nan_slot_reaches_no_other_row_in_the_layer(device: str, dtype: torch.
 @pytest.mark.parametrize("max_rank, ranks, untargeted", [(16, (4, 16, 8), True), (64, (4, 40, 64), True),
                                                          (16, (16, 16, 16), False)])  # the last: all at full rank
 @pytest.mark.parametrize("device, dtype", _layer_cases())
+@torch.inference_mode()  # as the engine runs
 def test_every_path_computes_each_rows_own_adapter(device: str, dtype: torch.dtype, max_rank: int,
                                                    ranks: tuple[int, int, int], untargeted: bool) -> None:
-    """The per-row (embedding_bag), grouped and per-slot paths each give every row x @ A[s] @ B[s]
-    of its own slot at its own rank (slot 0, and a slot whose adapter does not target this
+    """The row kernel (CPU, float32), per-row (embedding_bag), grouped and per-slot paths each give
+    every row x @ A[s] @ B[s] of its own slot at its own rank (slot 0, and a slot whose adapter does not target this
     module: nothing), for slots spread over the table (empty slots between)."""
     from torch import nn
 
@@ -187,17 +194,24 @@ def test_every_path_computes_each_rows_own_adapter(device: str, dtype: torch.dty
                 a, b = weights[s]
                 expected[i] += ((x[i].float() @ a.float().t()) @ b.float().t())
         outputs = {}
-        for path, bag_rows, grouped in (("per-row", 10**6, True), ("grouped", 0, True), ("per-slot", 0, False)):
-            lora_layers_bag, lora_layers.BAG_ROWS_PER_SLOT = lora_layers.BAG_ROWS_PER_SLOT, bag_rows
+        paths = [("per-row", 0, 10**6, True), ("grouped", 0, 0, True), ("per-slot", 0, 0, False)]
+        if layer._row_kernel:
+            paths.append(("row kernel", 10**6, 0, True))
+        for path, kernel_rows, bag_rows, grouped in paths:
+            saved = lora_layers.KERNEL_ROWS_PER_SLOT, lora_layers.BAG_ROWS_PER_SLOT
+            lora_layers.KERNEL_ROWS_PER_SLOT, lora_layers.BAG_ROWS_PER_SLOT = kernel_rows, bag_rows
             layer._grouped = grouped and lora_layers.grouped_mm_works(layer.lora_a.device, dtype)
             try:
                 context.set(slots)
+                assert context.kernel_rows(tokens) == (path == "row kernel")
                 assert context.per_row(tokens) == (path == "per-row")
                 outputs[path] = layer(x).float()
             finally:
-                lora_layers.BAG_ROWS_PER_SLOT = lora_layers_bag
+                lora_layers.KERNEL_ROWS_PER_SLOT, lora_layers.BAG_ROWS_PER_SLOT = saved
         for path, out in outputs.items():
             error = ((out - expected).abs().max() / expected.abs().max()).item()
             assert error < tolerance, f"{path} path, {tokens} tokens per row: relative error {error:.2e}"
     context.set(slots)
     assert context.per_row(1) and not context.per_row(6)  # the default: decode per row, prefill grouped
+    assert context.kernel_rows(1) and context.kernel_rows(6) and not context.kernel_rows(64)
+    assert layer._row_kernel == (device == "cpu" and dtype == torch.float32)
