@@ -1,201 +1,280 @@
-"""The running batch's KV cache: per layer, one buffer pair with spare rows and spare columns on
-both sides, the batch's rows aligned on the right.
+"""The native engine's KV cache: every sequence owns a region of one buffer pair per layer for
+its whole life, so joining or leaving the batch copies nothing.
 
-Every row shares one time axis, columns `start..end` of the buffer; a sequence shorter than the
-batch's longest sits at the right end of its row and the columns before it are padding (zeros,
-masked out of attention). A decode step writes every row's new token at column `end`. So the
-model sees an ordinary transformers `Cache`, and:
-- a sequence joins by writing its own rows into spare rows (a longer one than the batch's
-  longest first moves `start` left into the spare columns, zeroing them for the other rows);
-- a sequence leaves by moving the last row into its place (one row copied), and padding no
-  remaining row needs is dropped by moving `start` right (nothing copied);
-- only when spare rows or columns run out is the buffer reallocated, with twice the spare;
-- an emptied batch keeps its buffers for the next one; the scheduler frees them (`release`)
-  once the engine has been idle for a while.
-So nothing but the joining or leaving sequence itself is copied, amortized over the batch's
-life. The whole layout lives in this class: a paged layout could replace it without touching
-the scheduler or the runner.
+Layout, per layer: keys in one buffer of N * Hk vectors of Dk values (N = the KV budget in
+tokens), values likewise (N * Hv vectors of Dv). A sequence admitted with room for `capacity`
+tokens (its prompt and every token it may generate: `Sequence.kv_need`) owns the token range
+[offset, offset + capacity) of the arena (`kv_arena.TokenArena`), laid out head-major: its keys
+are the [Hk, capacity, Dk] block at vector offset * Hk, so any prefix of one head is contiguous.
+- Prefill writes a prompt's tokens into its own region: a padded batch of whole prompts each
+  its real tokens, a chunk of a long prompt at its position (attending to the region's earlier
+  tokens in place). A cached prefix is copied in (the sequence's own copy).
+- A decode step writes every row's new token at its own position (one index_copy per layer).
+  On a CPU host, attention then reads each row's own tokens where they are (`row_attention`,
+  one product per row over exactly its length: no padding to the longest row, no copy). With
+  `gather_decode` the step instead gathers the rows into a right-aligned padded batch, read by
+  one batched attention: on MLA bases (DeepSeek-V2/V3: a latent per token, expanded through
+  kv_b_proj after the cache returns it, as transformers' expansion and the absorbed decode take
+  it; the latent is a fraction of the expanded keys and values) and on CUDA devices, where a
+  kernel launch per row and layer would cost more than the gather.
+- A sequence joins the batch as one more row and leaves it by giving its range back.
+So no sequence's KV is ever moved, grown or copied after it is written, and the memory a request
+may take is known at admission: one that cannot fit waits (`can_reserve`), never fails mid-step.
+The buffers are allocated on the first write (on a CPU host the pages are only committed as
+written) and kept while the engine works; `release` frees them once it has idled.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-MIN_SPARE_COLUMNS = 64
-MIN_ROWS = 8
+from loraserve.engine.kv_arena import TokenArena
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]
+"""Per layer: keys and values [1, H, T, D] of one sequence's tokens."""
 
 
-class _RowLayer(DynamicLayer):
-    """One layer's keys/values: buffers [R, H, C, D]; rows 0..rows-1 and columns start..end hold
-    the batch (what `keys` / `values` view)."""
+@dataclass(eq=False)
+class SequenceKV:
+    """One sequence's region of the arena."""
 
-    def __init__(self) -> None:
+    offset: int
+    """Its first token position."""
+    capacity: int
+    length: int = 0
+    """Tokens written so far."""
+
+
+class RowViews:
+    """A decode step's keys (or values) of one layer: row i's tokens 0..lengths[i]-1 (this
+    step's included) as a [1, H, T_i, D] view of the buffer."""
+
+    def __init__(self, buffer: torch.Tensor, heads: int, rows: list[SequenceKV], lengths: list[int]) -> None:
+        self.buffer, self.heads = buffer, heads
+        self.rows, self.lengths = rows, lengths
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return _region_view(self.buffer, self.heads, self.rows[i], 0, self.lengths[i])
+
+
+def _region_view(buffer: torch.Tensor, heads: int, region: SequenceKV, start: int, end: int) -> torch.Tensor:
+    """Tokens start..end-1 of `region` in a [N * H, D] buffer, as [1, H, end - start, D]."""
+    d = buffer.shape[1]
+    return buffer.as_strided((1, heads, end - start, d), (heads * region.capacity * d, region.capacity * d, d, 1),
+                             (region.offset * heads + start) * d)
+
+
+class _ArenaLayer(DynamicLayer):
+    """One layer's buffers; what `update` does depends on the forward the cache is in."""
+
+    def __init__(self, owner: BatchKVCache) -> None:
         super().__init__()
-        self._k: torch.Tensor | None = None
-        self._v: torch.Tensor | None = None
-        self.rows = 0
-        self.start = 0
-        self.end = 0
-
-    @property
-    def length(self) -> int:
-        return self.end - self.start
+        self.owner = owner
+        self.k: torch.Tensor | None = None  # [N * Hk, Dk]
+        self.v: torch.Tensor | None = None  # [N * Hv, Dv]
+        self.heads_k = self.heads_v = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Allocate the buffers for shapes [*, H, *, D] like these."""
+        n = self.owner.arena.capacity
+        self.heads_k, self.heads_v = key_states.shape[1], value_states.shape[1]
+        self.k = key_states.new_empty(n * self.heads_k, key_states.shape[3])
+        self.v = value_states.new_empty(n * self.heads_v, value_states.shape[3])
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
-    def _views(self) -> None:
-        self.keys = self._k[:self.rows, :, self.start:self.end]
-        self.values = self._v[:self.rows, :, self.start:self.end]
-
-    def reserve(self, rows: int, left: int, right: int, k_like: torch.Tensor, v_like: torch.Tensor) -> None:
-        """Make room for `rows` rows, `left` columns before `start` and `right` after `end`:
-        reallocated (the batch copied once) only when the spare runs out, with twice as much."""
-        if self._k is not None and self.rows == 0 and rows <= self._k.shape[0] and left + right <= self._k.shape[2]:
-            # An emptied batch kept its buffers: nothing to move, so it starts wherever it fits
-            # (at least the default spare on the left where there is room).
-            self.start = self.end = max(left, min(MIN_SPARE_COLUMNS, self._k.shape[2] - right))
-            return
-        if self._k is not None and rows <= self._k.shape[0] and left <= self.start \
-                and self.end + right <= self._k.shape[2]:
-            return
-        old_rows = self._k.shape[0] if self._k is not None else 0
-        new_rows = max(rows, MIN_ROWS, 2 * old_rows if rows > old_rows else old_rows)
-        spare_left = max(left, MIN_SPARE_COLUMNS, 2 * self.start if left > self.start else self.start)
-        old_right = (self._k.shape[2] - self.end) if self._k is not None else 0
-        spare_right = max(right, MIN_SPARE_COLUMNS, 2 * old_right if right > old_right else old_right)
-        columns = spare_left + self.length + spare_right
-        k = k_like.new_zeros(new_rows, k_like.shape[1], columns, k_like.shape[3])
-        v = v_like.new_zeros(new_rows, v_like.shape[1], columns, v_like.shape[3])
-        if self._k is not None and self.rows and self.length:
-            k[:self.rows, :, spare_left:spare_left + self.length] = self._k[:self.rows, :, self.start:self.end]
-            v[:self.rows, :, spare_left:spare_left + self.length] = self._v[:self.rows, :, self.start:self.end]
-        self._k, self._v = k, v
-        self.start, self.end = spare_left, spare_left + self.length
-        if not self.is_initialized:
-            self.lazy_initialization(k, v)
-
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """A decode step: every row's new keys/values at column `end`."""
-        new = key_states.shape[-2]
-        self.reserve(self.rows, 0, new, key_states, value_states)
-        self._k[:self.rows, :, self.end:self.end + new] = key_states
-        self._v[:self.rows, :, self.end:self.end + new] = value_states
-        self.end += new
-        self._views()
-        return self.keys, self.values
+        if self.k is None:
+            self.lazy_initialization(key_states, value_states)
+        return self.owner._update(self, key_states, value_states)
+
+    def views(self, region: SequenceKV, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (_region_view(self.k, self.heads_k, region, start, end),
+                _region_view(self.v, self.heads_v, region, start, end))
 
     def get_seq_length(self) -> int:
-        return self.length
+        return self.owner._seen
 
-    def add_rows(self, k_new: torch.Tensor, v_new: torch.Tensor, pads: list[int]) -> int:
-        """Write a prefill's rows ([n, H, L, D], `pads[i]` left padding in row i) as the last rows,
-        right-aligned; returns how many columns `start` moved left (extra padding of old rows)."""
-        n, width = k_new.shape[0], k_new.shape[2]
-        grow = max(0, width - self.length)
-        self.reserve(self.rows + n, grow, 0, k_new, v_new)
-        if grow:
-            self._k[:self.rows, :, self.start - grow:self.start] = 0  # stale columns become padding
-            self._v[:self.rows, :, self.start - grow:self.start] = 0
-            self.start -= grow
-        rows = slice(self.rows, self.rows + n)
-        self._k[rows, :, self.start:self.end] = 0
-        self._v[rows, :, self.start:self.end] = 0
-        self._k[rows, :, self.end - width:self.end] = k_new
-        self._v[rows, :, self.end - width:self.end] = v_new
-        for i, pad in enumerate(pads):  # a pad position's KV is never attended to, but must be finite
-            if pad:
-                self._k[self.rows + i, :, self.end - width:self.end - width + pad] = 0
-                self._v[self.rows + i, :, self.end - width:self.end - width + pad] = 0
-        self.rows += n
-        self._views()
-        return grow
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner._seen + query_length, 0
 
-    def move_row(self, source: int, target: int) -> None:
-        self._k[target, :, self.start:self.end] = self._k[source, :, self.start:self.end]
-        self._v[target, :, self.start:self.end] = self._v[source, :, self.start:self.end]
-
-    def shrink(self, rows: int, trim: int) -> None:
-        """Keep the first `rows` rows; drop `trim` leading padding columns (no copy). An emptied
-        batch keeps its buffers for the next one (see `release`)."""
-        self.rows = rows
-        self.start = self.start + trim if rows else self.end  # an empty batch has no columns either
-        if self._k is not None:
-            self._views()
+    def get_max_length(self) -> int:
+        return -1
 
     def release(self) -> int:
-        """Give an empty batch's buffers back; returns the bytes freed."""
-        if self.rows or self._k is None:
+        if self.k is None:
             return 0
-        freed = self._k.nbytes + self._v.nbytes
-        self._k = self._v = None
-        self.start = self.end = 0
-        self.keys = self.values = None
+        freed = self.k.nbytes + self.v.nbytes
+        self.k = self.v = None
         self.is_initialized = False
         return freed
 
 
 class BatchKVCache(Cache):
-    """KV cache of the running batch. Row i holds sequence i; `left_pad[i]` columns of padding
-    precede its tokens, so its real length is `length - left_pad[i]`."""
+    """The arena's regions, the running batch's rows (row i: `rows[i]`), and the forward being
+    run (`begin_*` before it, `end_forward` after it succeeded)."""
 
-    def __init__(self, num_layers: int) -> None:
-        super().__init__(layers=[_RowLayer() for _ in range(num_layers)])
-        self.left_pad: list[int] = []
+    def __init__(self, num_layers: int, capacity_tokens: int, gather_decode: bool = False) -> None:
+        super().__init__(layers=[_ArenaLayer(self) for _ in range(num_layers)])
+        self.arena = TokenArena(capacity_tokens)
+        self.gather_decode = gather_decode
+        self.rows: list[SequenceKV] = []
+        self._mode = ""
+        self._targets: list[SequenceKV] = []  # the regions the forward writes, in its row order
+        self._pads: list[int] = []
+        self._seen = 0  # what transformers' mask code takes as the cached length
+        self._index: dict[tuple[int, str], torch.Tensor] = {}  # per-forward index tensors, by (heads, kind)
 
-    @property
-    def length(self) -> int:
-        return self.layers[0].length
+    # ---- regions ---------------------------------------------------------------------------
+    def can_reserve(self, tokens: int) -> bool:
+        return self.arena.largest_free() >= tokens
+
+    def reserve(self, tokens: int) -> SequenceKV | None:
+        """A region for `tokens` tokens, or None while no free range is that long."""
+        offset = self.arena.allocate(tokens)
+        return None if offset is None else SequenceKV(offset, tokens)
+
+    def free(self, region: SequenceKV) -> None:
+        self.arena.free(region.offset, region.capacity)
 
     @property
     def batch_size(self) -> int:
-        return len(self.left_pad)
+        return len(self.rows)
 
-    def append(self, prefilled: Cache, left_pads: list[int]) -> None:
-        """Add the rows of a prefill (left-padded, `left_pads[i]` pad columns in row i) as the
-        last rows; only those rows are copied."""
-        new_len = prefilled.layers[0].get_seq_length()
-        grow = 0
-        for mine, theirs in zip(self.layers, prefilled.layers):
-            grow = mine.add_rows(theirs.keys[:, :, :new_len], theirs.values[:, :, :new_len], left_pads)
-        offset = self.length - new_len  # the new rows' extra padding on the left
-        self.left_pad = [p + grow for p in self.left_pad] + [offset + pad for pad in left_pads]
+    def join(self, region: SequenceKV) -> None:
+        """A prefilled sequence becomes the batch's last row (nothing copied)."""
+        self.rows.append(region)
 
     def remove_rows(self, rows: set[int]) -> list[int]:
-        """Drop the rows in `rows`, filling each hole with the current last row (one row copied
-        per hole); returns the new order: new row j holds what was row order[j]."""
-        order = list(range(self.batch_size))
-        for hole in sorted(rows, reverse=True):
-            last = len(order) - 1
-            if hole != last:
-                for layer in self.layers:
-                    layer.move_row(last, hole)
-                order[hole] = order[last]
-            order.pop()
-        pads = [self.left_pad[i] for i in order]
-        trim = min(pads) if pads else 0
-        for layer in self.layers:
-            layer.shrink(len(order), trim)
-        self.left_pad = [p - trim for p in pads]
+        """Drop the rows in `rows` and give their regions back; returns the new order (new row j
+        is what was row order[j]: the others keep their relative order). Nothing is copied."""
+        order = [i for i in range(len(self.rows)) if i not in rows]
+        for i in rows:
+            self.free(self.rows[i])
+        self.rows = [self.rows[i] for i in order]
         return order
 
     def release(self) -> int:
-        """Free the buffers while the batch is empty (bytes freed; 0 while any row runs).
-        Leaving rows never frees them: on a CPU host returning ~250 MB to the OS took ~0.25 s
-        (measured), paid by the step that emptied the batch and again, in page faults, by the
-        next batch's first prefill; the scheduler calls this once the engine has been idle a while."""
-        if self.batch_size:
+        """Free the buffers while no region is taken (bytes freed; 0 otherwise). Never on a step:
+        on a CPU host returning ~250 MB to the OS took ~0.25 s (measured); the scheduler calls
+        this once the engine has been idle a while."""
+        if self.arena.used:
             return 0
         return sum(layer.release() for layer in self.layers)
 
-    def decode_inputs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Attention mask [B, T+1], position ids [B, 1] and cache position [1] for one decode step."""
-        total = self.length + 1
-        pads = torch.tensor(self.left_pad, device=device)
-        columns = torch.arange(total, device=device)
-        attention_mask = (columns[None, :] >= pads[:, None]).long()  # [B, T+1]
-        position_ids = (self.length - pads)[:, None]  # [B, 1]
-        cache_position = torch.tensor([self.length], device=device)
-        return attention_mask, position_ids, cache_position
+    @property
+    def allocated(self) -> bool:
+        return self.layers[0].k is not None
+
+    # ---- forwards ---------------------------------------------------------------------------
+    def begin_prefill(self, regions: list[SequenceKV], pads: list[int]) -> None:
+        """Whole prompts in one left-padded forward: row i's real tokens (after `pads[i]`) go to
+        the start of `regions[i]`."""
+        self._begin("prefill", regions, 0)
+        self._pads = pads
+
+    def begin_chunk(self, region: SequenceKV) -> None:
+        """A chunk of one prompt, written after the `region.length` tokens already there."""
+        self._begin("chunk", [region], region.length)
+
+    def begin_decode(self) -> None:
+        """One new token for every row of the batch."""
+        self._begin("decode", self.rows, max((r.length for r in self.rows), default=0))
+
+    def _begin(self, mode: str, targets: list[SequenceKV], seen: int) -> None:
+        self._mode, self._targets, self._seen = mode, targets, seen
+        self._index = {}
+
+    def end_forward(self, written: list[int]) -> None:
+        """The forward succeeded: `written[i]` tokens were added to its i-th region."""
+        for region, n in zip(self._targets, written):
+            region.length += n
+        self._mode, self._targets, self._index = "", [], {}
+
+    def _update(self, layer: _ArenaLayer, k: torch.Tensor, v: torch.Tensor):
+        if self._mode == "decode":
+            layer.k.index_copy_(0, self._positions(layer.heads_k), k.reshape(-1, k.shape[-1]))  # [B, Hk, 1, Dk]
+            layer.v.index_copy_(0, self._positions(layer.heads_v), v.reshape(-1, v.shape[-1]))
+            lengths = [r.length + 1 for r in self._targets]
+            if self.gather_decode:
+                return (layer.k.index_select(0, self._gather(layer.heads_k)).view(len(lengths), layer.heads_k, -1,
+                                                                                   k.shape[-1]),
+                        layer.v.index_select(0, self._gather(layer.heads_v)).view(len(lengths), layer.heads_v, -1,
+                                                                                   v.shape[-1]))
+            return RowViews(layer.k, layer.heads_k, self._targets, lengths), \
+                RowViews(layer.v, layer.heads_v, self._targets, lengths)
+        if self._mode == "chunk":
+            region = self._targets[0]
+            start, end = region.length, region.length + k.shape[2]
+            if end > region.capacity:
+                raise RuntimeError(f"a prompt chunk runs past its KV region ({end} > {region.capacity} tokens)")
+            mine_k, mine_v = layer.views(region, start, end)
+            mine_k.copy_(k)
+            mine_v.copy_(v)
+            return layer.views(region, 0, end)
+        if self._mode == "prefill":
+            width = k.shape[2]
+            for i, (region, pad) in enumerate(zip(self._targets, self._pads)):
+                if width - pad > region.capacity:
+                    raise RuntimeError(f"a prompt runs past its KV region ({width - pad} > {region.capacity} tokens)")
+                mine_k, mine_v = layer.views(region, 0, width - pad)
+                mine_k.copy_(k[i:i + 1, :, pad:])
+                mine_v.copy_(v[i:i + 1, :, pad:])
+            return k, v
+        raise RuntimeError("the batch KV cache was used outside a forward the runner began")
+
+    def _positions(self, heads: int) -> torch.Tensor:
+        """[B * heads] buffer vectors where each row's new token goes, head by head."""
+        key = (heads, "write")
+        index = self._index.get(key)
+        if index is None:
+            index = torch.tensor([r.offset * heads + h * r.capacity + r.length
+                                  for r in self._targets for h in range(heads)], device=self.layers[0].device)
+            self._index[key] = index
+        return index
+
+    def _gather(self, heads: int) -> torch.Tensor:
+        """[B * heads * T] buffer vectors of the rows right-aligned on T = the longest row (its
+        new token included); a row's padding repeats its first token (finite, masked out)."""
+        key = (heads, "gather")
+        index = self._index.get(key)
+        if index is None:
+            lengths = torch.tensor([r.length + 1 for r in self._targets])  # [B]
+            width = int(lengths.max())
+            column = torch.arange(width)[None, :] - (width - lengths)[:, None]  # [B, T], < 0 in the padding
+            base = torch.tensor([[r.offset * heads + h * r.capacity for h in range(heads)]
+                                 for r in self._targets])  # [B, H]
+            index = (base[:, :, None] + column.clamp(min=0)[:, None, :]).reshape(-1).to(self.layers[0].device)
+            self._index[key] = index
+        return index
+
+    def decode_inputs(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """For one decode step: the attention mask ([B, 1, 1, T] bool, right-aligned rows, only
+        with `gather_decode`; None where attention reads each row in place) and position ids [B, 1]."""
+        lengths = torch.tensor([r.length for r in self.rows], device=device)
+        mask = None
+        if self.gather_decode:
+            width = int(lengths.max()) + 1
+            mask = (torch.arange(width, device=device)[None, :] >= (width - 1 - lengths)[:, None])[:, None, None, :]
+        return mask, lengths[:, None]
+
+    # ---- a sequence's own tokens ---------------------------------------------------------------
+    def prompt_kv(self, region: SequenceKV, tokens: int) -> KV:
+        """Views of its first `tokens` tokens, per layer (for the prefix cache, which copies them)."""
+        return [layer.views(region, 0, tokens) for layer in self.layers]
+
+    def write_prefix(self, region: SequenceKV, kv: KV) -> None:
+        """Copy a cached prefix (per layer [1, H, T, D] keys and values) to the start of `region`."""
+        for layer, (k, v) in zip(self.layers, kv):
+            if layer.k is None:
+                layer.lazy_initialization(k, v)
+            mine_k, mine_v = layer.views(region, 0, k.shape[2])
+            mine_k.copy_(k)
+            mine_v.copy_(v)
+        region.length = kv[0][0].shape[2]

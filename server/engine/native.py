@@ -77,7 +77,8 @@ class NativeEngine:
         eos = base.model.generation_config.eos_token_id if base.model.generation_config else None
         eos = eos if eos is not None else self.tokenizer.eos_token_id
         eos_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
-        self._scheduler = BatchScheduler(config, ModelRunner(base.model, context),
+        runner = ModelRunner(base.model, context, kv_cache_bytes=config.kv_cache_bytes)
+        self._scheduler = BatchScheduler(config, runner,
                                          AdapterSlots({**layers, **experts}, config.max_loras), self._load_version,
                                          eos_ids, base.model.config.vocab_size)
         self._lock = threading.Lock()

@@ -72,8 +72,8 @@ class BatchScheduler:
         self._prefilling: list[Sequence] = []  # admitted (slot held), prompt not fully prefilled
         self.prefill_budget = prefill_budget(config.max_prefill_tokens, runner.device)
         self.prefix = PrefixCache(config.prefix_cache_bytes)
-        self.kv_token_rows = runner.kv_token_rows(config.kv_cache_bytes)
-        """Tokens x sequences the batch's KV may hold (its rows share one width)."""
+        self.kv_token_rows = runner.cache.arena.capacity
+        """Tokens the KV cache holds, every sequence's together (each reserves its `kv_need`)."""
         self.step_time = StepTime()
         self.output: OutputThread | None = None
         """Makes and pushes the requests' events (see `loraserve.engine.output`); set by `start`."""
@@ -236,13 +236,12 @@ class BatchScheduler:
         and the slots allow; oldest first, skipping those whose adapter is still loading or
         cannot get a slot."""
         guard = self._starving()
-        width = max((s.kv_need for s in [*self._running, *self._prefilling]), default=0)
         for seq in list(self._waiting):
             rows = len(self._running) + len(self._prefilling)
             if rows >= self.config.max_batch_size:
                 break
-            if (rows + 1) * max(width, seq.kv_need) > self.kv_token_rows:
-                break  # its KV would not fit beside the batch's until some sequences end
+            if not self.runner.cache.can_reserve(seq.kv_need):
+                break  # its KV would not fit beside the others' until some sequences end
             if guard is not None and seq is not guard and seq.adapter_version is not None:
                 continue  # base-only requests take no slot, so they may still pass
             if not self.adapters.ready(seq, self._steps):
@@ -256,10 +255,11 @@ class BatchScheduler:
                 continue
             self._unqueue(seq)
             seq.admitted_at = time.monotonic()
-            width = max(width, seq.kv_need)
+            seq.kv = self.runner.reserve(seq.kv_need)  # fits: checked above, nothing taken since
             length, kv = self.prefix.lookup(version, seq.request.prompt_token_ids)
-            if kv is not None:  # the rest of the prompt is prefilled on a copy of the cached prefix
-                seq.prefill_cache, seq.prefilled = self.runner.cache_from(kv), length
+            if kv is not None:  # the rest of the prompt is prefilled after a copy of the cached prefix
+                self.runner.load_prefix(seq.kv, kv)
+                seq.prefilled = length
             self._prefilling.append(seq)
 
     def _prefill_step(self) -> None:
@@ -276,16 +276,18 @@ class BatchScheduler:
     def _prefill_whole(self, joining: list[Sequence]) -> None:
         prompts = [s.request.prompt_token_ids for s in joining]
         try:
-            logits = self.runner.prefill(prompts, [s.slot for s in joining])  # [n, V]
+            logits = self.runner.prefill(prompts, [s.slot for s in joining], [s.kv for s in joining])  # [n, V]
         except Exception:  # e.g. out of memory on long prompts: only these requests fail
             log.exception("prefill failed for %d requests", len(joining))
             for seq in joining:
                 self._release(seq)
+                self.runner.free(seq.kv)
                 seq.push(ErrorEvent(LoraserveError("internal engine error during prefill")))
-            return  # the batch's cache is untouched: prefill adds rows only on success
+            return  # the batch is untouched: prefill adds rows only on success
         if self.prefix.enabled:
-            for row, seq in enumerate(joining):
-                self.prefix.store(seq.adapter_version, seq.request.prompt_token_ids, self.runner.prefilled_kv(row))
+            for seq in joining:
+                prompt = seq.request.prompt_token_ids
+                self.prefix.store(seq.adapter_version, prompt, self.runner.prompt_kv(seq.kv, len(prompt)))
         self._joined(joining, logits)
 
     def _prefill_chunk(self, seq: Sequence, tokens: int) -> None:
@@ -293,7 +295,7 @@ class BatchScheduler:
         prompt = seq.request.prompt_token_ids
         chunk = prompt[seq.prefilled:seq.prefilled + tokens]
         try:
-            seq.prefill_cache, logits = self.runner.prefill_chunk(seq.prefill_cache, chunk, seq.prefilled, seq.slot)
+            logits = self.runner.prefill_chunk(seq.kv, chunk, seq.slot)
         except Exception:  # only this request fails
             log.exception("prefill of a chunk failed for request %s", seq.request.request_id)
             self._end_prefilling(seq, LoraserveError("internal engine error during prefill"))
@@ -302,9 +304,8 @@ class BatchScheduler:
         if seq.prefilled < len(prompt):
             return
         self._prefilling.remove(seq)
-        self.prefix.store(seq.adapter_version, prompt, self.runner.kv_of(seq.prefill_cache))
-        self.runner.join(seq.prefill_cache)
-        seq.prefill_cache = None
+        self.prefix.store(seq.adapter_version, prompt, self.runner.prompt_kv(seq.kv, len(prompt)))
+        self.runner.join(seq.kv)
         self._joined([seq], logits)
 
     def _joined(self, joining: list[Sequence], logits: torch.Tensor) -> None:
@@ -322,7 +323,7 @@ class BatchScheduler:
         try:
             return self.slots.acquire(version, self.host.get(version))
         except ResourceExhausted:
-            # An empty batch's kept KV buffers may hold the memory its weights need (routed-expert
+            # An idle engine's kept KV buffers may hold the memory its weights need (routed-expert
             # factors are allocated on load): give them back and try once more.
             if self._running or self._prefilling or not self.runner.cache.release():
                 raise
@@ -335,7 +336,7 @@ class BatchScheduler:
     def _end_prefilling(self, seq: Sequence, error: LoraserveError) -> None:
         """A sequence still prefilling ends (cancelled, expired, failed): slot and KV freed."""
         self._prefilling.remove(seq)
-        seq.prefill_cache = None
+        self.runner.free(seq.kv)
         self._release(seq)
         if isinstance(error, Cancelled):
             seq.finish("cancelled")
@@ -400,6 +401,7 @@ class BatchScheduler:
     def _fail_running(self, error: LoraserveError) -> None:
         for seq in self._prefilling:
             self._release(seq)
+            self.runner.free(seq.kv)
             seq.push(ErrorEvent(error))
         self._prefilling = []
         for seq in self._running:

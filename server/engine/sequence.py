@@ -44,8 +44,8 @@ class Sequence:
     """First decode step at which it could not get an adapter slot (starvation guard)."""
     prefilled: int = 0
     """Prompt tokens already in its KV (a long prompt is prefilled in chunks over several steps)."""
-    prefill_cache: object | None = None
-    """Its own KV while its prompt is prefilled in chunks; it joins the batch's when complete."""
+    kv: object | None = None
+    """Its KV region (`kv_cache.SequenceKV`), reserved at admission for `kv_need` tokens."""
     text_stopped: bool = False
     """A stop string ended its text (set where the text is made); its summary is sent."""
     _delivered: list[int] = field(default_factory=list)  # token ids the reader has been sent
@@ -67,7 +67,7 @@ class Sequence:
 
     @property
     def kv_need(self) -> int:
-        """The most KV columns it can take: its prompt and every token it may generate."""
+        """The most KV tokens it can take: its prompt and every token it may generate."""
         return len(self.request.prompt_token_ids) + self.request.sampling.max_new_tokens
 
     def early_end(self, now: float) -> LoraserveError | None:

@@ -67,7 +67,7 @@ def run_expert_bench(arch: str, size: str, quantization: str, batch: int, distin
         runner = ModelRunner(model, lora_context)
         gen = torch.Generator().manual_seed(0)
         runner.prefill([torch.randint(3, model.config.vocab_size, (context,), generator=gen).tolist()
-                        for _ in range(batch)], [0] * batch)
+                        for _ in range(batch)], [0] * batch, [runner.reserve(context + 2 * steps) for _ in range(batch)])
         print(f"{arch} {size} {quantization}, batch {batch}, context {context}, rank {rank}, "
               f"{steps} steps x {rounds} rounds, {torch.get_num_threads()} threads")
 

@@ -25,11 +25,10 @@ from loraserve.engine.runner import ModelRunner
 
 
 def _rewind(runner: ModelRunner, steps: int) -> None:
-    """Drop the last `steps` decoded columns, so every measurement sees the same context (the
-    bench reaches into the cache's layout; the engine never shrinks a row's tokens)."""
-    for layer in runner.cache.layers:
-        layer.end -= steps
-        layer._views()
+    """Drop the last `steps` decoded tokens of every row, so every measurement sees the same
+    context (the bench reaches into the cache; the engine never shrinks a row's tokens)."""
+    for region in runner.cache.rows:
+        region.length -= steps
 
 
 def _absorb(model: torch.nn.Module, on: bool) -> None:
@@ -69,7 +68,7 @@ def run_mla_bench(arch: str, size: str, quantization: str, contexts: list[int], 
             runner = ModelRunner(model, context, mla_absorb=False)
             gen = torch.Generator().manual_seed(length)
             prompts = [torch.randint(3, vocab, (length,), generator=gen).tolist() for _ in range(batch)]
-            runner.prefill(prompts, [0] * batch)
+            runner.prefill(prompts, [0] * batch, [runner.reserve(length + 2 * steps) for _ in range(batch)])
             times: dict[str, list[float]] = {"unabsorbed": [], "absorbed": []}
             variants = list(times)
             for variant in variants:  # warm-up, weights dequantized once

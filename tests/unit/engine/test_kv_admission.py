@@ -42,7 +42,7 @@ def test_the_batch_kv_outlives_an_empty_batch_and_is_freed_once_the_engine_idles
     with running_engine(base_dirs["deepseek-llm"], "none") as engine:
         scheduler = engine._scheduler
         scheduler.kv_release_idle_s = 3600.0
-        held = lambda: engine._on_engine(lambda: scheduler.runner.cache.layers[0]._k is not None)  # noqa: E731
+        held = lambda: engine._on_engine(lambda: scheduler.runner.cache.allocated)  # noqa: E731
         ids = engine.encode("Story about the moon")
         longer = engine.encode("A much longer story about the moon, the sea and the old lighthouse keeper")
         first = [collect(engine.submit(greedy_request(p, 12)))[1].token_ids for p in (ids, longer)]

@@ -39,16 +39,17 @@ def _scenario(runner: ModelRunner, prompts: list[list[int]], slots: list[int]) -
         for i, row_logits in zip(which, logits):
             tokens[i].append(int(row_logits.argmax()))
 
-    take(runner.prefill(prompts[:2], slots[:2]), [0, 1])
+    regions = [runner.reserve(len(p) + 16) for p in prompts]
+    take(runner.prefill(prompts[:2], slots[:2], regions[:2]), [0, 1])
     rows += [0, 1]
     for step in range(11):
         if step == 3:
-            take(runner.prefill([prompts[2]], [slots[2]]), [2])
+            take(runner.prefill([prompts[2]], [slots[2]], [regions[2]]), [2])
             rows.append(2)
         if step == 6:
-            cache, logits = runner.prefill_chunk(None, prompts[3][:4], 0, slots[3])
-            cache, logits = runner.prefill_chunk(cache, prompts[3][4:], 4, slots[3])
-            runner.join(cache)
+            runner.prefill_chunk(regions[3], prompts[3][:4], slots[3])
+            logits = runner.prefill_chunk(regions[3], prompts[3][4:], slots[3])
+            runner.join(regions[3])
             take(logits, [3])
             rows.append(3)
         if step == 9:
