@@ -75,6 +75,8 @@ class LoraBatchContext:
         """The one slot all active rows share, or None when they use several."""
         self.any_active = False
         """Whether any row uses an adapter (a plain attribute: every layer reads it every forward)."""
+        self.all_active = False
+        """Whether every row does."""
         self._slots: list[int] = []
         self._active: list[int] = []
         self._used: tuple[int, int, int] = (0, 0, 0)  # (distinct slots in use, lowest, highest)
@@ -88,6 +90,7 @@ class LoraBatchContext:
         self._slots = slots
         self._active = [i for i, s in enumerate(slots) if s != 0]
         self.any_active = bool(self._active)
+        self.all_active = len(self._active) == len(slots)
         distinct = {slots[i] for i in self._active}
         self.single_slot = next(iter(distinct)) if len(distinct) == 1 else None
         self._used = (len(distinct), min(distinct), max(distinct)) if distinct else (0, 0, 0)
@@ -242,6 +245,8 @@ class MultiLoraLinear(nn.Module):
         """Rank of the adapter in each slot for this layer (by slot number; 0: none, or the
         adapter does not target this module): the columns of A and rows of B a row pays for."""
         self._stored_ranks = np.zeros(self.stored, dtype=np.int64)  # ranks[1:], as the row kernel reads them
+        self._single: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_slots
+        """Per slot number, views of its A [in, r] and B [r, out] for the one-adapter path."""
         self._row_kernel = row_kernel.usable(torch.empty(0, device=device), self.lora_a)
         # A's columns are read in chunks of one cache line (64 bytes) by the per-row path.
         line = 64 // dtype.itemsize
@@ -261,6 +266,7 @@ class MultiLoraLinear(nn.Module):
         self.lora_b[slot - 1, :r, :].copy_(b.t() * scaling)
         self.ranks[slot] = r
         self._stored_ranks[slot - 1] = r
+        self._single[slot] = (self.lora_a[slot - 1, :, :r], self.lora_b[slot - 1, :r])
 
     def clear_slot(self, slot: int) -> None:
         """Zero `slot` (numbered from 1): a freed slot holds nothing of its last adapter."""
@@ -268,6 +274,7 @@ class MultiLoraLinear(nn.Module):
         self.lora_b[slot - 1].zero_()
         self.ranks[slot] = 0
         self._stored_ranks[slot - 1] = 0
+        self._single[slot] = None
 
     def holds(self, slot: int) -> bool:
         """Whether `slot` stores anything of an adapter (any non-zero value)."""
@@ -277,6 +284,13 @@ class MultiLoraLinear(nn.Module):
         y = self.base_layer(x, *args, **kwargs)
         ctx = self.context
         if not ctx.any_active:
+            return y
+        if ctx.all_active and ctx.single_slot is not None and x.dtype == self.lora_a.dtype == y.dtype \
+                and y.is_contiguous():
+            # Every row on one adapter (how rows are laid out does not matter then): y += (x A) B.
+            views = self._single[ctx.single_slot]
+            if views is not None:
+                y.view(-1, self.out_features).addmm_(x.reshape(-1, self.in_features) @ views[0], views[1])
             return y
         batch = ctx.batch_size
         if x.shape[0] != batch:
