@@ -161,8 +161,8 @@ class BatchScheduler:
                 self._drop_finished_early()
                 self._admit()
                 self.adapters.prefetch(self._waiting)
-                if self._prefilling:
-                    self._prefill_step()
+                if self._prefilling and self._prefill_step():
+                    self._admit_arrivals()
                 if self._running:
                     self._step()
             except Exception as exc:  # a server fault: fail every request, keep the thread alive
@@ -262,16 +262,29 @@ class BatchScheduler:
                 seq.prefilled = length
             self._prefilling.append(seq)
 
-    def _prefill_step(self) -> None:
+    def _prefill_step(self, chunks: bool = True) -> bool:
+        """Prefill what the plan gives this step (without `chunks`: only whole prompts); returns
+        whether a chunk of a long prompt ran."""
         plan = plan_prefill([(len(s.request.prompt_token_ids), s.prefilled) for s in self._prefilling],
-                            self.prefill_budget)
+                            self.prefill_budget, decoding=bool(self._running))
         whole = [self._prefilling[i] for i in plan.whole]
-        chunks = [(self._prefilling[i], tokens) for i, tokens in plan.chunks]
+        todo = [(self._prefilling[i], tokens) for i, tokens in plan.chunks] if chunks else []
         if whole:
             self._prefilling = [s for s in self._prefilling if s not in whole]
             self._prefill_whole(whole)
-        for seq, tokens in chunks:
+        for seq, tokens in todo:
             self._prefill_chunk(seq, tokens)
+        return bool(todo)
+
+    def _admit_arrivals(self) -> None:
+        """After a chunk of a long prompt (it takes a step or two's time): requests that arrived
+        meanwhile are admitted and their short prompts prefilled before the decode step, so a
+        short request waits for at most the chunk, not the chunk and a decode step."""
+        for message in self._inbox.take(block=False, timeout=0):
+            self._handle(*message)
+        if not self._stop:
+            self._admit()
+            self._prefill_step(chunks=False)
 
     def _prefill_whole(self, joining: list[Sequence]) -> None:
         prompts = [s.request.prompt_token_ids for s in joining]

@@ -44,6 +44,14 @@ def test_a_cached_prefix_leaves_a_short_rest_that_does_not_wait_behind_a_long_pr
     assert plan.whole == [] and plan.chunks == [(1, 3), (0, 61)]
 
 
+def test_while_sequences_decode_a_long_prompts_chunks_are_half_the_budget():
+    assert plan_prefill([(2000, 640)], 64, decoding=True).chunks == [(0, 32)]
+    assert plan_prefill([(2000, 640)], 64).chunks == [(0, 64)]  # alone: the whole budget
+    plan = plan_prefill([(2000, 640), (5, 0)], 64, decoding=True)  # whole prompts keep their share
+    assert plan.whole == [1] and plan.chunks == [(0, 32)]
+    assert plan_prefill([(2000, 1990)], 64, decoding=True).chunks == [(0, 10)]
+
+
 def test_a_long_prompt_always_moves_on():
     plan = plan_prefill([(500, 0), *[(8, 0)] * 8], 32)
     assert plan.chunks[-1][0] == 0 and plan.chunks[-1][1] >= 32 // 4
