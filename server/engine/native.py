@@ -44,8 +44,8 @@ from loraserve.errors import (
     Unavailable,
 )
 from loraserve.lora.adapter import LoraWeights, parse_adapter
+from loraserve.lora.batch_context import LoraBatchContext
 from loraserve.lora.expert_layers import wrap_experts
-from loraserve.lora.layers import LoraBatchContext
 from loraserve.lora.slots import AdapterSlots
 from loraserve.lora.wrapping import wrap_model
 from loraserve.store.layout import check_adapter_ref

@@ -15,7 +15,7 @@ from loraserve.base.quantization import MLA_MODEL_TYPES
 from loraserve.engine.kv_cache import KV, BatchKVCache, SequenceKV
 from loraserve.engine.mla_absorbed import install_absorbed_mla
 from loraserve.engine.row_attention import use_row_attention
-from loraserve.lora.layers import LoraBatchContext
+from loraserve.lora.batch_context import LoraBatchContext
 
 
 class ModelRunner:

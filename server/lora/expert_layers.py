@@ -44,7 +44,7 @@ from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
 from loraserve.base.moe_experts import EXPERT_WEIGHTS, expert_linear, fourbit_experts_modules, routed_experts_modules
-from loraserve.lora.layers import LoraBatchContext
+from loraserve.lora.batch_context import LoraBatchContext
 
 IMPLEMENTATION = "loraserve_lora"
 BAG_ROWS_PER_EXPERT = 4

@@ -19,15 +19,19 @@ is multiplied by that slot's matrices alone (no row is multiplied by another slo
 then masked away: NaN x 0 and 0 x inf are NaN, so a mask would let one adapter's bad values
 reach every row of the batch).
 
-Four paths, none loops over requests in Python:
+Five paths, none loops over requests in Python:
 - one adapter among the active rows (every single-adapter batch): two plain matmuls with that
   slot's (contiguous) A and B, the second added into the base output in place;
-- on CPU in float32, several adapters with few rows each (every decode step of many adapters,
-  and prefill under `KERNEL_ROWS_PER_SLOT` rows per slot in use): the row kernel
-  (`row_kernel.py`), one compiled loop over the rows sorted by slot, each row multiplied by its
-  own slot's A and B at its own rank and added into the base output in place. Measured on the
-  small deepseek-llm base in NF4, 32 rows of 32 adapters: its decode step 46.5 -> 39.1 ms
-  (base alone 28.5 ms), 8 adapters x 4 rows 42.7 -> 38.9 ms;
+- on CPU in float32, a decode step of several adapters (under `KERNEL_ROWS_PER_SLOT` rows per
+  slot in use): the row kernel (`row_kernel.py`), one compiled loop over the rows sorted by
+  slot, each row multiplied by its own slot's A and B at its own rank and added into the base
+  output in place. Measured on the small deepseek-llm base in NF4, 32 rows of 32 adapters: its
+  decode step 46.5 -> 39.1 ms (base alone 28.5 ms), 8 adapters x 4 rows 42.7 -> 38.9 ms;
+- on CPU, several adapters with several tokens per sequence (prefill, and MLA's kv_b_proj, which
+  expands a sequence's whole cached latent every unabsorbed step): one batched matmul pair over
+  each sequence's own copy of its slot's A and B. 2-9x faster than the grouped path on CPU
+  (whose kernel runs one matmul per group): kv_b_proj of the small V3 over 32 sequences x 50
+  tokens of 32 adapters 4.5 ms -> 0.5 ms per call;
 - elsewhere (CUDA, other dtypes), several adapters, few rows each (under `BAG_ROWS_PER_SLOT`
   rows per slot in use): every row is its own "bag" of `F.embedding_bag` (mode sum, the row's
   values as per-sample weights) over its slot's rows of A, then of B. One kernel reads each
@@ -52,159 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraserve.lora import row_kernel
-
-BAG_ROWS_PER_SLOT = 4
-"""Below this many rows per slot in use, several adapters take the per-row embedding_bag path;
-at or above it, grouped GEMMs (measured on 2 vCPUs: equal at 4 rows per slot, per-row 1.3-1.8x
-faster at 1-2, grouped 1.5-2x faster from 16)."""
-
-KERNEL_ROWS_PER_SLOT = 16
-"""On CPU in float32, below this many rows per slot in use several adapters take the row kernel
-(`row_kernel`) instead; at or above it, grouped GEMMs."""
-
-
-class LoraBatchContext:
-    """Which slot every sequence of the current forward uses; set by the runner before each
-    forward pass and read by every `MultiLoraLinear`. One per model."""
-
-    def __init__(self, num_slots: int = 0) -> None:
-        self.num_slots = num_slots
-        """Slots per layer (max_loras + 1); `wrap_model` sets it."""
-        self.batch_size = 0
-        self.single_slot: int | None = None
-        """The one slot all active rows share, or None when they use several."""
-        self.any_active = False
-        """Whether any row uses an adapter (a plain attribute: every layer reads it every forward)."""
-        self.all_active = False
-        """Whether every row does."""
-        self._slots: list[int] = []
-        self._active: list[int] = []
-        self._used: tuple[int, int, int] = (0, 0, 0)  # (distinct slots in use, lowest, highest)
-        self._segments: dict[int, tuple[list[int], list[int]]] = {}  # tokens per row -> (order, bounds)
-        self._per_device: dict[tuple, dict[str, torch.Tensor | None]] = {}
-        self._row_plans: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-    def set(self, slots: list[int]) -> None:
-        """Bind the slot of each sequence (batch order) for the next forward."""
-        self.batch_size = len(slots)
-        self._slots = slots
-        self._active = [i for i, s in enumerate(slots) if s != 0]
-        self.any_active = bool(self._active)
-        self.all_active = len(self._active) == len(slots)
-        distinct = {slots[i] for i in self._active}
-        self.single_slot = next(iter(distinct)) if len(distinct) == 1 else None
-        self._used = (len(distinct), min(distinct), max(distinct)) if distinct else (0, 0, 0)
-        self._segments = {}
-        self._per_device = {}
-        self._row_plans = {}
-
-    @property
-    def slots(self) -> list[int]:
-        """The slot of each sequence of the current forward (batch order)."""
-        return self._slots
-
-    @property
-    def slot_range(self) -> tuple[int, int]:
-        """The lowest and highest slot in use (numbered from 1)."""
-        return self._used[1], self._used[2]
-
-    def per_row(self, tokens: int) -> bool:
-        """Whether several adapters take the per-row path at `tokens` rows per sequence."""
-        return self.single_slot is None and len(self._active) * tokens < BAG_ROWS_PER_SLOT * self._used[0]
-
-    def kernel_rows(self, tokens: int) -> bool:
-        """Whether several adapters take the CPU row kernel at `tokens` rows per sequence."""
-        return self.single_slot is None and len(self._active) * tokens < KERNEL_ROWS_PER_SLOT * self._used[0]
-
-    def row_plan(self, tokens: int) -> tuple[np.ndarray, np.ndarray]:
-        """For the row kernel, over all B * tokens rows: (`slot` [M], each row's slot index from
-        0, -1 for none; `order`: the rows with a slot, sorted by it). Computed once per forward."""
-        cached = self._row_plans.get(tokens)
-        if cached is None:
-            slot = np.repeat(np.asarray(self._slots, dtype=np.int64) - 1, tokens)
-            order = np.argsort(slot, kind="stable")
-            cached = (slot, order[np.count_nonzero(slot < 0):])
-            self._row_plans[tokens] = cached
-        return cached
-
-    def segments(self, tokens: int) -> tuple[list[int], list[int]]:
-        """For `tokens` rows per sequence, over the active sequences' rows (in active order):
-        (`order`: row indices sorted by slot, stable; `bounds`: segment boundaries for the slots
-        lo..hi in use, slot lo + k's rows being order[bounds[k]:bounds[k + 1]]). Plain lists,
-        computed once per forward."""
-        cached = self._segments.get(tokens)
-        if cached is None:
-            lo, hi = self.slot_range
-            by_slot: list[list[int]] = [[] for _ in range(hi - lo + 1)]
-            for position, i in enumerate(self._active):
-                by_slot[self._slots[i] - lo].extend(range(position * tokens, (position + 1) * tokens))
-            order = [row for rows in by_slot for row in rows]
-            bounds = [0]
-            for rows in by_slot:
-                bounds.append(bounds[-1] + len(rows))
-            cached = (order, bounds)
-            self._segments[tokens] = cached
-        return cached
-
-    def tensors(self, device: torch.device, tokens: int) -> dict[str, torch.Tensor | None]:
-        """Per-forward index tensors on `device` (layers may sit on several GPUs): `rows` (active
-        sequence indices, None when all are active) and, for the grouped path, `order` (row
-        permutation sorting the active rows by slot) and `offs` (int32 segment ends per slot
-        lo..hi, as grouped_mm takes them)."""
-        cached = self._per_device.get((device, tokens))
-        if cached is None:
-            all_active = len(self._active) == self.batch_size
-            rows = None if all_active else torch.tensor(self._active, dtype=torch.long, device=device)
-            order = offs = None
-            if self.single_slot is None and not self.per_row(tokens):
-                order_list, bounds = self.segments(tokens)
-                order = torch.tensor(order_list, dtype=torch.long, device=device)
-                offs = torch.tensor(bounds[1:], dtype=torch.int32, device=device)
-            cached = {"rows": rows, "order": order, "offs": offs}
-            self._per_device[(device, tokens)] = cached
-        return cached
-
-    def row_bags(self, device: torch.device, tokens: int, in_features: int, max_rank: int, chunk: int,
-                 ranks: tuple[int, ...]) -> dict[str, torch.Tensor]:
-        """For the per-row path of a layer whose slots hold adapters of `ranks` (per slot number,
-        0: none there): each row m (of M) is multiplied by its own slot's first r columns of A
-        (in chunks of `chunk` columns, one bag each) and first r rows of B, r its slot's rank in
-        this layer, so a row pays for its own rank. Cached per forward and rank layout.
-          a_index [Q, in]: rows of A viewed as [S * in * (R / chunk), chunk], one bag per chunk
-          a_rows [Q]: which row's values weigh the bag; a_dest [Q]: its place in h [M * R / chunk, chunk]
-          b_index [T], b_offsets [M]: rows of B viewed as [S * R, out], one bag per row
-          b_pos [T]: where each B row's weight sits in h viewed as [M * R]"""
-        key = (device, tokens, in_features, max_rank, chunk, ranks)
-        cached = self._per_device.get(key)
-        if cached is None:
-            per_rank = max_rank // chunk
-            a_base, a_rows, a_dest, b_index, b_offsets, b_pos = [], [], [], [], [], []
-            m = 0
-            for i in self._active:
-                slot = self._slots[i] - 1
-                r = ranks[slot + 1]
-                for _ in range(tokens):
-                    for c in range(-(-r // chunk)):
-                        a_base.append(slot * in_features * per_rank + c)
-                        a_rows.append(m)
-                        a_dest.append(m * per_rank + c)
-                    b_offsets.append(len(b_index))
-                    b_index.extend(range(slot * max_rank, slot * max_rank + r))
-                    b_pos.extend(range(m * max_rank, m * max_rank + r))
-                    m += 1
-            long = {"dtype": torch.long, "device": device}
-            k = torch.arange(in_features, **long) * per_rank
-            cached = {"a_index": torch.tensor(a_base, **long)[:, None] + k, "a_rows": torch.tensor(a_rows, **long),
-                      "a_dest": torch.tensor(a_dest, **long), "b_index": torch.tensor(b_index, **long),
-                      "b_offsets": torch.tensor(b_offsets, **long), "b_pos": torch.tensor(b_pos, **long)}
-            if len(b_index) == m * max_rank:  # every row at full rank: no gathers, B's bags 2-D
-                cached["b_index"] = cached["b_index"].view(m, max_rank)
-                cached["b_offsets"] = cached["b_pos"] = None
-                if per_rank == 1:  # and A in one chunk: row q of the bags is row q of the batch
-                    cached["a_rows"] = cached["a_dest"] = None
-            self._per_device[key] = cached
-        return cached
-
+from loraserve.lora.batch_context import LoraBatchContext
 
 _GROUPED_MM_WORKS: dict[tuple[str, torch.dtype], bool] = {}
 
@@ -251,6 +103,7 @@ class MultiLoraLinear(nn.Module):
         # A's columns are read in chunks of one cache line (64 bytes) by the per-row path.
         line = 64 // dtype.itemsize
         self._chunk = line if max_rank % line == 0 else max_rank
+        self._per_sequence_ok = device.type == "cpu"
         # CUDA's grouped GEMM wants 16-byte aligned rows; real model dims are, a rank may not be.
         aligned = device.type == "cpu" or all(d % 8 == 0 for d in (self.in_features, max_rank, self.out_features))
         self._grouped = aligned and grouped_mm_works(device, dtype)
@@ -324,12 +177,15 @@ class MultiLoraLinear(nn.Module):
                 y.view(b * n, self.out_features).addmm_(h, self.lora_b[s, :r])  # y += h @ B, in place
                 return y
             delta = h @ self.lora_b[s, :r]  # [M, out]
-        elif index["order"] is None:
+        elif self._per_sequence_ok and n > 1:
+            delta = self._per_sequence(xs, index["seq_slots"], r)
+        elif ctx.per_row(n):
             delta = self._per_row(flat, ctx.row_bags(x.device, n, self.in_features, self.max_rank, self._chunk,
                                                      tuple(self.ranks)))
         else:
             r = min(self.max_rank, -(-r // 8) * 8)  # CUDA's grouped GEMM wants 16-byte rows
-            delta = self._segmented(flat, index["order"], index["offs"], ctx.segments(n)[1], ctx.slot_range, r)
+            order, offs = ctx.grouped_index(x.device, n)
+            delta = self._segmented(flat, order, offs, ctx.segments(n)[1], ctx.slot_range, r)
         delta = delta.view(b, n, self.out_features)
         if delta.dtype != y.dtype:
             delta = delta.to(y.dtype)
@@ -339,6 +195,14 @@ class MultiLoraLinear(nn.Module):
         else:
             out.index_add_(0, rows, delta)
         return y
+
+    def _per_sequence(self, xs: torch.Tensor, seq_slots: torch.Tensor, rank: int) -> torch.Tensor:
+        """Each sequence's rows with its own slot's A and B, up to the highest `rank` among them
+        (the columns past a slot's own rank are zeros): one batched matmul pair over copies of
+        each sequence's A and B. [b, N, in] -> [b, N, out]."""
+        a = self.lora_a[:, :, :rank].index_select(0, seq_slots)  # [b, in, r]
+        b = self.lora_b[:, :rank].index_select(0, seq_slots)  # [b, r, out]
+        return torch.bmm(torch.bmm(xs, a), b)
 
     def _per_row(self, flat: torch.Tensor, bags: dict[str, torch.Tensor]) -> torch.Tensor:
         """Each row with its own slot's A and B at its own rank, one bag per row (and per chunk

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from loraserve.lora import row_kernel
-from loraserve.lora.layers import LoraBatchContext, MultiLoraLinear, wrappable_linear_types
+from loraserve.lora.batch_context import LoraBatchContext
+from loraserve.lora.layers import MultiLoraLinear, wrappable_linear_types
 
 # Modules an adapter may never target, with the reason given to the user.
 UNSUPPORTED_MODULES = {

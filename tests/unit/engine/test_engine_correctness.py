@@ -30,7 +30,7 @@ from loraserve.engine.detokenizer import IncrementalDetokenizer
 from loraserve.engine.request import FinishEvent, GenerationRequest, TokenEvent
 from loraserve.engine.runner import ModelRunner
 from loraserve.lora.adapter import parse_adapter
-from loraserve.lora.layers import LoraBatchContext
+from loraserve.lora.batch_context import LoraBatchContext
 from loraserve.lora.slots import AdapterSlots
 from loraserve.lora.wrapping import wrap_model
 from loraserve.store.peft_files import read_adapter_dir
