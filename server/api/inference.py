@@ -96,6 +96,27 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         stream = None
         caller = ref = None
         admitted = contextlib.ExitStack()
+        recorded = False
+
+        def record() -> None:
+            """Count the request once, as soon as its outcome is known: before its summary or
+            status reaches the client, so a client that reads /metrics right after sees it."""
+            nonlocal recorded
+            if recorded:
+                return
+            recorded = True
+            # Only registered adapters and the keys file's tenants become label values: the
+            # label sets stay bounded whatever clients send.
+            label = ref.name if ref and self._engine.has_adapter(ref.adapter_id) else ""
+            tenant = caller.tenant if caller else ""
+            self._metrics.requests.labels(adapter=label, tenant=tenant, code=code).inc()
+            if code == "DATA_LOSS":
+                self._metrics.data_loss.labels(adapter=label, tenant=tenant).inc()
+            if finish is not None:
+                t = finish.timings
+                self._metrics.observe_finish(tenant, finish.prompt_tokens, finish.completion_tokens,
+                                             t.queue_s, t.first_token_s, t.total_s)
+
         try:
             if not self._engine.ready:
                 raise Unavailable("the server is starting up or draining; retry shortly")
@@ -118,6 +139,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     last = now
                 if isinstance(event, FinishEvent):
                     finish = event
+                    record()
                 yield request_id, event
         except asyncio.CancelledError:  # the client went away or the deadline passed
             code = "CANCELLED"
@@ -126,6 +148,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             raise
         except Exception as exc:  # mapped to a status in one place; nothing is swallowed
             code = status_of(exc)[0].name
+            record()
             if isinstance(exc, ResourceExhausted):  # a tenant's limit: answered when a retry could pass
                 exc = await self._access.refuse(exc, context.time_remaining())
             if ref is not None:
@@ -135,17 +158,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             admitted.close()
             if stream is not None and finish is None:
                 self._engine.cancel(stream)
-            # Only registered adapters and the keys file's tenants become label values: the
-            # label sets stay bounded whatever clients send.
-            label = ref.name if ref and self._engine.has_adapter(ref.adapter_id) else ""
+            record()
             tenant = caller.tenant if caller else ""
-            self._metrics.requests.labels(adapter=label, tenant=tenant, code=code).inc()
-            if code == "DATA_LOSS":
-                self._metrics.data_loss.labels(adapter=label, tenant=tenant).inc()
-            if finish is not None:
-                t = finish.timings
-                self._metrics.observe_finish(tenant, finish.prompt_tokens, finish.completion_tokens,
-                                             t.queue_s, t.first_token_s, t.total_s)
             if self.refusals.should_log(tenant, code):  # never `return` here: it would swallow the abort
                 log.info(json.dumps({
                     "request_id": request_id, "adapter": adapter, "tenant": tenant, "status": code,
