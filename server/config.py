@@ -76,9 +76,10 @@ class EngineConfig:
     prompt is prefilled in chunks over several steps, so running sequences never stall for a
     whole long prefill. 0 = auto (512 with CUDA, 64 on a CPU)."""
     kv_cache_bytes: int = 0
-    """Memory the running batch's KV may take; a request that would not fit waits, one that can
-    never fit is RESOURCE_EXHAUSTED (0 = auto: 60% of the free accelerator memory after load,
-    or a quarter of the host's available RAM on a CPU)."""
+    """Memory every sequence's KV may take together, each reserving its prompt + max_new_tokens
+    when admitted; a request that would not fit waits, one that can never fit is
+    RESOURCE_EXHAUSTED (0 = auto: 60% of the free accelerator memory after load, or a quarter of
+    the host's available RAM on a CPU)."""
     prefix_cache_bytes: int = 256 << 20
     """Host or accelerator memory for the KV of prompt prefixes, reused per adapter version
     (0 = off)."""

@@ -48,9 +48,9 @@ SETTINGS = (
     Setting("max_batch_size", int, 32, "most sequences decoding together (vLLM's max_num_seqs)"),
     Setting("max_queue", int, 256, "most waiting requests; beyond it RESOURCE_EXHAUSTED"),
     Setting("max_input_tokens", int, 4096, "longest prompt in tokens"),
-    Setting("kv_cache_mib", int, 0, "native engine: memory for the running batch's KV; a request that would not fit "
-            "waits, one that never could is RESOURCE_EXHAUSTED (0 = auto: 0.6 of free GPU memory, or a quarter of "
-            "available RAM on a CPU)"),
+    Setting("kv_cache_mib", int, 0, "native engine: memory for every sequence's KV, each reserving its prompt + "
+            "max_new_tokens when admitted; a request that would not fit waits, one that never could is "
+            "RESOURCE_EXHAUSTED (0 = auto: 0.6 of free GPU memory, or a quarter of available RAM on a CPU)"),
     Setting("host_cache_mib", int, 0, "native engine: host memory for decoded adapters behind the slots, at most "
             "(0 = auto: an eighth of the host's RAM); max_cpu_loras caps their number"),
     Setting("prefix_cache_mib", int, 256, "native engine: memory for the KV of prompt prefixes, reused by later "
