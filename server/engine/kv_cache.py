@@ -129,6 +129,7 @@ class BatchKVCache(Cache):
         self._targets: list[SequenceKV] = []  # the regions the forward writes, in its row order
         self._pads: list[int] = []
         self._seen = 0  # what transformers' mask code takes as the cached length
+        self._step_lengths: list[int] = []  # a decode step: each row's length with this step's token
         self._index: dict[tuple[int, str], torch.Tensor] = {}  # per-forward index tensors, by (heads, kind)
 
     # ---- regions ---------------------------------------------------------------------------
@@ -186,6 +187,7 @@ class BatchKVCache(Cache):
     def begin_decode(self) -> None:
         """One new token for every row of the batch."""
         self._begin("decode", self.rows, max((r.length for r in self.rows), default=0))
+        self._step_lengths = [r.length + 1 for r in self.rows]  # the same for every layer of the step
 
     def _begin(self, mode: str, targets: list[SequenceKV], seen: int) -> None:
         self._mode, self._targets, self._seen = mode, targets, seen
@@ -201,7 +203,7 @@ class BatchKVCache(Cache):
         if self._mode == "decode":
             layer.k.index_copy_(0, self._positions(layer.heads_k), k.reshape(-1, k.shape[-1]))  # [B, Hk, 1, Dk]
             layer.v.index_copy_(0, self._positions(layer.heads_v), v.reshape(-1, v.shape[-1]))
-            lengths = [r.length + 1 for r in self._targets]
+            lengths = self._step_lengths
             if self.gather_decode:
                 return (layer.k.index_select(0, self._gather(layer.heads_k)).view(len(lengths), layer.heads_k, -1,
                                                                                    k.shape[-1]),
@@ -245,7 +247,7 @@ class BatchKVCache(Cache):
         key = (heads, "gather")
         index = self._index.get(key)
         if index is None:
-            lengths = torch.tensor([r.length + 1 for r in self._targets])  # [B]
+            lengths = torch.tensor(self._step_lengths)  # [B]
             width = int(lengths.max())
             column = torch.arange(width)[None, :] - (width - lengths)[:, None]  # [B, T], < 0 in the padding
             base = torch.tensor([[r.offset * heads + h * r.capacity for h in range(heads)]

@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,9 @@ from loraserve.engine.request import (
     TokenEvent,
 )
 from loraserve.errors import AdapterIncompatible, Cancelled, DeadlineExceeded, LoraserveError
+
+if TYPE_CHECKING:  # only a type here: the cache module pulls in transformers
+    from loraserve.engine.kv_cache import SequenceKV
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +48,8 @@ class Sequence:
     """First decode step at which it could not get an adapter slot (starvation guard)."""
     prefilled: int = 0
     """Prompt tokens already in its KV (a long prompt is prefilled in chunks over several steps)."""
-    kv: object | None = None
-    """Its KV region (`kv_cache.SequenceKV`), reserved at admission for `kv_need` tokens."""
+    kv: SequenceKV | None = None
+    """Its KV region, reserved at admission for `kv_need` tokens."""
     text_stopped: bool = False
     """A stop string ended its text (set where the text is made); its summary is sent."""
     _delivered: list[int] = field(default_factory=list)  # token ids the reader has been sent

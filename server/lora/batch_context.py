@@ -13,8 +13,8 @@ at or above it, grouped GEMMs (measured on 2 vCPUs: equal at 4 rows per slot, pe
 faster at 1-2, grouped 1.5-2x faster from 16)."""
 
 KERNEL_ROWS_PER_SLOT = 16
-"""On CPU in float32, below this many rows per slot in use several adapters take the row kernel
-(`row_kernel`) instead; at or above it, grouped GEMMs."""
+"""On CPU in float32, a decode step of several adapters with fewer than this many rows per slot
+in use takes the row kernel (`row_kernel`); at or above it, grouped GEMMs."""
 
 
 class LoraBatchContext:

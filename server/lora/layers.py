@@ -171,12 +171,12 @@ class MultiLoraLinear(nn.Module):
         if r == 0:
             return y  # none of them targets this module
         if ctx.single_slot is not None:
-            s = ctx.single_slot - 1
-            h = flat @ self.lora_a[s, :, :r]  # [M, r]
+            a, b_r = self._single[ctx.single_slot]  # [in, r], [r, out]
+            h = flat @ a  # [M, r]
             if rows is None and h.dtype == y.dtype and y.is_contiguous():
-                y.view(b * n, self.out_features).addmm_(h, self.lora_b[s, :r])  # y += h @ B, in place
+                y.view(b * n, self.out_features).addmm_(h, b_r)  # y += h @ B, in place
                 return y
-            delta = h @ self.lora_b[s, :r]  # [M, out]
+            delta = h @ b_r  # [M, out]
         elif self._per_sequence_ok and n > 1:
             delta = self._per_sequence(xs, index["seq_slots"], r)
         elif ctx.per_row(n):
